@@ -1,0 +1,182 @@
+"""Autograd glue: one torch.autograd.Function per operation, over any backend.
+
+The math lives in :mod:`fusedce.spec`; a backend (``torch_backend`` or
+``fusedce.triton.backend``) computes per-row statistics and writes gradients; the
+distributed exchange combines statistics across vocabulary shards. Two gradient
+strategies:
+
+* lazy (torch backend): the forward keeps only per-row statistics; the backward
+  recomputes z chunk by chunk and writes dx = g * dloss_row/dx with the true upstream g.
+* eager (Triton backend): when autograd will need the gradient, the forward already writes
+  dx for an upstream gradient of 1 (scaled by the mean denominator or normalizer, which are
+  known from the targets before any kernel runs); the backward multiplies by the upstream
+  gradient, a device-side no-op when it is 1 (no host sync).
+
+No Triton code here; validation happens in :mod:`fusedce.functional`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from . import spec
+from .layout import as_rows3d
+from .spec import LossOptions
+
+
+@dataclass
+class Plan:
+    """Everything the autograd functions need besides tensors."""
+
+    opts: LossOptions
+    backend: Any
+    vocab_size: int  # global V
+    vocab_start: int = 0
+    group: Any = None
+    normalizer: Any = None  # None, float or 0-d tensor
+    inplace: bool = False
+    need_grad: bool = True
+
+
+def _exchange(stats: spec.RowStats, group) -> spec.RowStats:
+    if group is None:
+        return stats
+    from .distributed import allgather_stats
+
+    return allgather_stats(stats, group)
+
+
+def _weight_local(weight: Optional[torch.Tensor], plan: Plan, v_local: int):
+    if weight is None:
+        return None
+    return weight[plan.vocab_start:plan.vocab_start + v_local]
+
+
+def _grad_buffer(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
+    return logits if plan.inplace else torch.empty(
+        logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """loss, lse, z_loss part, accuracy = CE(logits, target); only loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                plan: Plan):
+        opts, be = plan.opts, plan.backend
+        x3 = as_rows3d(logits)
+        t = target.reshape(-1)
+        v_local = x3.shape[-1]
+        wl = _weight_local(weight, plan, v_local)
+        terms = spec.row_terms(t, opts, plan.vocab_size, weight)
+        scale = spec.row_scale(terms, opts, plan.normalizer)
+        reduced = opts.reduction != "none" or plan.normalizer is not None
+        eager = plan.need_grad and getattr(be, "eager_grad", False)
+        gbuf = None
+        if eager and plan.group is None and getattr(be, "supports_fused", False):
+            g0 = terms.valid.float() * scale if reduced else terms.valid.float()
+            gbuf = _grad_buffer(logits, plan)
+            stats = be.fused(x3, t, opts, g0=g0, terms=terms, vocab_size=plan.vocab_size,
+                             out=as_rows3d(gbuf), weight_local=wl)
+        else:
+            stats = be.row_stats(x3, t, opts, vocab_start=plan.vocab_start, weight_local=wl,
+                                 need_sz=opts.label_smoothing > 0.0)
+            stats = _exchange(stats, plan.group)
+        loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, plan.vocab_size)
+        if eager and gbuf is None:
+            g0 = terms.valid.float() * scale if reduced else terms.valid.float()
+            c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
+            gbuf = _grad_buffer(logits, plan)
+            be.grad(x3, t, lse, g0, c_p, c_t, opts, vocab_size=plan.vocab_size,
+                    out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
+
+        if reduced:
+            loss = loss_rows.sum() * scale
+            zl = zpart.sum() * scale
+        else:
+            loss = loss_rows.view(target.shape)
+            zl = zpart.view(target.shape)
+        nvalid = terms.valid.sum()
+        hits = ((stats.am == t.long()) & terms.valid).sum()
+        acc = torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(),
+                          torch.zeros((), device=lse.device))
+
+        ctx.plan = plan
+        ctx.reduced = reduced
+        ctx.eager = eager
+        ctx.logits_shape = logits.shape
+        if eager:
+            ctx.save_for_backward(gbuf)
+        elif plan.need_grad:
+            c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
+            ctx.save_for_backward(logits, t, lse, c_p, c_t, scale, terms.valid, weight)
+        lse_out = lse.view(target.shape)
+        ctx.mark_non_differentiable(lse_out, zl, acc)
+        return loss, lse_out, zl, acc
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_lse=None, _g_zl=None, _g_acc=None):
+        plan = ctx.plan
+        if grad_loss is None:
+            return None, None, None, None
+        if ctx.eager:
+            (gbuf,) = ctx.saved_tensors
+            be = plan.backend
+            if ctx.reduced:
+                be.scale_(gbuf, grad_loss.float().reshape(()))
+            else:
+                be.scale_rows_(as_rows3d(gbuf), grad_loss.float().reshape(-1))
+            return gbuf, None, None, None
+        logits, t, lse, c_p, c_t, scale, valid, weight = ctx.saved_tensors
+        g = grad_loss.float()
+        g = (g * scale * valid) if ctx.reduced else g.reshape(-1) * valid
+        g = g.expand(t.shape).contiguous() if g.dim() == 0 else g
+        gbuf = _grad_buffer(logits, plan)
+        x3 = as_rows3d(logits)
+        wl = _weight_local(weight, plan, x3.shape[-1])
+        plan.backend.grad(x3, t, lse, g, c_p, c_t, plan.opts, vocab_size=plan.vocab_size,
+                          out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
+        return gbuf.view(ctx.logits_shape), None, None, None
+
+
+class EntropyFunction(torch.autograd.Function):
+    """H(softmax(z)) per row, fp32; differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, plan: Plan):
+        x3 = as_rows3d(logits)
+        n = x3.shape[0] * x3.shape[1]
+        dummy = torch.full((n,), plan.opts.ignore_index, dtype=torch.int64, device=logits.device)
+        stats = plan.backend.row_stats(x3, dummy, plan.opts, vocab_start=plan.vocab_start,
+                                       need_sez=True)
+        stats = _exchange(stats, plan.group)
+        lse = spec.lse_of(stats)
+        ent = lse - stats.sez / stats.s
+        ctx.plan = plan
+        ctx.logits_shape = logits.shape
+        if plan.need_grad:
+            ctx.save_for_backward(logits, lse, ent)
+        return ent.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_ent):
+        plan = ctx.plan
+        logits, lse, ent = ctx.saved_tensors
+        gbuf = _grad_buffer(logits, plan)
+        plan.backend.entropy_grad(as_rows3d(logits), lse, ent, grad_ent.float().reshape(-1),
+                                  plan.opts, out=as_rows3d(gbuf))
+        return gbuf.view(ctx.logits_shape), None
+
+
+def scale_(buf: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf *= factor (0-d tensor), for backends without a device-side early exit."""
+    buf.mul_(factor.to(buf.dtype))
+
+
+def scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf3[b, t, :] *= factor[b * T + t]."""
+    B, T, _ = buf3.shape
+    buf3.mul_(factor.view(B, T, 1).to(buf3.dtype))

@@ -1,0 +1,306 @@
+"""Public functions: argument checks, backend choice, dispatch to the autograd functions.
+
+    cross_entropy(x, t) = reduce_rows[ (1 - a) * w_t * (lse - z_t)
+                                       + (a / V) * sum_j w_j * (lse - z_j) + zl * lse^2 ]
+    logprobs(x, t)      = z_t - lse                      (fp32, 0 on ignored rows)
+    entropy(x)          = lse - sum_j softmax(z)_j * z_j (fp32)
+
+with z = softcap * tanh(logit_scale * x / softcap) (or logit_scale * x) and lse the
+log-sum-exp of z over the whole (possibly vocab-sharded) vocabulary; see
+:mod:`fusedce.spec`. Only this module validates user input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Optional, Union
+
+import torch
+
+from . import autograd as _ag
+from . import torch_backend
+from .spec import BACKENDS, REDUCTIONS, CrossEntropyOutput, LossOptions
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32)
+
+_VALIDATE = os.environ.get("FUSEDCE_VALIDATE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the checks that need a device sync (target range, TP layout) on or off.
+
+    On by default; ``FUSEDCE_VALIDATE=0`` in the environment starts with them off. Shape,
+    dtype and option checks never sync and always run. Turn validation off for production
+    speed and for CUDA-graph capture.
+    """
+    global _VALIDATE
+    _VALIDATE = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    """Whether the device-syncing checks run."""
+    return _VALIDATE
+
+
+@contextlib.contextmanager
+def validation(enabled: bool):
+    """Context manager form of :func:`set_validation`."""
+    global _VALIDATE
+    old = _VALIDATE
+    _VALIDATE = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALIDATE = old
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_logits(logits, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary)")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} has an empty vocabulary dimension (shape {tuple(logits.shape)})")
+
+
+def _check_target(target, lead_shape, device, name: str = "target") -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be int64 or int32, got {target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} has shape {tuple(target.shape)} but the logits' leading "
+                         f"dimensions are {tuple(lead_shape)}")
+    if target.device != device:
+        raise ValueError(f"{name} is on {target.device} but the logits are on {device}")
+
+
+def _check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
+                        name: str = "target") -> None:
+    if not _VALIDATE or target.numel() == 0:
+        return
+    t = target.reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= vocab_size))
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} holds {int(t[idx])} at flat position {idx}: class ids must lie "
+                         f"in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+
+
+def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap,
+                   logit_scale, backend) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None:
+        if reduction == "none":
+            raise ValueError("normalizer cannot be combined with reduction='none'")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape "
+                                 f"{tuple(normalizer.shape)}")
+        elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+            raise TypeError(f"normalizer must be a number or a 0-d tensor, got {normalizer!r}")
+        elif not (math.isfinite(normalizer) and normalizer > 0):
+            raise ValueError(f"normalizer must be positive and finite, got {normalizer!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float))
+                                or not (math.isfinite(softcap) and softcap > 0.0)):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not isinstance(logit_scale, (int, float)) or not (math.isfinite(logit_scale)
+                                                         and logit_scale > 0.0):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_weight(weight, vocab_size: int, device, name: str = "weight") -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+    if tuple(weight.shape) != (vocab_size,):
+        raise ValueError(f"{name} must have shape ({vocab_size},) (the whole vocabulary), got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but the logits are on {device}")
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pick_backend(backend: str, x: torch.Tensor):
+    if backend == "torch":
+        return torch_backend
+    if backend == "auto" and not x.is_cuda:
+        return torch_backend
+    if not x.is_cuda and not _triton_interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "importing fusedce, for CPU tests); use backend='torch' on the CPU")
+    if x.dtype == torch.float64:
+        if backend == "auto":
+            return torch_backend
+        raise TypeError("backend='triton' takes float32, bfloat16 or float16 logits, not float64")
+    try:
+        from .triton import backend as triton_backend
+    except ImportError as exc:  # pragma: no cover - depends on the platform
+        if backend == "auto":
+            return torch_backend
+        raise RuntimeError(f"backend='triton' is unavailable: {exc}") from exc
+    return triton_backend
+
+
+def _resolve_tp(logits, tp_group, vocab_start):
+    """(local logits, group, vocab_start, global V); unpacks DTensor logits."""
+    from . import distributed
+
+    logits, tp_group = distributed.unpack_dtensor(logits, tp_group)
+    v_local = logits.shape[-1]
+    if tp_group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
+        return logits, None, 0, v_local
+    start, vocab_size = distributed.resolve_layout(tp_group, v_local, vocab_start,
+                                                   validate=_VALIDATE)
+    return logits, tp_group, start, vocab_size
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Union[None, float, torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    inplace_backward: bool = False,
+    return_aux: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, CrossEntropyOutput]:
+    """Cross-entropy with label smoothing, class weights, z-loss, softcap, in fp32.
+
+    Args:
+        logits: [..., V_local] fp32/bf16/fp16, any strides; with ``tp_group`` this rank's
+            columns [vocab_start, vocab_start + V_local) of the vocabulary (or a DTensor
+            sharded on its last dim).
+        target: [...] int64/int32 global class ids (``ignore_index`` rows are skipped).
+        weight: optional [V] class weights (the whole vocabulary, also under TP).
+        ignore_index: target value whose rows give 0 loss and 0 gradient.
+        reduction: "none" (per row, fp32, shaped like target), "sum" or "mean" (over
+            non-ignored rows, or over their target weights; 0 when all are ignored).
+        normalizer: divide the sum by this (float or 0-d tensor) instead of the mean count.
+        label_smoothing: a in [0, 1), uniform over all V classes (F.cross_entropy's).
+        z_loss: coefficient of lse^2 added per row.
+        softcap: z = softcap * tanh(logit_scale * x / softcap) when set.
+        logit_scale: z = logit_scale * x (before the softcap).
+        tp_group: process group over which the vocabulary is sharded.
+        vocab_start: first global column of this rank's shard (default rank * V_local).
+        inplace_backward: write the gradient into the logits buffer (saves N x V memory;
+            the logits' contents are gone afterwards).
+        return_aux: return CrossEntropyOutput(loss, lse, z_loss, accuracy).
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+    Returns:
+        The loss, fp32: a scalar, or shaped like ``target`` for reduction="none"; with
+        ``return_aux`` a CrossEntropyOutput.
+    """
+    _check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                   logit_scale=logit_scale, backend=backend)
+    logits, group, start, vocab_size = _resolve_tp(logits, tp_group, vocab_start)
+    _check_logits(logits)
+    _check_target(target, logits.shape[:-1], logits.device)
+    _check_weight(weight, vocab_size, logits.device)
+    _check_target_range(target, vocab_size, ignore_index)
+    opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
+                       label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                       softcap=None if softcap is None else float(softcap),
+                       logit_scale=float(logit_scale))
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    plan = _ag.Plan(opts=opts, backend=_pick_backend(backend, logits), vocab_size=vocab_size,
+                    vocab_start=start, group=group, normalizer=normalizer,
+                    inplace=bool(inplace_backward), need_grad=need_grad)
+    loss, lse, zl, acc = _ag.CrossEntropyFunction.apply(logits, target, weight, plan)
+    if return_aux:
+        return CrossEntropyOutput(loss, lse, zl, acc)
+    return loss
+
+
+def logprobs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    inference_only: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """log softmax(logit_scale * logits)[target] per row, fp32, differentiable.
+
+    Args:
+        logits: [..., V_local] (a vocabulary shard with ``tp_group``).
+        target: [...] int64/int32 global ids; ``ignore_index`` rows give 0 and no gradient.
+        inference_only: keep nothing for backward (RL scoring); the result has no graph.
+    Returns:
+        [...] fp32 log-probabilities of the targets.
+    """
+    if inference_only:
+        with torch.no_grad():
+            return -cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
+                                  logit_scale=logit_scale, tp_group=tp_group,
+                                  vocab_start=vocab_start, backend=backend)
+    return -cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
+                          logit_scale=logit_scale, tp_group=tp_group, vocab_start=vocab_start,
+                          backend=backend)
+
+
+def entropy(
+    logits: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Entropy of softmax(logit_scale * logits) per row, fp32, differentiable.
+
+    Args:
+        logits: [..., V_local] (a vocabulary shard with ``tp_group``; ``vocab_start`` is
+            accepted for symmetry and not needed).
+    Returns:
+        [...] fp32 entropies (natural log).
+    """
+    _check_options(ignore_index=-100, reduction="none", normalizer=None, label_smoothing=0.0,
+                   z_loss=0.0, softcap=None, logit_scale=logit_scale, backend=backend)
+    logits, group, start, vocab_size = _resolve_tp(logits, tp_group, vocab_start)
+    _check_logits(logits)
+    opts = LossOptions(reduction="none", logit_scale=float(logit_scale))
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    plan = _ag.Plan(opts=opts, backend=_pick_backend(backend, logits), vocab_size=vocab_size,
+                    vocab_start=start, group=group, need_grad=need_grad)
+    return _ag.EntropyFunction.apply(logits, plan)

@@ -1,0 +1,32 @@
+"""nn.Module forms of the public functions (options fixed at construction).
+
+CrossEntropyLoss(**options)(logits, target) == cross_entropy(logits, target, **options).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .functional import cross_entropy
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`fusedce.cross_entropy`; ``weight`` is registered as a buffer.
+
+    Args:
+        **options: any keyword option of :func:`fusedce.cross_entropy`.
+    """
+
+    def __init__(self, *, weight: Optional[torch.Tensor] = None, **options):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.options = options
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor):
+        """logits [..., V], target [...] -> the loss (see cross_entropy)."""
+        return cross_entropy(logits, target, weight=self.weight, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,229 @@
+"""The one loss spec: options, per-row statistics, their associative combine, and the
+row loss / gradient coefficients that every backend shares.
+
+For one row with logits x in R^V (possibly split over vocabulary pieces), target t:
+
+    z_j  = softcap * tanh(logit_scale * x_j / softcap)      (softcap=None: z_j = logit_scale * x_j)
+    lse  = log sum_j exp(z_j)
+    loss = (1 - a) * w_t * (lse - z_t) + (a / V) * sum_j w_j * (lse - z_j) + zl * lse^2
+
+A vocabulary piece reduces to the statistics
+
+    m   = max_j z_j                  s  = sum_j exp(z_j - m)
+    zt  = z_t if t lies in the piece else 0
+    sz  = sum_j w_j * z_j            (w_j = 1 without class weights)
+    am  = global index of the first argmax (for accuracy)
+    sez = sum_j exp(z_j - m) * z_j   (entropy only: H = lse - sez / s)
+
+and two pieces combine associatively:
+
+    m = max(m1, m2);  s = s1 * exp(m1 - m) + s2 * exp(m2 - m);  zt = zt1 + zt2;
+    sz = sz1 + sz2;   am = am2 if m2 > m1 else am1   (pieces in vocabulary order);
+    sez rescales like s
+
+Blocks in a Triton kernel, chunks in PyTorch and ranks of a process group all use this
+combine. From the combined statistics, with W = sum_j w_j:
+
+    lse  = m + log s
+    loss = (1 - a) * w_t * (lse - zt) + (a / V) * (W * lse - sz) + zl * lse^2
+
+and the gradient with respect to z_j, for an upstream row gradient g, is
+
+    dz_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j),   p_j = exp(z_j - lse),
+    c_p  = (1 - a) * w_t + (a / V) * W + 2 * zl * lse,         c_t = (1 - a) * w_t,
+
+chained through the softcap and scale: dx_j = dz_j * logit_scale * (1 - (z_j / softcap)^2)
+(without softcap: dx_j = dz_j * logit_scale). Ignored rows have g = 0.
+
+Log-probabilities are -(lse - z_t) (the a = zl = 0, unweighted case, with g negated).
+Entropy is H = lse - sum_j p_j z_j = lse - sez / s, with dH/dz_j = -p_j * (z_j - (lse - H)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Loss options shared by every path (validated by the public functions)."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    @property
+    def needs_sum_z(self) -> bool:
+        return self.label_smoothing > 0.0
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of one vocabulary piece; every field is [N] (am int64, rest fp32)."""
+
+    m: torch.Tensor
+    s: torch.Tensor
+    zt: torch.Tensor
+    sz: torch.Tensor
+    am: torch.Tensor
+    sez: Optional[torch.Tensor] = None  # sum_j exp(z_j - m) * z_j, only for entropy
+
+
+class CrossEntropyOutput(NamedTuple):
+    """Result of ``cross_entropy(..., return_aux=True)``.
+
+    loss: the reduced loss (fp32; shaped like target for reduction="none").
+    lse: per-row log-sum-exp, fp32, shaped like target (ignored rows included).
+    z_loss: the z-loss part of ``loss``, reduced like it.
+    accuracy: fraction of non-ignored rows whose argmax equals the target (0 if none).
+    """
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    z_loss: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def combine(a: RowStats, b: RowStats) -> RowStats:
+    """Combine the statistics of two vocabulary pieces (``a`` before ``b`` in vocab order)."""
+    m = torch.maximum(a.m, b.m)
+    s = _rescale(a.s, a.m, m) + _rescale(b.s, b.m, m)
+    am = torch.where(b.m > a.m, b.am, a.am)
+    sez = None
+    if a.sez is not None:
+        sez = _rescale(a.sez, a.m, m) + _rescale(b.sez, b.m, m)
+    return RowStats(m, s, a.zt + b.zt, a.sz + b.sz, am, sez)
+
+
+def combine_stacked(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor, sz: torch.Tensor,
+                    am: torch.Tensor, sez: Optional[torch.Tensor] = None) -> RowStats:
+    """Combine K pieces given as [K, N] stacks (piece k before piece k+1 in vocab order).
+
+    The same combine as :func:`combine`, folded over K at once (used by the all-gather
+    of statistics across ranks).
+    """
+    mmax = m.max(dim=0).values
+    s_tot = _rescale(s, m, mmax.unsqueeze(0)).sum(dim=0)
+    # first piece holding the maximum wins the argmax, as in a left fold
+    first = (m == mmax.unsqueeze(0)).to(torch.int8).argmax(dim=0, keepdim=True)
+    am_tot = am.gather(0, first).squeeze(0)
+    nan_rows = torch.isnan(mmax)
+    am_tot = torch.where(nan_rows, am[0], am_tot)
+    sez_tot = None if sez is None else _rescale(sez, m, mmax.unsqueeze(0)).sum(dim=0)
+    return RowStats(mmax, s_tot, zt.sum(dim=0), sz.sum(dim=0), am_tot, sez_tot)
+
+
+def _rescale(s: torch.Tensor, m_piece: torch.Tensor, m_all: torch.Tensor) -> torch.Tensor:
+    # exp(-inf - -inf) is NaN; an empty or all -inf piece contributes 0
+    factor = torch.exp(m_piece - m_all)
+    return torch.where(m_piece == float("-inf"), torch.zeros_like(s), s * factor)
+
+
+def lse_of(stats: RowStats) -> torch.Tensor:
+    """lse = m + log s, fp32 [N]."""
+    return stats.m + torch.log(stats.s)
+
+
+def transform(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """z = softcap * tanh(scale * x / softcap) (or scale * x), computed in fp32."""
+    z = x.float()
+    if opts.softcap is not None:
+        return torch.tanh(z * (opts.logit_scale / opts.softcap)) * opts.softcap
+    if opts.logit_scale != 1.0:
+        return z * opts.logit_scale
+    return z
+
+
+def chain_factor(z: torch.Tensor, opts: LossOptions) -> Optional[torch.Tensor | float]:
+    """dz/dx given z (None when it is exactly 1)."""
+    if opts.softcap is not None:
+        return (1.0 - (z / opts.softcap) ** 2) * opts.logit_scale
+    if opts.logit_scale != 1.0:
+        return opts.logit_scale
+    return None
+
+
+@dataclass
+class RowTerms:
+    """Per-row quantities that depend only on targets/weights (no logits); all [N] fp32."""
+
+    valid: torch.Tensor  # bool, target != ignore_index
+    w_t: torch.Tensor  # class weight of the target (1 without weights), 0 on ignored rows
+    denom: torch.Tensor  # 0-d: the "mean" denominator (count or sum of w_t), before clamping
+    total_weight: float | torch.Tensor  # W = sum_j w_j
+
+
+def row_terms(target: torch.Tensor, opts: LossOptions, vocab_size: int,
+              weight: Optional[torch.Tensor]) -> RowTerms:
+    """Target-only row quantities. ``target`` holds global ids, any int dtype, shape [N]."""
+    valid = target != opts.ignore_index
+    if weight is None:
+        w_t = valid.float()
+        total = float(vocab_size)
+    else:
+        safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
+        w_t = weight.float().gather(0, safe_t) * valid
+        total = weight.float().sum()
+    denom = w_t.sum()
+    return RowTerms(valid, w_t, denom, total)
+
+
+def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: int):
+    """Per-row (loss, lse, zloss_part) in fp32 from combined statistics; ignored rows give 0."""
+    lse = lse_of(stats)
+    a = opts.label_smoothing
+    loss = (1.0 - a) * terms.w_t * (lse - stats.zt)
+    if a > 0.0:
+        loss = loss + (a / vocab_size) * (terms.total_weight * lse - stats.sz)
+    if opts.z_loss > 0.0:
+        zpart = opts.z_loss * lse * lse
+        loss = loss + zpart
+    else:
+        zpart = torch.zeros_like(lse)
+    # where, not multiply: a NaN logit on an ignored row must not leak, and the
+    # NaN of a valid row must stay
+    zero = torch.zeros_like(lse)
+    loss = torch.where(terms.valid, loss, zero)
+    zpart = torch.where(terms.valid, zpart, zero)
+    return loss, lse, zpart
+
+
+def grad_coefficients(lse: torch.Tensor, terms: RowTerms, opts: LossOptions, vocab_size: int):
+    """(c_p, c_t) of the gradient formula in the module docstring, each [N] fp32."""
+    a = opts.label_smoothing
+    c_t = (1.0 - a) * terms.w_t
+    c_p = c_t + (a / vocab_size) * terms.total_weight
+    if opts.z_loss > 0.0:
+        c_p = c_p + 2.0 * opts.z_loss * lse
+    return c_p, c_t
+
+
+def row_scale(terms: RowTerms, opts: LossOptions, normalizer) -> torch.Tensor:
+    """0-d fp32 factor that turns the sum of row losses into the reduced loss.
+
+    "sum" and "none": 1; "mean": 1 / denominator (0 when nothing is counted, so an
+    all-ignored batch gives loss 0 and gradient 0); a normalizer: 1 / normalizer.
+    """
+    device = terms.w_t.device
+    if normalizer is not None:
+        if isinstance(normalizer, torch.Tensor):
+            return 1.0 / normalizer.to(device=device, dtype=torch.float32)
+        return torch.tensor(1.0 / float(normalizer), device=device, dtype=torch.float32)
+    if opts.reduction == "mean":
+        d = terms.denom
+        return torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)),
+                           torch.zeros_like(d))
+    return torch.ones((), device=device, dtype=torch.float32)
+
+
+def default_chunk_rows(vocab_size: int, budget_bytes: int = 32 << 20) -> int:
+    """Rows per chunk so that one fp32 chunk of logits stays under ``budget_bytes``."""
+    return max(1, min(1 << 16, budget_bytes // max(1, 4 * vocab_size)))

@@ -1,0 +1,129 @@
+"""Pure-PyTorch backend: the executable spec (see :mod:`fusedce.spec` for the math).
+
+Rows are processed in chunks, so at most one fp32 chunk of logits (``rows x V_local``)
+exists at a time. The forward keeps only the per-row statistics (m, s, z_t, sum w*z,
+argmax); the backward recomputes z for each chunk and writes
+
+    dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx
+
+straight into the gradient buffer (or into the logits themselves with inplace_backward).
+The same functions serve a vocabulary shard: ``vocab_start`` maps global target ids to
+local columns, and the statistics are combined across ranks by :mod:`fusedce.distributed`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .layout import iter_row_chunks, row_slice
+from .spec import LossOptions, RowStats, chain_factor, default_chunk_rows, transform
+
+name = "torch"
+supports_fused = False
+
+
+def _local_target(target: torch.Tensor, valid: torch.Tensor, vocab_start: int, v_local: int):
+    local = target.long() - vocab_start
+    inside = valid & (local >= 0) & (local < v_local)
+    return local.clamp(0, max(v_local - 1, 0)), inside
+
+
+def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_start: int = 0,
+              weight_local: Optional[torch.Tensor] = None, need_sz: bool = False,
+              need_sez: bool = False, chunk_rows: Optional[int] = None) -> RowStats:
+    """Statistics of the local vocabulary piece for every row.
+
+    Args:
+        x3: logits [B, T, V_local], any strides and float dtype.
+        target: [B*T] global ids (ignored rows hold opts.ignore_index).
+        weight_local: class weights of the local columns [V_local], or None.
+        need_sz: compute sum_j w_j z_j (label smoothing).
+        need_sez: compute sum_j exp(z_j - m) z_j (entropy).
+    Returns:
+        RowStats with [B*T] fields (fp32; am int64 global column ids).
+    """
+    B, T, V = x3.shape
+    n = B * T
+    dev = x3.device
+    m = torch.empty(n, device=dev, dtype=torch.float32)
+    s = torch.empty_like(m)
+    zt = torch.empty_like(m)
+    sz = torch.zeros_like(m)
+    am = torch.empty(n, device=dev, dtype=torch.int64)
+    sez = torch.empty_like(m) if need_sez else None
+    valid = target != opts.ignore_index
+    local, inside = _local_target(target, valid, vocab_start, V)
+    wl = None if weight_local is None else weight_local.float()
+    for r0, r1, view in iter_row_chunks(x3, chunk_rows or default_chunk_rows(V)):
+        z = transform(view.reshape(-1, V), opts)
+        mc, ac = z.max(dim=-1)
+        # an all -inf row has no finite shift; use 0 so that s = 0 and lse = -inf
+        shift = torch.where(torch.isneginf(mc), torch.zeros_like(mc), mc)
+        e = (z - shift.unsqueeze(1)).exp_()
+        s[r0:r1] = e.sum(dim=-1)
+        if need_sez:
+            # z * exp(z - m) with exp(-inf) = 0 must give 0, not NaN
+            sez[r0:r1] = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(dim=-1)
+        del e
+        m[r0:r1] = mc
+        am[r0:r1] = ac + vocab_start
+        zc = z.gather(1, local[r0:r1].unsqueeze(1)).squeeze(1)
+        zt[r0:r1] = torch.where(inside[r0:r1], zc, torch.zeros_like(zc))
+        if need_sz:
+            sz[r0:r1] = z.sum(dim=-1) if wl is None else z @ wl
+    return RowStats(m, s, zt, sz, am, sez)
+
+
+def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+         c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *, vocab_size: int,
+         out: torch.Tensor, vocab_start: int = 0, weight_local: Optional[torch.Tensor] = None,
+         chunk_rows: Optional[int] = None) -> None:
+    """Write dx (in ``out``'s dtype) for the loss spec.
+
+    Args:
+        x3: logits [B, T, V_local].
+        target, lse, g, c_p, c_t: [B*T] (global ids; fp32 lse, upstream row gradient and
+            the coefficients of :func:`fusedce.spec.grad_coefficients`).
+        vocab_size: the global V (label smoothing spreads a / V over it).
+        out: [B, T, V_local] destination; may be ``x3`` itself (in-place backward).
+    """
+    B, T, V = x3.shape
+    valid = target != opts.ignore_index
+    local, inside = _local_target(target, valid, vocab_start, V)
+    a = opts.label_smoothing
+    gp = g * c_p
+    gt = torch.where(inside, g * c_t, torch.zeros_like(g))
+    wl = None if weight_local is None else weight_local.float()
+    rows = chunk_rows or default_chunk_rows(V)
+    for r0, r1, xv in iter_row_chunks(x3, rows):
+        ov = row_slice(out, r0, r1)
+        z = transform(xv.reshape(-1, V), opts)
+        d = (z - lse[r0:r1].unsqueeze(1)).exp_().mul_(gp[r0:r1].unsqueeze(1))
+        d.scatter_add_(1, local[r0:r1].unsqueeze(1), -gt[r0:r1].unsqueeze(1))
+        if a > 0.0:
+            ga = g[r0:r1].unsqueeze(1) * (a / vocab_size)
+            d.sub_(ga if wl is None else ga * wl.unsqueeze(0))
+        f = chain_factor(z, opts)
+        if f is not None:
+            d.mul_(f)
+        ov.copy_(d.view(ov.shape))
+
+
+def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor,
+                 opts: LossOptions, *, out: torch.Tensor, chunk_rows: Optional[int] = None) -> None:
+    """Write dH/dx scaled by g: dz_j = -g * p_j * (z_j - (lse - H))."""
+    B, T, V = x3.shape
+    mean_z = lse - ent
+    rows = chunk_rows or default_chunk_rows(V)
+    for r0, r1, xv in iter_row_chunks(x3, rows):
+        ov = row_slice(out, r0, r1)
+        z = transform(xv.reshape(-1, V), opts)
+        p = (z - lse[r0:r1].unsqueeze(1)).exp_()
+        centred = z - mean_z[r0:r1].unsqueeze(1)
+        d = torch.where(p > 0, p * centred, torch.zeros_like(p)).mul_(-g[r0:r1].unsqueeze(1))
+        f = chain_factor(z, opts)
+        if f is not None:
+            d.mul_(f)
+        ov.copy_(d.view(ov.shape))
