@@ -78,5 +78,5 @@ def assert_close_normwise(out, ref, rtol, what=""):
     assert not torch.isnan(out).any() or torch.isnan(ref).any(), f"{what}: unexpected NaN"
     num = (out - ref).norm()
     den = ref.norm().clamp_min(1e-12)
-    err = float(num / den) if ref.numel() else 0.0
+    err = float((num / den).detach()) if ref.numel() else 0.0
     assert err <= rtol, f"{what}: normwise error {err:.3e} > {rtol:.1e}"

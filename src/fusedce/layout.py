@@ -21,6 +21,11 @@ def as_rows3d(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(0)
     if x.dim() == 3:
         return x
+    lead = 1
+    for d in x.shape[:-2]:
+        lead *= d
+    if x.numel() == 0:
+        return x.new_empty((lead, x.shape[-2], x.shape[-1]))
     try:
         return x.view(-1, x.shape[-2], x.shape[-1])
     except RuntimeError:
@@ -69,6 +74,8 @@ def iter_row_chunks(x3: torch.Tensor, rows: int) -> Iterator[Tuple[int, int, tor
     writes back in place.
     """
     B, T, V = x3.shape
+    if B * T == 0:
+        return
     flat = as_rows2d(x3)
     if flat is not None:
         n = B * T

@@ -1,0 +1,416 @@
+"""Core API tests: cross_entropy / logprobs / entropy / CrossEntropyLoss against the fp64
+oracle, for every backend that runs here (torch; triton through the interpreter on CPU)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce as fce
+from fusedce import torch_backend
+from oracle import (assert_close_normwise, ref_cross_entropy, ref_entropy, ref_logprobs, tol)
+
+
+def _backends():
+    out = ["torch"]
+    try:
+        import fusedce.triton.backend  # noqa: F401
+
+        out.append("triton")
+    except Exception:  # pragma: no cover - triton backend missing
+        pass
+    return out
+
+
+BACKENDS = _backends()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, V, dtype, ignore_frac=0.2, ignore_index=-100, scale=3.0, tdtype=torch.int64):
+    x = (torch.randn(*shape, V) * scale).to(dtype)
+    t = torch.randint(0, V, shape, dtype=tdtype)
+    if ignore_frac:
+        mask = torch.rand(shape) < ignore_frac
+        t = torch.where(mask, torch.full_like(t, ignore_index), t)
+    return x, t
+
+
+def _check(backend, dtype, shape=(3, 5), V=37, upstream=None, **kw):
+    """Loss and gradient of fce.cross_entropy vs the fp64 oracle."""
+    weight = kw.pop("weight", None)
+    x, t = _inputs(shape, V, dtype, ignore_index=kw.get("ignore_index", -100))
+    x.requires_grad_(True)
+    out = fce.cross_entropy(x, t, weight=weight, backend=backend, **kw)
+    xr = x.detach().double().requires_grad_(True)
+    ref = ref_cross_entropy(xr, t, weight=weight, **kw)
+    assert out.dtype == torch.float32
+    assert_close_normwise(out, ref, max(tol(dtype), 1e-5) * 2, "loss")
+    g = torch.randn(out.shape, dtype=torch.float64) if upstream is None else upstream
+    out.backward(g.float())
+    ref.backward(g)
+    assert x.grad.dtype == dtype
+    assert_close_normwise(x.grad, xr.grad, tol(dtype) * 2, "grad")
+
+
+# ---------------------------------------------------------------- option matrix
+
+OPTION_SETS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=5.0),
+    dict(logit_scale=0.5),
+    dict(normalizer=7.0),
+    dict(ignore_index=3),
+    dict(weight="w"),
+    dict(weight="w", label_smoothing=0.2),
+    dict(weight="w", reduction="sum", z_loss=1e-2),
+    dict(label_smoothing=0.3, z_loss=1e-2, softcap=4.0, logit_scale=1.7),
+    dict(reduction="none", label_smoothing=0.1, softcap=3.0, weight="w"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_options_fp32(backend, opts):
+    kw = dict(opts)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(37) + 0.1
+    _check(backend, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(backend, dtype):
+    for kw in (dict(), dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum"),
+               dict(softcap=6.0, reduction="none")):
+        _check(backend, dtype, shape=(16,), V=301, **kw)
+
+
+def test_random_option_combinations():
+    rng = random.Random(1234)
+    choices = dict(reduction=["mean", "sum", "none"], label_smoothing=[0.0, 0.15],
+                   z_loss=[0.0, 1e-3], softcap=[None, 8.0], logit_scale=[1.0, 0.7],
+                   ignore_index=[-100, 0, 5], weight=[False, True])
+    combos = list(itertools.product(*choices.values()))
+    for combo in rng.sample(combos, 40):
+        kw = dict(zip(choices.keys(), combo))
+        kw["weight"] = torch.rand(23) + 0.05 if kw["weight"] else None
+        _check("torch", torch.float32, shape=(2, 7), V=23, **kw)
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_mean_is_zero(backend):
+    x = torch.randn(4, 9, requires_grad=True)
+    t = torch.full((4,), -100)
+    for kw in (dict(), dict(weight=torch.rand(9)), dict(z_loss=1e-2, label_smoothing=0.1)):
+        x.grad = None
+        loss = fce.cross_entropy(x, t, backend=backend, **kw)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(loss)
+        assert torch.count_nonzero(x.grad) == 0
+    assert fce.cross_entropy(x, t, reduction="sum", backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_have_zero_grad(backend):
+    x, t = _inputs((12,), 17, torch.float32, ignore_frac=0.5)
+    x.requires_grad_(True)
+    fce.cross_entropy(x, t, z_loss=1e-2, label_smoothing=0.2, backend=backend).backward()
+    ign = t == -100
+    assert ign.any()
+    assert torch.count_nonzero(x.grad[ign]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_views(backend):
+    B, T, V = 3, 6, 29
+    base = torch.randn(B, T, V)
+    t = torch.randint(0, V, (B, T - 1))
+    # a shifted view: rows are not uniformly strided
+    leaf = base.clone().requires_grad_(True)
+    xs = leaf[:, :-1]
+    assert not xs.is_contiguous()
+    xr = base.double().requires_grad_(True)
+    out = fce.cross_entropy(xs, t, backend=backend, label_smoothing=0.1)
+    ref = ref_cross_entropy(xr[:, :-1], t, label_smoothing=0.1)
+    out.backward()
+    ref.backward()
+    assert_close_normwise(out, ref, 1e-5, "shifted loss")
+    assert_close_normwise(leaf.grad, xr.grad, 1e-5, "shifted grad")
+    # transposed [T, B, V] -> [B, T, V] view
+    y = torch.randn(T, B, V).transpose(0, 1).requires_grad_(True)
+    ty = torch.randint(0, V, (B, T))
+    out = fce.cross_entropy(y, ty, reduction="none", backend=backend)
+    yr = y.detach().double().requires_grad_(True)
+    ref = ref_cross_entropy(yr, ty, reduction="none")
+    g = torch.randn(B, T)
+    out.backward(g)
+    ref.backward(g.double())
+    assert_close_normwise(out, ref, 1e-5, "transposed loss")
+    assert_close_normwise(y.grad, yr.grad, 1e-5, "transposed grad")
+    # column stride != 1
+    z = torch.randn(10, 2 * V)[:, ::2].requires_grad_(False)
+    tz = torch.randint(0, V, (10,))
+    zr = z.double()
+    assert_close_normwise(fce.cross_entropy(z, tz, backend=backend),
+                          ref_cross_entropy(zr, tz), 1e-5, "column-strided")
+
+
+@pytest.mark.parametrize("V", [1, 31, 1001, 65537])
+def test_odd_vocab_sizes(V):
+    n = 4 if V > 10000 else 9
+    _check("torch", torch.float32, shape=(n,), V=V, label_smoothing=0.1, z_loss=1e-3)
+
+
+def test_odd_vocab_sizes_triton():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend not present")
+    for V in (1, 31, 1001):
+        _check("triton", torch.float32, shape=(5,), V=V, label_smoothing=0.1)
+
+
+def test_torch_backend_chunk_boundaries(monkeypatch):
+    monkeypatch.setattr(torch_backend, "default_chunk_rows", lambda V: 3)
+    for shape in ((10,), (4, 5)):
+        _check("torch", torch.float32, shape=shape, V=13, label_smoothing=0.1, z_loss=1e-3)
+    # the shifted view takes the per-batch chunking path
+    base = torch.randn(3, 8, 13)
+    x = base[:, 1:].requires_grad_(False)
+    t = torch.randint(0, 13, (3, 7))
+    assert_close_normwise(fce.cross_entropy(x, t, reduction="none"),
+                          ref_cross_entropy(x.double(), t, reduction="none"), 1e-5, "chunks")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_upstream(backend):
+    g = torch.randn(6, 4, dtype=torch.float64)
+    _check(backend, torch.float32, shape=(6, 4), V=19, reduction="none", upstream=g,
+           z_loss=1e-3, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_finite(backend):
+    x = torch.randn(8, 50) * 1e4
+    t = torch.randint(0, 50, (8,))
+    x.requires_grad_(True)
+    loss = fce.cross_entropy(x, t, backend=backend, z_loss=1e-4)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    ref = ref_cross_entropy(x.detach(), t, z_loss=1e-4)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    x = torch.randn(5, 11)
+    x[2, 4] = float("nan")
+    t = torch.randint(0, 11, (5,))
+    rows = fce.cross_entropy(x, t, reduction="none", backend=backend)
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4]]).all()
+    assert torch.isnan(fce.cross_entropy(x, t, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets(backend):
+    x = torch.randn(7, 21)
+    t = torch.randint(0, 21, (7,), dtype=torch.int32)
+    assert_close_normwise(fce.cross_entropy(x, t, backend=backend),
+                          ref_cross_entropy(x, t.long()), 1e-5, "int32")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalizer_tensor_and_float(backend):
+    x = torch.randn(9, 13)
+    t = torch.randint(0, 13, (9,))
+    a = fce.cross_entropy(x, t, normalizer=4.0, backend=backend)
+    b = fce.cross_entropy(x, t, normalizer=torch.tensor(4.0), backend=backend)
+    ref = ref_cross_entropy(x, t, reduction="sum") / 4.0
+    assert_close_normwise(a, ref, 1e-5)
+    assert_close_normwise(b, ref, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_aux(backend):
+    x, t = _inputs((4, 6), 15, torch.float32)
+    out = fce.cross_entropy(x, t, z_loss=1e-2, return_aux=True, backend=backend)
+    assert isinstance(out, fce.CrossEntropyOutput)
+    rows, lse = ref_cross_entropy(x, t, z_loss=1e-2, return_rows=True)
+    assert out.lse.shape == t.shape and out.lse.dtype == torch.float32
+    assert_close_normwise(out.lse, lse, 1e-6, "lse")
+    valid = t != -100
+    zl = (1e-2 * lse ** 2 * valid).sum() / valid.sum()
+    assert_close_normwise(out.z_loss, zl, 1e-5, "z_loss")
+    acc = ((x.argmax(-1) == t) & valid).sum() / valid.sum()
+    assert abs(out.accuracy.item() - acc.item()) < 1e-6
+    # accuracy of a batch whose targets are the argmax
+    t2 = x.argmax(-1)
+    assert fce.cross_entropy(x, t2, return_aux=True, backend=backend).accuracy.item() == 1.0
+    allign = torch.full_like(t, -100)
+    assert fce.cross_entropy(x, allign, return_aux=True, backend=backend).accuracy.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward(backend):
+    x, t = _inputs((10,), 23, torch.float32)
+    ref_x = x.double().requires_grad_(True)
+    ref = ref_cross_entropy(ref_x, t, label_smoothing=0.1)
+    ref.backward()
+    leaf = x.clone().requires_grad_(True)
+    buf = leaf * 1.0  # a non-leaf buffer the loss may overwrite
+    loss = fce.cross_entropy(buf, t, label_smoothing=0.1, inplace_backward=True, backend=backend)
+    loss.backward()
+    assert_close_normwise(loss, ref, 1e-5)
+    assert_close_normwise(leaf.grad, ref_x.grad, 1e-5, "inplace grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_caller_tensors_not_mutated(backend):
+    x, t = _inputs((6, 3), 11, torch.bfloat16)
+    x0, t0 = x.clone(), t.clone()
+    w = torch.rand(11)
+    w0 = w.clone()
+    x.requires_grad_(True)
+    fce.cross_entropy(x, t, weight=w, label_smoothing=0.1, backend=backend).backward()
+    assert torch.equal(x.detach(), x0) and torch.equal(t, t0) and torch.equal(w, w0)
+
+
+def test_no_grad_forward_matches():
+    x, t = _inputs((20,), 40, torch.float32)
+    with torch.no_grad():
+        a = fce.cross_entropy(x.requires_grad_(True), t)
+    assert a.grad_fn is None
+    assert_close_normwise(a, ref_cross_entropy(x.detach(), t), 1e-5)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 7, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    assert fce.cross_entropy(x, t).item() == 0.0
+    assert fce.cross_entropy(x, t, reduction="none").shape == (0,)
+
+
+# ---------------------------------------------------------------- logprobs / entropy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs(backend):
+    x, t = _inputs((3, 4), 27, torch.float32)
+    x.requires_grad_(True)
+    lp = fce.logprobs(x, t, logit_scale=0.8, backend=backend)
+    xr = x.detach().double().requires_grad_(True)
+    ref = ref_logprobs(xr, t, logit_scale=0.8)
+    assert lp.shape == t.shape and lp.dtype == torch.float32
+    assert_close_normwise(lp, ref, 1e-5, "logprobs")
+    assert (lp[t == -100] == 0).all()
+    g = torch.randn(t.shape)
+    lp.backward(g)
+    ref.backward(g.double())
+    assert_close_normwise(x.grad, xr.grad, 1e-5, "logprobs grad")
+    inf = fce.logprobs(x, t, logit_scale=0.8, inference_only=True, backend=backend)
+    assert inf.grad_fn is None and torch.allclose(inf, lp.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy(backend, dtype):
+    x = (torch.randn(2, 5, 33) * 2).to(dtype).requires_grad_(True)
+    h = fce.entropy(x, logit_scale=1.3, backend=backend)
+    xr = x.detach().double().requires_grad_(True)
+    ref = ref_entropy(xr, logit_scale=1.3)
+    assert h.shape == (2, 5) and h.dtype == torch.float32
+    assert_close_normwise(h, ref, tol(dtype), "entropy")
+    g = torch.randn(2, 5)
+    h.backward(g)
+    ref.backward(g.double())
+    assert_close_normwise(x.grad, xr.grad, tol(dtype) * 2, "entropy grad")
+
+
+def test_entropy_with_neg_inf_logits():
+    x = torch.randn(3, 8)
+    x[:, :3] = float("-inf")
+    h = fce.entropy(x)
+    assert torch.isfinite(h).all()
+    assert_close_normwise(h, ref_entropy(x[:, 3:]), 1e-5)
+
+
+# ---------------------------------------------------------------- module
+
+
+def test_module_form():
+    w = torch.rand(17)
+    mod = fce.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="sum")
+    x, t = _inputs((5,), 17, torch.float32)
+    assert_close_normwise(mod(x, t), ref_cross_entropy(x, t, weight=w, label_smoothing=0.1,
+                                                       reduction="sum"), 1e-5)
+    assert "label_smoothing" in repr(mod)
+
+
+def test_matches_torch_functional_exactly_in_fp64_sense():
+    x = torch.randn(64, 100)
+    t = torch.randint(0, 100, (64,))
+    assert abs(fce.cross_entropy(x, t).item() - F.cross_entropy(x, t).item()) < 1e-5
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _poisoned():
+    x = torch.randn(4, 10, requires_grad=True)
+    return x, torch.randint(0, 10, (4,))
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(target=torch.tensor([0, 1, 10, 2])), ValueError, "target.*10"),
+    (dict(target=torch.tensor([0, -1, 3, 2])), ValueError, "target.*-1"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target.*shape"),
+    (dict(target=torch.zeros(4)), TypeError, "target.*int"),
+    (dict(logits=torch.zeros(4, 10, dtype=torch.long)), TypeError, "logits"),
+    (dict(weight=torch.ones(9)), ValueError, "weight"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=-3.0), ValueError, "softcap"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(reduction="none", normalizer=2.0), ValueError, "normalizer"),
+    (dict(normalizer=0.0), ValueError, "normalizer"),
+    (dict(vocab_start=5), ValueError, "vocab_start"),
+])
+def test_bad_input(bad, exc, match):
+    x, t = _poisoned()
+    kw = dict(bad)
+    logits = kw.pop("logits", x)
+    target = kw.pop("target", t)
+    x0 = x.detach().clone()
+    with pytest.raises(exc, match=match):
+        fce.cross_entropy(logits, target, **kw)
+    assert torch.equal(x.detach(), x0) and x.grad is None
+
+
+def test_validation_switch():
+    x = torch.randn(3, 5)
+    t = torch.tensor([0, 7, 1])
+    with pytest.raises(ValueError):
+        fce.cross_entropy(x, t)
+    with fce.validation(False):
+        assert not fce.validation_enabled()
+        fce.cross_entropy(x, torch.tensor([0, 4, 1]))
+    assert fce.validation_enabled()
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        fce.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")
