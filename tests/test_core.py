@@ -414,3 +414,17 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         fce.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")
+
+
+def test_torch_compile_fullgraph_cpu():
+    x = torch.randn(8, 50, requires_grad=True)
+    t = torch.randint(0, 50, (8,))
+    f = torch.compile(lambda a, b: fce.cross_entropy(a, b, label_smoothing=0.1, z_loss=1e-3),
+                      fullgraph=True)
+    loss = f(x, t)
+    loss.backward()
+    xr = x.detach().double().requires_grad_(True)
+    ref = ref_cross_entropy(xr, t, label_smoothing=0.1, z_loss=1e-3)
+    ref.backward()
+    assert_close_normwise(loss, ref, 1e-5, "compiled loss")
+    assert_close_normwise(x.grad, xr.grad, 1e-5, "compiled grad")

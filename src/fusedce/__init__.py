@@ -14,7 +14,8 @@ from .functional import (
     validation,
     validation_enabled,
 )
-from .modules import CrossEntropyLoss
+from .linear import linear_cross_entropy, linear_logprobs
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from .spec import CrossEntropyOutput, LossOptions
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "logprobs",
     "entropy",
     "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "linear_logprobs",
+    "LinearCrossEntropyLoss",
     "CrossEntropyOutput",
     "LossOptions",
     "set_validation",

@@ -83,9 +83,16 @@ def _check_target(target, lead_shape, device, name: str = "target") -> None:
         raise ValueError(f"{name} is on {target.device} but the logits are on {device}")
 
 
+def _compiling() -> bool:
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
+
+
 def _check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
                         name: str = "target") -> None:
-    if not _VALIDATE or target.numel() == 0:
+    # under torch.compile a data-dependent raise would break the graph: the check is skipped
+    # there (validate eagerly, or keep the model's targets in range)
+    if not _VALIDATE or target.numel() == 0 or _compiling():
         return
     t = target.reshape(-1)
     bad = (t != ignore_index) & ((t < 0) | (t >= vocab_size))

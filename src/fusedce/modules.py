@@ -1,6 +1,8 @@
 """nn.Module forms of the public functions (options fixed at construction).
 
 CrossEntropyLoss(**options)(logits, target) == cross_entropy(logits, target, **options).
+LinearCrossEntropyLoss(**options)(hidden, weight, target, bias)
+    == linear_cross_entropy(hidden, weight, target, bias=bias, **options).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Optional
 import torch
 
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -27,6 +30,29 @@ class CrossEntropyLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor):
         """logits [..., V], target [...] -> the loss (see cross_entropy)."""
         return cross_entropy(logits, target, weight=self.weight, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`fusedce.linear_cross_entropy` (the loss from hidden states and
+    the LM head, never materialising the logits); ``class_weight`` is registered as a buffer.
+
+    Args:
+        **options: any keyword option of :func:`fusedce.linear_cross_entropy`.
+    """
+
+    def __init__(self, *, class_weight: Optional[torch.Tensor] = None, **options):
+        super().__init__()
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.options = options
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: Optional[torch.Tensor] = None):
+        """hidden [..., D], weight [V_local, D], target [...], bias [V_local] -> the loss."""
+        return linear_cross_entropy(hidden, weight, target, bias=bias,
+                                    class_weight=self.class_weight, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,655 @@
+"""Fused linear cross-entropy: the loss of ``hidden @ weight.T + bias`` without the logits.
+
+For hidden rows h_r in R^D, the LM head W [V, D] (optionally a vocabulary shard
+W[vocab_start : vocab_start + V_local]) and bias b, the logits x_r = W h_r + b go through
+the loss spec of :mod:`fusedce.spec` unchanged:
+
+    loss = reduce_r[ (1 - a) * w_t * (lse_r - z_rt) + (a / V) * sum_j w_j * (lse_r - z_rj)
+                     + zl * lse_r^2 ],   z = softcap * tanh(logit_scale * x / softcap)
+
+so ``linear_cross_entropy(h, W, t, bias=b, ...) == cross_entropy(h @ W.T + b, t, ...)``.
+Rows are taken in chunks of C rows; only one chunk of logits X_c [C, V_local] ever exists.
+With dX_c = dloss/dX_c (what the CE backends write), the gradients are
+
+    dH_c = dX_c @ W          dW = sum_c dX_c^T @ H_c          db = sum_c 1^T dX_c
+
+Two gradient strategies:
+
+* eager (reductions sum / mean / normalizer, when autograd needs a gradient): the upstream
+  gradient of a reduced loss is one scalar g, and dloss/dX is known in the forward once the
+  mean denominator is (it depends on the targets only). So the forward does, per chunk,
+  X_c = H_c W^T (+ b) (one GEMM), the row statistics and dX_c written over X_c itself
+  (one fused backend kernel, or row_stats + grad), then dH_c and dW += dX_c^T H_c (two
+  GEMMs). The backward only multiplies the stored gradients by g (a device-side no-op
+  when g == 1 on the Triton backend). Total: the 3-GEMM floor plus one pass over each
+  logits chunk.
+* lazy (reduction "none", where every row has its own upstream gradient g_r): dW =
+  sum_r g_r * dx_r h_r^T cannot be rescaled after the sum, so the forward keeps only the
+  per-row lse and the backward recomputes X_c chunk by chunk and writes dX_c for the true
+  g_r (4 GEMMs in all).
+
+Vocabulary parallelism: each rank holds a row shard of W (and b); per chunk the row
+statistics are exchanged with :func:`fusedce.distributed.allgather_stats` (a few floats
+per row, never logits), each rank's dH_c is a partial sum over its shard, and dH is
+all-reduced over the group (unless ``reduce_hidden_grad=False``).
+
+Determinism: chunks are processed in a fixed order, dW and db are accumulated by GEMMs /
+reductions with no atomics, so results are bitwise reproducible on one device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from . import autograd as _ag
+from . import functional as _fn
+from . import spec
+from .spec import CrossEntropyOutput, LossOptions
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from exc
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+# Budget for one chunk of logits (in the hidden dtype) when chunk_size="auto". On the GPU
+# larger chunks let the dW GEMM run with a longer inner dimension (fewer read-modify-writes
+# of dW); 256 MiB keeps the extra memory at the gradients plus about a quarter GB.
+# Override with FUSEDCE_LINEAR_CHUNK_BYTES (applies to every device) or assign these.
+DEFAULT_CHUNK_BYTES: int = _env_bytes("FUSEDCE_LINEAR_CHUNK_BYTES", 256 << 20)
+# The CPU path goes through the torch backend, which makes fp32 temporaries of its own
+# (sub-chunks of ``spec.default_chunk_rows``); keep its chunks small.
+DEFAULT_CHUNK_BYTES_CPU: int = _env_bytes("FUSEDCE_LINEAR_CHUNK_BYTES", 32 << 20)
+
+_ACCUM_DTYPES = (None, torch.float32)
+
+
+def auto_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, device: torch.device,
+                    budget_bytes: Optional[int] = None) -> int:
+    """Rows per chunk so that one chunk of logits [rows, V_local] fits ``budget_bytes``.
+
+    The budget defaults to :data:`DEFAULT_CHUNK_BYTES` on CUDA and
+    :data:`DEFAULT_CHUNK_BYTES_CPU` elsewhere. Chunks are balanced (equal sizes, so no tiny
+    last chunk) and rounded to multiples of 64 rows where the budget allows (GEMM tiles).
+    """
+    if budget_bytes is None:
+        budget_bytes = DEFAULT_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES_CPU
+    elem = torch.empty((), dtype=dtype).element_size()
+    cap = max(1, int(budget_bytes) // max(1, v_local * elem))
+    if n_rows <= cap:
+        return max(1, n_rows)
+    n_chunks = math.ceil(n_rows / cap)
+    rows = math.ceil(n_rows / n_chunks)
+    if rows >= 64:
+        up = (rows + 63) // 64 * 64
+        rows = up if up <= cap else max(64, rows // 64 * 64)
+    return rows
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+@dataclass
+class LinearPlan:
+    """Everything the autograd function needs besides tensors."""
+
+    opts: LossOptions
+    backend: Any
+    vocab_size: int  # global V
+    chunk_rows: int
+    vocab_start: int = 0
+    group: Any = None
+    normalizer: Any = None
+    need_dh: bool = True
+    need_dw: bool = True
+    need_db: bool = False
+    accum_dtype: Optional[torch.dtype] = None  # dW accumulator; None = weight's dtype
+    reduce_hidden_grad: bool = True
+
+
+def _logits_into(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 out: torch.Tensor) -> None:
+    if bias is None:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        torch.addmm(bias, h, weight.t(), out=out)
+
+
+_OUT_DTYPE_MM: Optional[bool] = None  # whether addmm(..., out_dtype=fp32) works on CUDA
+
+
+def _accumulate_dw(dw: torch.Tensor, dx: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """dw (+)= dx^T @ h, accumulated in dw's dtype."""
+    global _OUT_DTYPE_MM
+    if dw.dtype == dx.dtype:
+        if first:
+            torch.mm(dx.t(), h, out=dw)
+        else:
+            dw.addmm_(dx.t(), h)
+        return
+    # fp32 accumulator, low-precision operands: let the GEMM write fp32 directly where the
+    # build supports it (CUDA), else upcast the chunk operands (chunk-sized temporaries)
+    if dx.is_cuda and _OUT_DTYPE_MM is not False:
+        try:
+            torch.addmm(dw, dx.t(), h, beta=0.0 if first else 1.0, out_dtype=dw.dtype, out=dw)
+            _OUT_DTYPE_MM = True
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MM = False
+    if first:
+        torch.mm(dx.t().to(dw.dtype), h.to(dw.dtype), out=dw)
+    else:
+        dw.addmm_(dx.t().to(dw.dtype), h.to(dw.dtype))
+
+
+def _chunk_terms(terms: spec.RowTerms, r0: int, r1: int) -> spec.RowTerms:
+    return spec.RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom, terms.total_weight)
+
+
+def _scale_fn(be):
+    if getattr(be, "eager_grad", False) and hasattr(be, "scale_"):
+        return be.scale_
+    return _ag.scale_
+
+
+class _Grads:
+    """Gradient buffers accumulated chunk by chunk (None where not needed)."""
+
+    def __init__(self, plan: LinearPlan, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]):
+        n = hidden.shape[0]
+        self.dh = torch.empty_like(hidden) if plan.need_dh else None
+        self.dw = None
+        if plan.need_dw:
+            dt = plan.accum_dtype or weight.dtype
+            # zeros only when no chunk will write it (N == 0)
+            alloc = torch.zeros if n == 0 else torch.empty
+            self.dw = alloc(weight.shape, dtype=dt, device=weight.device)
+        self.db = (torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                   if plan.need_db else None)
+        self.first = True
+
+    def add_chunk(self, dx: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                  r0: int, r1: int) -> None:
+        if self.dh is not None:
+            torch.mm(dx, weight, out=self.dh[r0:r1])
+        if self.dw is not None:
+            _accumulate_dw(self.dw, dx, h, self.first)
+        if self.db is not None:
+            self.db += dx.sum(dim=0, dtype=torch.float32)
+        self.first = False
+
+    def finish(self, plan: LinearPlan, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        if self.dh is not None and plan.group is not None and plan.reduce_hidden_grad:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.dh, group=plan.group)
+        dw = self.dw
+        if dw is not None and dw.dtype != weight.dtype:
+            self.dw = None  # free the accumulator as the cast copy is made
+            dw = dw.to(weight.dtype)
+        db = None if self.db is None else self.db.to(bias.dtype)
+        return self.dh, dw, db
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss, lse, z-loss part, accuracy of CE(hidden @ weight.T + bias); loss differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                target: torch.Tensor, class_weight: Optional[torch.Tensor], plan: LinearPlan):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return LinearCrossEntropyFunction._forward(ctx, hidden, weight, bias, target,
+                                                       class_weight, plan)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, target, class_weight, plan: LinearPlan):
+        opts, be = plan.opts, plan.backend
+        n = hidden.shape[0]
+        v_local = weight.shape[0]
+        V = plan.vocab_size
+        t = target
+        wl = None if class_weight is None else \
+            class_weight[plan.vocab_start:plan.vocab_start + v_local]
+        terms = spec.row_terms(t, opts, V, class_weight)
+        scale = spec.row_scale(terms, opts, plan.normalizer)
+        reduced = opts.reduction != "none" or plan.normalizer is not None
+        need_any = plan.need_dh or plan.need_dw or plan.need_db
+        eager = need_any and reduced
+        fused = eager and plan.group is None and getattr(be, "supports_fused", False)
+        g0 = terms.valid.float() * scale if eager else None
+
+        dev = hidden.device
+        m = torch.empty(n, device=dev, dtype=torch.float32)
+        s = torch.empty_like(m)
+        zt = torch.empty_like(m)
+        sz = torch.zeros_like(m)
+        am = torch.empty(n, device=dev, dtype=torch.int64)
+        grads = _Grads(plan, hidden, weight, bias) if eager else None
+
+        rows = min(plan.chunk_rows, max(n, 1))
+        buf = torch.empty((rows, v_local), dtype=hidden.dtype, device=dev)
+        need_sz = opts.label_smoothing > 0.0
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            h_c = hidden[r0:r1]
+            x = buf[:r1 - r0]
+            _logits_into(h_c, weight, bias, x)
+            x3 = x.unsqueeze(0)
+            t_c = t[r0:r1]
+            if fused:
+                st = be.fused(x3, t_c, opts, g0=g0[r0:r1], terms=_chunk_terms(terms, r0, r1),
+                              vocab_size=V, out=x3, weight_local=wl)
+            else:
+                st = be.row_stats(x3, t_c, opts, vocab_start=plan.vocab_start, weight_local=wl,
+                                  need_sz=need_sz)
+                st = _ag._exchange(st, plan.group)
+                if eager:
+                    lse_c = spec.lse_of(st)
+                    c_p, c_t = spec.grad_coefficients(lse_c, _chunk_terms(terms, r0, r1),
+                                                      opts, V)
+                    be.grad(x3, t_c, lse_c, g0[r0:r1], c_p, c_t, opts, vocab_size=V, out=x3,
+                            vocab_start=plan.vocab_start, weight_local=wl)
+            m[r0:r1] = st.m
+            s[r0:r1] = st.s
+            zt[r0:r1] = st.zt
+            if need_sz:
+                sz[r0:r1] = st.sz
+            am[r0:r1] = st.am
+            if eager:
+                grads.add_chunk(x, h_c, weight, r0, r1)
+        del buf
+
+        stats = spec.RowStats(m, s, zt, sz, am)
+        loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, V)
+        if reduced:
+            loss = loss_rows.sum() * scale
+            zl = zpart.sum() * scale
+        else:
+            loss = loss_rows
+            zl = zpart
+        nvalid = terms.valid.sum()
+        hits = ((am == t.long()) & terms.valid).sum()
+        acc = torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(),
+                          torch.zeros((), device=dev))
+
+        ctx.plan = plan
+        ctx.eager = eager
+        ctx.used = False
+        if eager:
+            ctx.grads = grads.finish(plan, weight, bias)
+        elif need_any:
+            ctx.save_for_backward(hidden, weight, bias, t, class_weight, lse)
+        ctx.mark_non_differentiable(lse, zl, acc)
+        return loss, lse, zl, acc
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_lse=None, _g_zl=None, _g_acc=None):
+        plan = ctx.plan
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        if ctx.eager:
+            if ctx.used:
+                raise RuntimeError(
+                    "fusedce.linear_cross_entropy: backward through the same loss twice is not "
+                    "supported for reduced losses (the gradients are computed in the forward and "
+                    "handed over once); recompute the loss for a second backward")
+            ctx.used = True
+            dh, dw, db = ctx.grads
+            ctx.grads = None
+            scale_ = _scale_fn(plan.backend)
+            g = grad_loss.detach().float().reshape(())
+            for buf in (dh, dw, db):
+                if buf is not None:
+                    scale_(buf, g)
+            return dh, dw, db, None, None, None
+        hidden, weight, bias, t, class_weight, lse = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = _lazy_backward(plan, hidden, weight, bias, t, class_weight, lse,
+                                        grad_loss.detach().float().reshape(-1))
+        return dh, dw, db, None, None, None
+
+
+def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, lse, g_rows):
+    """Recompute each logits chunk and write its gradient for per-row upstream g_rows."""
+    opts, be = plan.opts, plan.backend
+    n = hidden.shape[0]
+    v_local = weight.shape[0]
+    V = plan.vocab_size
+    wl = None if class_weight is None else \
+        class_weight[plan.vocab_start:plan.vocab_start + v_local]
+    terms = spec.row_terms(t, opts, V, class_weight)
+    g = g_rows * terms.valid
+    c_p, c_t = spec.grad_coefficients(lse, terms, opts, V)
+    grads = _Grads(plan, hidden, weight, bias)
+    rows = min(plan.chunk_rows, max(n, 1))
+    buf = torch.empty((rows, v_local), dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h_c = hidden[r0:r1]
+        x = buf[:r1 - r0]
+        _logits_into(h_c, weight, bias, x)
+        x3 = x.unsqueeze(0)
+        be.grad(x3, t[r0:r1], lse[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1], opts,
+                vocab_size=V, out=x3, vocab_start=plan.vocab_start, weight_local=wl)
+        grads.add_chunk(x, h_c, weight, r0, r1)
+    del buf
+    return grads.finish(plan, weight, bias)
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def _check_linear_inputs(hidden, weight, bias) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if hidden.dtype not in _fn._FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the hidden size D)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V_local, D] (the LM head), got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden's last dimension "
+                         f"is {hidden.shape[-1]}: weight must be [V_local, D] with D = "
+                         f"hidden.shape[-1]")
+    if weight.shape[0] < 1:
+        raise ValueError("weight has no rows (an empty vocabulary shard)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; "
+                        "cast one of them (or run under torch.autocast)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) like weight's rows, got "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size == "auto":
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be 'auto' or a positive int (rows per chunk), got "
+                         f"{chunk_size!r}")
+
+
+def _check_accum_dtype(accum_dtype, weight_dtype):
+    if accum_dtype in ("fp32", "float32"):
+        accum_dtype = torch.float32
+    if accum_dtype not in _ACCUM_DTYPES and accum_dtype != weight_dtype:
+        raise ValueError(f"accum_dtype must be None (the weight's dtype) or torch.float32, got "
+                         f"{accum_dtype!r}")
+    return None if accum_dtype == weight_dtype else accum_dtype
+
+
+def _autocast(hidden, weight, bias):
+    """Cast like F.linear does under torch.autocast (the operands to the autocast dtype)."""
+    dev = hidden.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # pragma: no cover - older torch: no device argument
+        enabled = torch.is_autocast_enabled() if dev == "cuda" else False
+    if not enabled:
+        return hidden, weight, bias
+    try:
+        dt = torch.get_autocast_dtype(dev)
+    except AttributeError:  # pragma: no cover - older torch
+        dt = torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.bfloat16
+    cast = [x if not isinstance(x, torch.Tensor) or not x.is_floating_point() else x.to(dt)
+            for x in (hidden, weight, bias)]
+    return cast[0], cast[1], cast[2]
+
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - old torch
+        return None
+    return DTensor, Replicate, Shard
+
+
+def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
+    """Plain tensors (hidden, weight, bias), group and vocab_start from DTensor inputs.
+
+    A weight DTensor sharded on dim 0 over a 1-D mesh is a vocabulary shard when the caller
+    says so: ``tp_group`` is that mesh's group, or ``hidden`` is a DTensor replicated over the
+    same mesh (as torchtitan's colwise-parallel LM head sees it). Fully replicated DTensors
+    are unwrapped. Anything else (an FSDP2 shard above all) is refused with what to do.
+    """
+    types = _dtensor_types()
+    if types is None:
+        return hidden, weight, bias, tp_group, vocab_start
+    DTensor, Replicate, Shard = types
+    if not any(isinstance(x, DTensor) for x in (hidden, weight, bias)):
+        return hidden, weight, bias, tp_group, vocab_start
+
+    def replicated(x):
+        return isinstance(x, DTensor) and all(isinstance(p, Replicate) for p in x.placements)
+
+    if isinstance(hidden, DTensor) and not replicated(hidden):
+        raise ValueError(f"hidden is a DTensor with placements {hidden.placements}; only a "
+                         "replicated DTensor hidden is taken (pass hidden.to_local() for data "
+                         "that differs per rank, or hidden.full_tensor())")
+    if isinstance(weight, DTensor) and replicated(weight):
+        weight = weight.to_local()
+    if isinstance(bias, DTensor) and replicated(bias):
+        bias = bias.to_local()
+    if not isinstance(weight, DTensor):
+        if isinstance(bias, DTensor):
+            raise ValueError(f"bias is a DTensor ({bias.placements}) but weight is not")
+        if isinstance(hidden, DTensor):
+            hidden = hidden.to_local()
+        return hidden, weight, bias, tp_group, vocab_start
+
+    mesh = weight.device_mesh
+    pl = weight.placements
+    sharded_rows = (mesh.ndim == 1 and len(pl) == 1 and isinstance(pl[0], Shard)
+                    and pl[0].dim in (0, -2))
+    mesh_group = mesh.get_group() if mesh.ndim == 1 else None
+    hidden_on_mesh = isinstance(hidden, DTensor) and hidden.device_mesh == mesh
+    if not sharded_rows or not (tp_group is mesh_group or hidden_on_mesh):
+        raise ValueError(
+            f"weight is a DTensor with placements {pl} over {mesh}. fusedce takes a DTensor "
+            "weight only as a vocabulary (tensor-parallel) shard: sharded on dim 0 over a 1-D "
+            "mesh, with tp_group=weight.device_mesh.get_group() (or a replicated DTensor "
+            "hidden on that mesh). For an FSDP2-sharded LM head, call the loss inside the "
+            "FSDP-wrapped module's forward (where FSDP2 has gathered the weight into a plain "
+            "tensor) or pass weight.full_tensor(); for a manual TP shard pass "
+            "weight.to_local() with tp_group and vocab_start.")
+    if isinstance(bias, DTensor):
+        bp = bias.placements
+        if bias.device_mesh != mesh or not (len(bp) == 1 and isinstance(bp[0], Shard)):
+            raise ValueError(f"bias DTensor ({bp}) must be sharded like weight over its mesh")
+        bias = bias.to_local()
+    if vocab_start is None:
+        # DTensor's Shard follows torch.chunk: ceil(V / world) rows per rank, the tail short
+        world = mesh.size()
+        rank = mesh.get_local_rank()
+        step = math.ceil(weight.shape[0] / world)
+        vocab_start = min(rank * step, weight.shape[0])
+    weight = weight.to_local()
+    if isinstance(hidden, DTensor):
+        hidden = hidden.to_local()
+    return hidden, weight, bias, mesh_group, vocab_start
+
+
+def _select_backend(backend: str, hidden: torch.Tensor):
+    return _fn._pick_backend(backend, hidden)
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Union[None, float, torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    chunk_size: Union[str, int] = "auto",
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
+    accum_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+    return_aux: bool = False,
+) -> Union[torch.Tensor, CrossEntropyOutput]:
+    """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
+
+    Computes exactly ``cross_entropy(hidden @ weight.T + bias, target, ...)`` (same options,
+    class weights named ``class_weight``), holding at most one chunk of logits
+    [chunk rows, V_local] at a time. For reduced losses with gradients the forward already
+    computes the gradients of hidden, weight and bias (see the module docstring); for
+    reduction="none" the backward recomputes the logits chunk by chunk.
+
+    Args:
+        hidden: [..., D] fp32/bf16/fp16 hidden states (any strides; copied if not viewable).
+        weight: [V_local, D] the LM head (same dtype and device as hidden); with ``tp_group``
+            this rank's rows [vocab_start, vocab_start + V_local) of the full head. A DTensor
+            sharded on dim 0 over a 1-D mesh is taken as such a shard when ``tp_group`` is
+            its mesh group (or ``hidden`` is a replicated DTensor on that mesh).
+        target: [...] (hidden's leading dims) int64/int32 global class ids.
+        bias: optional [V_local] bias (this rank's slice under TP).
+        class_weight: optional [V] class weights (the whole vocabulary, also under TP).
+        ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap, logit_scale:
+            as in :func:`fusedce.cross_entropy`.
+        chunk_size: rows per chunk, or "auto": as many rows as fit
+            :data:`DEFAULT_CHUNK_BYTES` of logits on CUDA (256 MiB),
+            :data:`DEFAULT_CHUNK_BYTES_CPU` elsewhere (32 MiB); env FUSEDCE_LINEAR_CHUNK_BYTES.
+        tp_group: process group over which the vocabulary (weight rows) is sharded.
+        vocab_start: first global row of this rank's shard (default rank * V_local).
+        reduce_hidden_grad: under TP, all-reduce hidden's gradient over ``tp_group`` (True);
+            False leaves this rank's partial gradient (Megatron's column-parallel layer
+            all-reduces it itself).
+        accum_dtype: dtype of the weight-gradient accumulator across chunks: None (the
+            weight's dtype: each chunk's GEMM adds into a bf16/fp16 dW) or torch.float32
+            (one rounding at the end; costs a [V_local, D] fp32 buffer while the loss runs).
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        return_aux: return CrossEntropyOutput(loss, lse, z_loss, accuracy).
+    Returns:
+        The loss, fp32: a scalar, or shaped like ``target`` for reduction="none"; with
+        ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
+    """
+    _fn._check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                       logit_scale=logit_scale, backend=backend)
+    _check_chunk_size(chunk_size)
+    hidden, weight, bias, tp_group, vocab_start = _unpack_dtensors(hidden, weight, bias,
+                                                                   tp_group, vocab_start)
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    _check_linear_inputs(hidden, weight, bias)
+    accum = _check_accum_dtype(accum_dtype, weight.dtype)
+    v_local = weight.shape[0]
+    if tp_group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
+        start, vocab_size = 0, v_local
+    else:
+        from . import distributed
+
+        start, vocab_size = distributed.resolve_layout(tp_group, v_local, vocab_start,
+                                                       validate=_fn.validation_enabled())
+    _fn._check_target(target, hidden.shape[:-1], hidden.device)
+    _fn._check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
+    _fn._check_target_range(target, vocab_size, ignore_index)
+
+    opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
+                       label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                       softcap=None if softcap is None else float(softcap),
+                       logit_scale=float(logit_scale))
+    D = hidden.shape[-1]
+    h2 = hidden.reshape(-1, D)
+    if h2.stride(-1) != 1 or (h2.shape[0] > 1 and h2.stride(0) != D):
+        h2 = h2.contiguous()
+    t1 = target.reshape(-1)
+    n = h2.shape[0]
+    rows = auto_chunk_rows(n, v_local, hidden.dtype, hidden.device) if chunk_size == "auto" \
+        else int(chunk_size)
+    grad_on = torch.is_grad_enabled()
+    plan = LinearPlan(
+        opts=opts, backend=_select_backend(backend, hidden), vocab_size=vocab_size,
+        chunk_rows=rows, vocab_start=start, group=tp_group, normalizer=normalizer,
+        need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
+        need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
+        reduce_hidden_grad=bool(reduce_hidden_grad))
+    if weight.stride(-1) != 1 and weight.stride(0) != 1:
+        weight = weight.contiguous()  # GEMMs take either row- or column-major heads as they are
+    loss, lse, zl, acc = LinearCrossEntropyFunction.apply(h2, weight, bias, t1, class_weight,
+                                                          plan)
+    if reduction == "none" and normalizer is None:
+        loss = loss.view(target.shape)
+        zl = zl.view(target.shape)
+    if return_aux:
+        return CrossEntropyOutput(loss, lse.view(target.shape), zl, acc)
+    return loss
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    inference_only: bool = False,
+    chunk_size: Union[str, int] = "auto",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """log softmax(logit_scale * (hidden @ weight.T + bias))[target] per row, no logits.
+
+    RL scoring from hidden states: log-probabilities of the targets, chunk by chunk.
+
+    Args:
+        hidden: [..., D]; weight: [V_local, D]; target: [...] global ids (``ignore_index``
+            rows give 0 and no gradient); bias: optional [V_local].
+        tp_group, vocab_start: vocabulary sharding of ``weight`` (as linear_cross_entropy).
+        inference_only: keep nothing for backward; the result has no graph.
+        chunk_size: rows per chunk or "auto" (see linear_cross_entropy).
+    Returns:
+        [...] fp32 log-probabilities, differentiable w.r.t. hidden, weight and bias (the
+        backward recomputes the logits chunk by chunk).
+    """
+    kw = dict(bias=bias, ignore_index=ignore_index, reduction="none", logit_scale=logit_scale,
+              tp_group=tp_group, vocab_start=vocab_start, chunk_size=chunk_size,
+              backend=backend)
+    if inference_only:
+        with torch.no_grad():
+            return -linear_cross_entropy(hidden, weight, target, **kw)
+    return -linear_cross_entropy(hidden, weight, target, **kw)
