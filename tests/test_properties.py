@@ -49,7 +49,7 @@ def test_cross_entropy_matches_oracle(problem):
     up = torch.randn(out.shape, generator=g, dtype=torch.float64)
     out.backward(up.float())
     ref.backward(up)
-    assert_close_normwise(x.grad, xr.grad, 2e-5, "grad")
+    assert_close_normwise(x.grad, xr.grad, 1e-4, "grad")
 
 
 @SETTINGS

@@ -41,12 +41,12 @@ class Plan:
     need_grad: bool = True
 
 
-def _exchange(stats: spec.RowStats, group) -> spec.RowStats:
+def _exchange(stats: spec.RowStats, group, need_sz: bool = True) -> spec.RowStats:
     if group is None:
         return stats
     from .distributed import allgather_stats
 
-    return allgather_stats(stats, group)
+    return allgather_stats(stats, group, need_sz=need_sz)
 
 
 def _weight_local(weight: Optional[torch.Tensor], plan: Plan, v_local: int):
@@ -84,7 +84,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             stats = be.row_stats(x3, t, opts, vocab_start=plan.vocab_start, weight_local=wl,
                                  need_sz=opts.label_smoothing > 0.0)
-            stats = _exchange(stats, plan.group)
+            stats = _exchange(stats, plan.group, need_sz=opts.label_smoothing > 0.0)
         loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, plan.vocab_size)
         if eager and gbuf is None:
             g0 = terms.valid.float() * scale if reduced else terms.valid.float()
@@ -129,7 +129,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                 be.scale_(gbuf, grad_loss.float().reshape(()))
             else:
                 be.scale_rows_(as_rows3d(gbuf), grad_loss.float().reshape(-1))
-            return gbuf, None, None, None
+            # a fresh view, so that AccumulateGrad can take the buffer as the leaf's .grad
+            # instead of copying it (gbuf may be the leaf itself with inplace_backward)
+            return gbuf.view(ctx.logits_shape), None, None, None
         logits, t, lse, c_p, c_t, scale, valid, weight = ctx.saved_tensors
         g = grad_loss.float()
         g = (g * scale * valid) if ctx.reduced else g.reshape(-1) * valid

@@ -1,91 +1,539 @@
 """Vocabulary parallelism: combine per-row statistics across the ranks of a process group.
 
-Each rank holds columns [vocab_start, vocab_start + V_local) of the vocabulary and computes
-the statistics (m, s, z_t, sum w*z, argmax[, sez]) of its piece (see :mod:`fusedce.spec`).
-One all-gather of the packed statistics ([fields, N] fp32 per rank) lets every rank fold the
-pieces in rank order with the associative combine, so every rank gets the same lse and
-loss. Only a few floats per token cross the wire, never logits.
+Rank r of a group holds columns [start_r, start_r + V_r) of the vocabulary; the shards tile
+[0, V) in any rank order (default start_r = r * V_local, equal shards). Each rank reduces its
+piece of every row to the statistics of :mod:`fusedce.spec`,
+
+    m_r = max_j z_j,  s_r = sum_j exp(z_j - m_r),  zt_r = z_t [t in piece r],
+    sz_r = sum_j w_j z_j,  am_r = first global argmax,  sez_r = sum_j exp(z_j - m_r) z_j,
+
+and ONE all-gather of the packed statistics ([fields, N] fp32 per rank) lets every rank fold
+the pieces with the associative combine
+
+    m = max_r m_r,  s = sum_r s_r exp(m_r - m),  zt = sum_r zt_r,  sz = sum_r sz_r,
+    sez = sum_r sez_r exp(m_r - m),  am = min { am_r : m_r = m }
+
+(the smallest id among the pieces holding the maximum is the first argmax of the whole row,
+whatever the rank order). Every rank then holds the same lse = m + log s and the same loss,
+and writes its slice of the gradient from its own logits: nothing crosses the wire in the
+backward. The argmax ids travel as the bit patterns of int32 inside the fp32 message (an
+all-gather moves bytes, so they are exact for any V < 2**31). Only a few floats per token
+are sent, never logits.
+
+Validation (on by default, ``fusedce.set_validation``) adds one small all-gather of an int64
+header per rank (N, vocab_start, V_local, operation, an options fingerprint, a local-error
+flag, the target range, checksums of the targets and class weights). Every rank checks the
+same gathered table, so every rank raises the same exception for shards that do not tile
+[0, V), ranks that disagree on N, the operation, its options, the weights or the targets,
+and targets outside [0, V); a rank whose own arguments were rejected sends its message to
+the others (a second collective, on that error path only).
+With validation off the forward makes exactly one collective (plus, once per layout, a
+cached all-gather of (vocab_start, V_local) when the global V is needed and cannot be
+inferred) and never synchronises with the host, so it can be captured in a CUDA graph.
+
+DTensor logits sharded on their last dimension (``Shard(-1)`` on one mesh dimension; other
+mesh dimensions may shard other dims or replicate) are unpacked to the local shard, the
+mesh dimension's process group and the shard's offset (``torch.chunk`` layout: ceil(V / n)
+columns per rank, the tail short). The results are plain tensors (every TP rank holds the
+same values); gradients flow back into the DTensor with its placements.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import weakref
+import zlib
+from typing import Any, Callable, NamedTuple, Optional
+
 import torch
 import torch.distributed as dist
 
-from .spec import RowStats, combine_stacked
+from .spec import RowStats
+
+# operation codes carried by the validation header: ranks must run the same collective
+OP_CROSS_ENTROPY = 1
+OP_CROSS_ENTROPY_SMOOTHED = 2  # one more statistics field (sum w*z) in the message
+OP_ENTROPY = 3
+_OP_NAMES = {OP_CROSS_ENTROPY: "cross_entropy/logprobs",
+             OP_CROSS_ENTROPY_SMOOTHED: "cross_entropy with label_smoothing",
+             OP_ENTROPY: "entropy"}
+
+# ---------------------------------------------------------------------------- comm helpers
 
 
-def allgather_stats(stats: RowStats, group) -> RowStats:
-    """Combine the statistics of every rank's vocabulary piece (ranks in vocab order).
+def comm_device(group, device: Optional[torch.device] = None) -> torch.device:
+    """The device tensors must live on to be sent over ``group``.
+
+    Gloo (and MPI) groups take CPU tensors; NCCL takes CUDA tensors; a group with one
+    backend per device type ("cpu:gloo,cuda:nccl") takes ``device`` as it is.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    if device is not None and (device.type != "cpu" or "gloo" in backend):
+        return device
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device if device is not None else torch.device("cpu")
+
+
+def _all_gather_flat(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """[world, *x.shape]: every rank's ``x`` (same shape and dtype on every rank)."""
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    # the concatenated form is the one both NCCL and Gloo accept (Gloo rejects the stacked
+    # form); all_gather_single supersedes all_gather_into_tensor from torch 2.13 on
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    try:
+        gather(out, x, group=group)
+    except (RuntimeError, NotImplementedError):
+        # a backend without the single-tensor collective: the list form (raised before any
+        # communication, identically on every rank, so the ranks stay in step)
+        parts = list(out.chunk(world, dim=0))
+        dist.all_gather(parts, x, group=group)
+    return out.view((world,) + tuple(x.shape))
+
+
+def _gather_on_comm_device(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    dev = comm_device(group, x.device)
+    out = _all_gather_flat(x.to(dev), group, world)
+    return out.to(x.device)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def allgather_stats(stats: RowStats, group, *, need_sz: bool = True) -> RowStats:
+    """Combine the statistics of every rank's vocabulary piece (one all-gather).
 
     Args:
-        stats: this rank's RowStats, fields [N].
-        group: a torch.distributed process group whose ranks hold consecutive vocab shards.
+        stats: this rank's RowStats, fields [N] (am: global column ids). With ``sez`` set
+            (entropy) only m, s and sez are exchanged; otherwise m, s, zt, am and, with
+            ``need_sz``, sz.
+        group: the process group whose ranks' shards tile the vocabulary (any rank order).
+        need_sz: exchange sum_j w_j z_j (label smoothing needs it).
     Returns:
-        The combined RowStats over the whole vocabulary, identical on every rank.
+        The RowStats of the whole vocabulary, identical on every rank (fields that were
+        not exchanged are zeros).
     """
     world = dist.get_world_size(group)
     if world == 1:
         return stats
-    fields = [stats.m, stats.s, stats.zt, stats.sz]
-    if stats.sez is not None:
-        fields.append(stats.sez)
-    # argmax ids ride along in fp32: exact for vocabularies below 2**24 ids
-    fields.append(stats.am.float())
-    packed = torch.stack(fields).contiguous()
-    out = torch.empty((world,) + tuple(packed.shape), dtype=packed.dtype, device=packed.device)
-    dist.all_gather_into_tensor(out, packed, group=group)
-    sez = out[:, 4] if stats.sez is not None else None
-    return combine_stacked(out[:, 0], out[:, 1], out[:, 2], out[:, 3], out[:, -1].long(), sez)
+    entropy_mode = stats.sez is not None
+    if entropy_mode:
+        fields = [stats.m, stats.s, stats.sez]
+    else:
+        # int32 bit patterns inside fp32 words: a copy keeps every id exact
+        am_bits = stats.am.to(torch.int32).view(torch.float32)
+        fields = [stats.m, stats.s, stats.zt, am_bits]
+        if need_sz:
+            fields.append(stats.sz)
+    packed = torch.stack([f.float() if f.dtype != torch.float32 else f for f in fields])
+    out = _gather_on_comm_device(packed, group, world)  # [world, F, N]
+    m_all, s_all = out[:, 0], out[:, 1]
+    m, factor = _fold_max(m_all)
+    s = (s_all * factor).sum(dim=0)
+    if entropy_mode:
+        sez = (out[:, 2] * factor).sum(dim=0)
+        zeros = torch.zeros_like(m)
+        am = torch.zeros(m.shape, dtype=torch.int64, device=m.device)
+        return RowStats(m, s, zeros, zeros, am, sez)
+    zt = out[:, 2].sum(dim=0)
+    am_all = out[:, 3].contiguous().view(torch.int32).long()
+    sz = out[:, 4].sum(dim=0) if need_sz else torch.zeros_like(m)
+    return RowStats(m, s, zt, sz, _fold_argmax(m_all, m, am_all), None)
 
 
-_LAYOUT_CACHE: dict = {}
+def _fold_max(m_all: torch.Tensor):
+    """(m, factor): the row maximum over pieces and exp(m_r - m) per piece ([W, N]).
 
-
-def unpack_dtensor(logits, group):
-    """(local tensor, group) for a DTensor sharded on its last dim; plain tensors pass through."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - old torch
-        return logits, group
-    if not isinstance(logits, DTensor):
-        return logits, group
-    placements = logits.placements
-    if len(placements) != 1 or not isinstance(placements[0], Shard) or \
-            placements[0].dim not in (-1, logits.dim() - 1):
-        raise ValueError("DTensor logits must be sharded on their last (vocabulary) dimension "
-                         f"over a 1-D mesh, got placements {placements}")
-    mesh_group = logits.device_mesh.get_group()
-    if group is not None and group is not mesh_group:
-        raise ValueError("tp_group differs from the DTensor's mesh group")
-    return logits.to_local(), mesh_group
-
-
-def resolve_layout(group, v_local: int, vocab_start, validate: bool = True):
-    """(vocab_start, global V) of this rank's shard.
-
-    Without ``vocab_start`` the shards are taken as equal (rank r holds [r*V_local,
-    (r+1)*V_local)); with it, one all-gather of (vocab_start, V_local) per layout, cached,
-    gives the global V and checks that the shards tile [0, V).
+    A piece whose maximum is -inf (all its z are -inf) contributes a factor 0, not the NaN
+    of exp(-inf - -inf).
     """
+    m = m_all.amax(dim=0)
+    factor = torch.exp(m_all - m.unsqueeze(0))
+    factor = torch.where(m_all == float("-inf"), torch.zeros_like(factor), factor)
+    return m, factor
+
+
+def _fold_argmax(m_all: torch.Tensor, m: torch.Tensor, am_all: torch.Tensor) -> torch.Tensor:
+    """The smallest id among the pieces that hold the row maximum (NaN rows: piece 0's)."""
+    big = torch.full_like(am_all, torch.iinfo(torch.int64).max)
+    cand = torch.where(m_all == m.unsqueeze(0), am_all, big).amin(dim=0)
+    return torch.where(cand == big[0], am_all[0], cand)
+
+
+# ---------------------------------------------------------------------------- DTensor
+
+
+class Unpacked(NamedTuple):
+    """Plain-tensor view of possibly-DTensor inputs (see :func:`unpack_dtensor`)."""
+
+    logits: Any
+    target: Any
+    weight: Any
+    group: Any
+    vocab_start: Optional[int]
+    vocab_size: Optional[int]  # the global V when the DTensor says it, else None
+
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor, Replicate, Shard
+
+
+def chunk_range(vocab_size: int, index: int, parts: int):
+    """(start, length) of part ``index`` of ``vocab_size`` columns split like torch.chunk."""
+    size = -(-vocab_size // parts)
+    start = min(index * size, vocab_size)
+    return start, max(0, min(size, vocab_size - start))
+
+
+def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) -> Unpacked:
+    """Plain tensors, the vocab group and this shard's offset from DTensor inputs.
+
+    Args:
+        logits: a tensor, or a DTensor [..., V] with ``Shard(last dim)`` on exactly one mesh
+            dimension (the vocabulary group) and Replicate / Shard(other dim) elsewhere.
+        group: the caller's tp_group (None, or the same ranks as that mesh dimension).
+        vocab_start: the caller's vocab_start (None, or the DTensor's own offset).
+        target, weight: DTensors are replaced by their local tensors (target: the rows of
+            this rank; weight: the full [V] vector, so it must be replicated).
+    Returns:
+        Unpacked(logits, target, weight, group, vocab_start, vocab_size); for plain logits
+        the arguments come back unchanged with vocab_size None.
+    """
+    types = _dtensor_types()
+    if types is None:
+        return Unpacked(logits, target, weight, group, vocab_start, None)
+    DTensor, Replicate, Shard = types
+    if isinstance(target, DTensor):
+        target = target.to_local()
+    if isinstance(weight, DTensor):
+        if not all(isinstance(p, Replicate) for p in weight.placements):
+            raise ValueError(f"weight must be the whole [V] vector on every rank; got a "
+                             f"DTensor with placements {weight.placements}")
+        weight = weight.to_local()
+    if not isinstance(logits, DTensor):
+        return Unpacked(logits, target, weight, group, vocab_start, None)
+
+    last = logits.dim() - 1
+    vocab_dims = []
+    for i, p in enumerate(logits.placements):
+        if isinstance(p, Shard) and p.dim in (-1, last):
+            vocab_dims.append(i)
+        elif not (isinstance(p, Replicate) or isinstance(p, Shard)):
+            raise ValueError(f"DTensor logits have placement {p} on mesh dim {i}; fusedce takes "
+                             "Shard(-1) (vocabulary) with Replicate or Shard(other dim) elsewhere")
+    if len(vocab_dims) != 1:
+        raise ValueError("DTensor logits must be sharded on their last (vocabulary) dimension "
+                         f"over exactly one mesh dimension, got placements {logits.placements}")
+    mesh = logits.device_mesh
+    mdim = vocab_dims[0]
+    mesh_group = mesh.get_group(mdim) if mesh.ndim > 1 else mesh.get_group()
+    if group is not None and group is not mesh_group:
+        if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(mesh_group):
+            raise ValueError("tp_group holds other ranks than the DTensor's vocabulary mesh "
+                             "dimension; leave tp_group=None for DTensor logits")
+    V = int(logits.shape[-1])
+    n = mesh.size(mdim)
+    coord = mesh.get_local_rank(mdim) if mesh.ndim > 1 else mesh.get_local_rank()
+    start, length = chunk_range(V, coord, n)
+    local = logits.to_local()
+    if local.shape[-1] != length:
+        raise ValueError(f"the DTensor's local shard has {local.shape[-1]} columns, expected "
+                         f"{length} (torch.chunk layout of {V} over {n}); uneven custom "
+                         "layouts are not supported, pass the local tensor with vocab_start")
+    if vocab_start is not None and int(vocab_start) != start:
+        raise ValueError(f"vocab_start={vocab_start} disagrees with the DTensor's shard offset "
+                         f"{start}; leave vocab_start=None for DTensor logits")
+    return Unpacked(local, target, weight, mesh_group, start, V)
+
+
+# ---------------------------------------------------------------------------- layout
+
+# group -> {(vocab_start, V_local): V}; weak so that destroyed groups drop their entries
+_LAYOUT_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_LAYOUT_CACHE_STRONG: dict = {}  # groups that cannot be weakly referenced
+
+
+def _cache_for(group) -> dict:
+    try:
+        return _LAYOUT_CACHE.setdefault(group, {})
+    except TypeError:
+        return _LAYOUT_CACHE_STRONG.setdefault(id(group), {})
+
+
+def clear_layout_cache() -> None:
+    """Forget every cached (vocab_start, V_local) -> V layout (call it on every rank)."""
+    _LAYOUT_CACHE.clear()
+    _LAYOUT_CACHE_STRONG.clear()
+
+
+def _tile(pieces, given: bool):
+    """Global V from [(start, length)] per rank, or a ValueError naming the defect."""
+    order = sorted(range(len(pieces)), key=lambda r: (pieces[r][0], pieces[r][1]))
+    expect = 0
+    for r in order:
+        st, n = pieces[r]
+        if st != expect:
+            what = "gap" if st > expect else "overlap"
+            hint = "" if given else (" (uneven shards need vocab_start on every rank)"
+                                     if len({p[1] for p in pieces}) > 1 else "")
+            raise ValueError(f"vocabulary shards do not tile the vocabulary: {what} at column "
+                             f"{min(st, expect)}; (vocab_start, V_local) per rank: "
+                             f"{[tuple(p) for p in pieces]}{hint}")
+        expect += n
+    return expect
+
+
+def resolve_layout(group, v_local: int, vocab_start, validate: bool = True,
+                   vocab_size: Optional[int] = None, need_vocab_size: bool = True):
+    """(vocab_start, global V) of this rank's shard, without validation's header gather.
+
+    Without ``vocab_start`` the shards are equal (rank r holds [r*V_local, (r+1)*V_local)):
+    no communication. With it, the global V is ``vocab_size`` when the caller knows it (a
+    DTensor's shape, the length of the class-weight vector); otherwise, when
+    ``need_vocab_size``, one all-gather of (vocab_start, V_local) per layout, cached per
+    group, gives V and checks that the shards tile [0, V). Every rank must then present the
+    same layout as in earlier calls or call :func:`clear_layout_cache` (a rank that finds
+    its key cached skips the gather). When V is not needed (it only enters the loss
+    through label_smoothing / V) ``vocab_start + V_local`` stands in for it.
+
+    Args:
+        group: the vocabulary process group.
+        v_local: columns held by this rank.
+        vocab_start: first global column of this rank (None: rank * v_local).
+        validate: kept for callers of the earlier signature; unused.
+        vocab_size: the global V when known without communication.
+        need_vocab_size: whether the caller needs the exact global V.
+    Returns:
+        (vocab_start, V) as Python ints.
+    """
+    del validate
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if vocab_start is None:
-        return rank * v_local, world * v_local
-    key = (id(group), int(vocab_start), int(v_local))
-    if key not in _LAYOUT_CACHE:
-        mine = torch.tensor([int(vocab_start), int(v_local)], dtype=torch.int64)
-        backend = dist.get_backend(group)
-        if backend == "nccl":
-            mine = mine.cuda()
-        allv = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(allv, mine, group=group)
-        pieces = [tuple(int(v) for v in p.cpu()) for p in allv]
-        expect = 0
-        for r, (st, n) in enumerate(pieces):
-            if st != expect:
-                raise ValueError(f"vocabulary shards do not tile the vocabulary: rank {r} starts "
-                                 f"at {st}, expected {expect} (shards: {pieces})")
-            expect += n
-        _LAYOUT_CACHE[key] = expect
-    return int(vocab_start), _LAYOUT_CACHE[key]
+        return rank * int(v_local), world * int(v_local)
+    start = int(vocab_start)
+    if vocab_size is not None:
+        return start, int(vocab_size)
+    cache = _cache_for(group)
+    key = (start, int(v_local))
+    if key in cache:
+        return start, cache[key]
+    if not need_vocab_size:
+        return start, start + int(v_local)
+    mine = torch.tensor([start, int(v_local)], dtype=torch.int64, device=comm_device(group))
+    pieces = _all_gather_flat(mine, group, world).view(world, 2).tolist()
+    cache[key] = _tile(pieces, True)
+    return start, cache[key]
+
+
+# ---------------------------------------------------------------------------- validation
+
+# int64 header per rank; positions of its fields
+(_H_ERR, _H_N, _H_START, _H_GIVEN, _H_VLOCAL, _H_OP, _H_OPTS, _H_WLEN, _H_WCHECK, _H_VHINT,
+ _H_NVALID, _H_TMIN, _H_TMIN_POS, _H_TMAX, _H_TMAX_POS, _H_TCHECK) = range(16)
+_H_LEN = 16
+
+
+def _target_summary(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """int64 [6]: (#valid, min, argmin, max, argmax, checksum) of the non-ignored targets."""
+    t = target.reshape(-1).long()
+    if t.numel() == 0:
+        return torch.zeros(6, dtype=torch.int64, device=t.device)
+    valid = t != ignore_index
+    big = torch.iinfo(torch.int64).max
+    lo = torch.where(valid, t, torch.full_like(t, big))
+    hi = torch.where(valid, t, torch.full_like(t, -big))
+    return torch.stack([valid.sum(), lo.min(), lo.argmin(), hi.max(), hi.argmax(),
+                        _checksum(t)])
+
+
+def _checksum(v: torch.Tensor) -> torch.Tensor:
+    """Position-weighted int64 sum of ``v`` (ints, or the bit patterns of fp32 values)."""
+    v = v.reshape(-1)
+    if v.is_floating_point():
+        v = v.float().contiguous().view(torch.int32)
+    v = v.long()
+    pos = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.int64)
+    # integer wrap-around is associative, so every device and order gives the same sum
+    return (v * (2 * pos + 1) + pos).sum()
+
+
+def options_fingerprint(*options) -> int:
+    """A process-independent 62-bit fingerprint of loss options (for the validation header)."""
+    return zlib.crc32(repr(options).encode()) | (len(repr(options)) << 32)
+
+
+def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
+             target: Optional[torch.Tensor], ignore_index: int,
+             weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
+             options: int = 0, local_error: Optional[BaseException] = None,
+             device: Optional[torch.device] = None):
+    """Validate a vocab-parallel call on every rank at once; return (vocab_start, V).
+
+    One all-gather of an int64 header per rank; every rank runs the same checks on the
+    gathered table and so raises the same exception: a rank's own argument error
+    (``local_error``, whose message the others receive), ranks disagreeing on N, on the
+    operation, its options, the class weights or the targets, vocab_start given on some
+    ranks only, shards that do not tile [0, V), a class-weight length other than V, targets
+    outside [0, V). Entropy needs no layout: without vocab_start its shards are not checked.
+
+    Args:
+        group: the vocabulary process group.
+        op: OP_CROSS_ENTROPY, OP_CROSS_ENTROPY_SMOOTHED or OP_ENTROPY.
+        v_local: columns held by this rank.
+        vocab_start: this rank's first column, or None (rank * V_local).
+        n_rows: number of rows N (tokens).
+        target: [N] global ids, or None (entropy).
+        ignore_index: target value that marks ignored rows.
+        weight: the class-weight vector [V], or None.
+        vocab_size: the global V when known (DTensor), else None.
+        options: :func:`options_fingerprint` of the loss options (must agree on all ranks).
+        local_error: an exception already raised by this rank's own argument checks.
+        device: device for the header (the comm device of ``group`` by default).
+    Returns:
+        (vocab_start, V) as Python ints; the layout is cached for :func:`resolve_layout`.
+    Raises:
+        The same TypeError / ValueError on every rank of ``group``.
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    dev = comm_device(group, device)
+    head = torch.full((_H_LEN,), -1, dtype=torch.int64)
+    given = vocab_start is not None
+    if local_error is None:
+        head[_H_ERR] = 0
+        head[_H_N] = int(n_rows)
+        head[_H_GIVEN] = int(given)
+        head[_H_VLOCAL] = int(v_local)
+        head[_H_START] = int(vocab_start) if given else rank * int(v_local)
+        head[_H_OP] = int(op)
+        head[_H_OPTS] = int(options)
+        head[_H_WLEN] = -1 if weight is None else int(weight.shape[0])
+        head[_H_VHINT] = -1 if vocab_size is None else int(vocab_size)
+    else:
+        head[_H_ERR] = 1
+    head = head.to(dev)
+    if local_error is None and weight is not None:
+        head[_H_WCHECK] = _checksum(weight.to(dev))
+    if local_error is None and target is not None:
+        head[_H_NVALID:] = _target_summary(target.to(dev), ignore_index)
+    else:
+        head[_H_NVALID:] = 0
+    rows = _all_gather_flat(head, group, world).view(world, _H_LEN).tolist()
+
+    if any(r[_H_ERR] for r in rows):
+        mine = None if local_error is None else (type(local_error).__name__, str(local_error))
+        msgs = [None] * world
+        dist.all_gather_object(msgs, mine, group=group)
+        first = next(r for r in range(world) if msgs[r] is not None)
+        kind, text = msgs[first]
+        exc_type = TypeError if kind == "TypeError" else ValueError
+        if local_error is not None and first == rank:
+            raise local_error
+        raise exc_type(f"tp rank {first} rejected its arguments: {text}")
+
+    def per_rank(field):
+        return {r: rows[r][field] for r in range(world)}
+
+    def agree(field, what):
+        vals = per_rank(field)
+        if len(set(vals.values())) > 1:
+            raise ValueError(f"the ranks of tp_group disagree on {what}")
+        return vals
+
+    ns = per_rank(_H_N)
+    if len(set(ns.values())) > 1:
+        raise ValueError(f"the ranks of tp_group disagree on the number of rows (tokens): "
+                         f"{ns} (rank: N); every rank must see the same rows")
+    ops = per_rank(_H_OP)
+    if len(set(ops.values())) > 1:
+        raise ValueError("the ranks of tp_group called different operations: "
+                         f"{ {r: _OP_NAMES.get(o, o) for r, o in ops.items()} }")
+    agree(_H_OPTS, "the loss options (ignore_index, reduction, label_smoothing, z_loss, "
+                   "softcap, logit_scale, normalizer)")
+    givens = per_rank(_H_GIVEN)
+    if len(set(givens.values())) > 1:
+        raise ValueError("vocab_start was given on some ranks of tp_group and not on others: "
+                         f"{givens} (rank: given)")
+    pieces = [(rows[r][_H_START], rows[r][_H_VLOCAL]) for r in range(world)]
+    if op == OP_ENTROPY and not given:
+        V = sum(n for _, n in pieces)  # entropy is blind to the column order
+    else:
+        V = _tile(pieces, given)
+    hints = {h for h in per_rank(_H_VHINT).values() if h >= 0}
+    if hints and hints != {V}:
+        raise ValueError(f"the shards tile {V} columns but the DTensor says V = {hints}")
+    wl = per_rank(_H_WLEN)
+    if any(w != V for w in wl.values()) and any(w >= 0 for w in wl.values()):
+        raise ValueError(f"weight must be the whole class-weight vector of shape ({V},) on "
+                         f"every rank of tp_group; lengths per rank (-1: none): {wl}")
+    agree(_H_WCHECK, "the class weights (every rank must pass the same [V] vector)")
+    for r in range(world):
+        row = rows[r]
+        if row[_H_NVALID] == 0:
+            continue
+        bad = None
+        if row[_H_TMIN] < 0:
+            bad = (row[_H_TMIN], row[_H_TMIN_POS])
+        elif row[_H_TMAX] >= V:
+            bad = (row[_H_TMAX], row[_H_TMAX_POS])
+        if bad is not None:
+            raise ValueError(f"target holds {bad[0]} at flat position {bad[1]} (tp rank {r}): "
+                             f"class ids must lie in [0, {V}) or equal "
+                             f"ignore_index={ignore_index}")
+    agree(_H_TCHECK, "the targets: every rank must pass the same global class ids for the "
+                     "same rows")
+    start = int(rows[rank][_H_START])
+    if op != OP_ENTROPY or given:
+        _cache_for(group)[(start, int(v_local))] = V
+    return start, V
+
+
+def tp_call_layout(group, *, op: int, logits: torch.Tensor, vocab_start, vocab_size,
+                   target: Optional[torch.Tensor], ignore_index: int,
+                   weight: Optional[torch.Tensor], local_checks: Callable[[], None],
+                   validate: bool, need_vocab_size: bool, options: int = 0):
+    """(vocab_start, V) for one vocab-parallel call, validated on every rank when asked.
+
+    ``local_checks`` runs this rank's own argument checks (shapes, dtypes, devices); with
+    validation its exception reaches every rank through :func:`check_tp`, without it it is
+    raised here, on this rank only.
+    """
+    if not validate:
+        local_checks()
+        known = vocab_size
+        if known is None and weight is not None:
+            known = int(weight.shape[0])
+        start, V = resolve_layout(group, logits.shape[-1], vocab_start, vocab_size=known,
+                                  need_vocab_size=need_vocab_size)
+        return start, V
+    err = None
+    try:
+        local_checks()
+        if vocab_start is not None:
+            if isinstance(vocab_start, bool):
+                raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
+            try:
+                vocab_start = operator.index(vocab_start)
+            except TypeError:
+                raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}") \
+                    from None
+        if vocab_start is not None and vocab_start < 0:
+            raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    except (TypeError, ValueError) as exc:
+        err = exc
+    if err is not None:
+        return check_tp(group, op=op, v_local=0, vocab_start=None, n_rows=0, target=None,
+                        ignore_index=ignore_index, local_error=err, device=None)
+    n_rows = math.prod(logits.shape[:-1])
+    return check_tp(group, op=op, v_local=logits.shape[-1], vocab_start=vocab_start,
+                    n_rows=n_rows, target=target, ignore_index=ignore_index, weight=weight,
+                    vocab_size=vocab_size, options=options, device=logits.device)

@@ -34,7 +34,11 @@ def set_validation(enabled: bool) -> None:
 
     On by default; ``FUSEDCE_VALIDATE=0`` in the environment starts with them off. Shape,
     dtype and option checks never sync and always run. Turn validation off for production
-    speed and for CUDA-graph capture.
+    speed and for CUDA-graph capture. Under tensor parallelism the checks (layout, N,
+    targets, and each rank's own shape checks) run on every rank through one small
+    all-gather, so bad input raises the same exception on every rank; with validation off
+    a rank's own shape error raises on that rank alone while the others wait in the next
+    collective.
     """
     global _VALIDATE
     _VALIDATE = bool(enabled)
@@ -172,19 +176,65 @@ def _pick_backend(backend: str, x: torch.Tensor):
     return triton_backend
 
 
-def _resolve_tp(logits, tp_group, vocab_start):
-    """(local logits, group, vocab_start, global V); unpacks DTensor logits."""
+def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
+                ignore_index: int = -100, op: str = "ce", options: tuple = ()):
+    """Check the tensors and resolve the vocabulary layout; unpacks DTensor inputs.
+
+    Args:
+        logits, tp_group, vocab_start, target, weight, ignore_index: as the public functions
+            take them (target None for entropy).
+        op: "ce", "ce_smoothed" (label smoothing: needs the exact global V) or "entropy".
+        options: the loss options, which every rank of a TP group must share (validated).
+    Returns:
+        (logits, target, weight, group, vocab_start, V): plain tensors, the group (None
+        without TP), this shard's first column and the global vocabulary size. Without
+        validation and with explicit uneven shards, V is only exact where it matters (label
+        smoothing, class weights); elsewhere it does not enter the result.
+    Under TP with validation on, every check runs on every rank through one all-gather
+    (:func:`fusedce.distributed.check_tp`), so every rank raises the same exception.
+    """
     from . import distributed
 
-    logits, tp_group = distributed.unpack_dtensor(logits, tp_group)
-    v_local = logits.shape[-1]
+    u = distributed.unpack_dtensor(logits, tp_group, vocab_start, target, weight)
+    logits, target, weight, tp_group = u.logits, u.target, u.weight, u.group
     if tp_group is None:
         if vocab_start not in (None, 0):
             raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
-        return logits, None, 0, v_local
-    start, vocab_size = distributed.resolve_layout(tp_group, v_local, vocab_start,
-                                                   validate=_VALIDATE)
-    return logits, tp_group, start, vocab_size
+        _check_logits(logits)
+        v = logits.shape[-1]
+        if target is not None:
+            _check_target(target, logits.shape[:-1], logits.device)
+            _check_weight(weight, v, logits.device)
+            _check_target_range(target, v, ignore_index)
+        return logits, target, weight, None, 0, v
+
+    def local_checks():
+        _check_logits(logits)
+        if target is not None:
+            _check_target(target, logits.shape[:-1], logits.device)
+        if weight is not None:
+            if isinstance(weight, torch.Tensor) and weight.dim() != 1:
+                raise ValueError(f"weight must be the whole [V] class-weight vector, got shape "
+                                 f"{tuple(weight.shape)}")
+            # its length is checked against the global V once that is known
+            _check_weight(weight, weight.shape[0] if isinstance(weight, torch.Tensor) else 0,
+                          logits.device)
+
+    codes = {"ce": distributed.OP_CROSS_ENTROPY,
+             "ce_smoothed": distributed.OP_CROSS_ENTROPY_SMOOTHED,
+             "entropy": distributed.OP_ENTROPY}
+    start, vocab_size = distributed.tp_call_layout(
+        tp_group, op=codes[op], logits=logits, vocab_start=u.vocab_start,
+        vocab_size=u.vocab_size, target=target, ignore_index=ignore_index, weight=weight,
+        local_checks=local_checks, validate=_VALIDATE,
+        need_vocab_size=op == "ce_smoothed" and weight is None,
+        options=distributed.options_fingerprint(*options) if _VALIDATE else 0)
+    if weight is not None:
+        _check_weight(weight, vocab_size, logits.device)
+        if start + logits.shape[-1] > vocab_size:
+            raise ValueError(f"this rank's shard [{start}, {start + logits.shape[-1]}) lies "
+                             f"outside the class-weight vector of length {vocab_size}")
+    return logits, target, weight, tp_group, start, vocab_size
 
 
 # ---------------------------------------------------------------------------- API
@@ -224,7 +274,13 @@ def cross_entropy(
         z_loss: coefficient of lse^2 added per row.
         softcap: z = softcap * tanh(logit_scale * x / softcap) when set.
         logit_scale: z = logit_scale * x (before the softcap).
-        tp_group: process group over which the vocabulary is sharded.
+        tp_group: process group over which the vocabulary is sharded (any rank order of
+            the shards; uneven shards need ``vocab_start``). The result is the same on every
+            rank; each rank gets the gradient of its own columns. Ranks exchange one
+            all-gather of a few floats per token in the forward (with validation on, one
+            more small all-gather checks the layout, N and the targets on every rank);
+            the backward communicates nothing. DTensor logits sharded on the last dim
+            need no tp_group: the result is a plain tensor.
         vocab_start: first global column of this rank's shard (default rank * V_local).
         inplace_backward: write the gradient into the logits buffer (saves N x V memory;
             the logits' contents are gone afterwards).
@@ -237,11 +293,12 @@ def cross_entropy(
     _check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                    logit_scale=logit_scale, backend=backend)
-    logits, group, start, vocab_size = _resolve_tp(logits, tp_group, vocab_start)
-    _check_logits(logits)
-    _check_target(target, logits.shape[:-1], logits.device)
-    _check_weight(weight, vocab_size, logits.device)
-    _check_target_range(target, vocab_size, ignore_index)
+    logits, target, weight, group, start, vocab_size = _resolve_tp(
+        logits, tp_group, vocab_start, target=target, weight=weight, ignore_index=ignore_index,
+        op="ce_smoothed" if label_smoothing > 0 else "ce",
+        options=(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
+                 float(logit_scale), "tensor" if isinstance(normalizer, torch.Tensor)
+                 else normalizer))
     opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                        softcap=None if softcap is None else float(softcap),
@@ -304,8 +361,9 @@ def entropy(
     """
     _check_options(ignore_index=-100, reduction="none", normalizer=None, label_smoothing=0.0,
                    z_loss=0.0, softcap=None, logit_scale=logit_scale, backend=backend)
-    logits, group, start, vocab_size = _resolve_tp(logits, tp_group, vocab_start)
-    _check_logits(logits)
+    logits, _, _, group, start, vocab_size = _resolve_tp(logits, tp_group, vocab_start,
+                                                         op="entropy",
+                                                         options=(float(logit_scale),))
     opts = LossOptions(reduction="none", logit_scale=float(logit_scale))
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     plan = _ag.Plan(opts=opts, backend=_pick_backend(backend, logits), vocab_size=vocab_size,
