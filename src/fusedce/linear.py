@@ -66,10 +66,13 @@ def _env_bytes(name: str, default: int) -> int:
 
 
 # Budget for one chunk of logits (in the hidden dtype) when chunk_size="auto". On the GPU
-# larger chunks let the dW GEMM run with a longer inner dimension (fewer read-modify-writes
-# of dW); 256 MiB keeps the extra memory at the gradients plus about a quarter GB.
-# Override with FUSEDCE_LINEAR_CHUNK_BYTES (applies to every device) or assign these.
-DEFAULT_CHUNK_BYTES: int = _env_bytes("FUSEDCE_LINEAR_CHUNK_BYTES", 256 << 20)
+# larger chunks give the dW GEMM a longer inner dimension (K = chunk rows: fewer
+# read-modify-write passes over dW, less prologue/epilogue per tile) and the dH GEMM more
+# output tiles; measured on an H200 (notes/LINEAR.md), 250 -> 469 MiB chunks took the
+# Gemma-2 shape from 1.29x to 1.20x of the 3-GEMM floor. 480 MiB keeps the extra memory
+# under the gradients + 512 MB. Override with FUSEDCE_LINEAR_CHUNK_BYTES (every device)
+# or assign these module attributes.
+DEFAULT_CHUNK_BYTES: int = _env_bytes("FUSEDCE_LINEAR_CHUNK_BYTES", 480 << 20)
 # The CPU path goes through the torch backend, which makes fp32 temporaries of its own
 # (sub-chunks of ``spec.default_chunk_rows``); keep its chunks small.
 DEFAULT_CHUNK_BYTES_CPU: int = _env_bytes("FUSEDCE_LINEAR_CHUNK_BYTES", 32 << 20)
@@ -91,12 +94,12 @@ def auto_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, device: torch
     cap = max(1, int(budget_bytes) // max(1, v_local * elem))
     if n_rows <= cap:
         return max(1, n_rows)
+    if cap < 64:
+        return cap
+    # whole 64-row GEMM tiles, then as few, equal chunks as that allows
+    cap = cap // 64 * 64
     n_chunks = math.ceil(n_rows / cap)
-    rows = math.ceil(n_rows / n_chunks)
-    if rows >= 64:
-        up = (rows + 63) // 64 * 64
-        rows = up if up <= cap else max(64, rows // 64 * 64)
-    return rows
+    return min(cap, (math.ceil(n_rows / n_chunks) + 63) // 64 * 64)
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -256,7 +259,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 st = be.row_stats(x3, t_c, opts, vocab_start=plan.vocab_start, weight_local=wl,
                                   need_sz=need_sz)
-                st = _ag._exchange(st, plan.group)
+                if plan.group is not None:
+                    from .distributed import allgather_stats
+
+                    st = allgather_stats(st, plan.group)
                 if eager:
                     lse_c = spec.lse_of(st)
                     c_p, c_t = spec.grad_coefficients(lse_c, _chunk_terms(terms, r0, r1),
@@ -545,7 +551,7 @@ def linear_cross_entropy(
         ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap, logit_scale:
             as in :func:`fusedce.cross_entropy`.
         chunk_size: rows per chunk, or "auto": as many rows as fit
-            :data:`DEFAULT_CHUNK_BYTES` of logits on CUDA (256 MiB),
+            :data:`DEFAULT_CHUNK_BYTES` of logits on CUDA (480 MiB),
             :data:`DEFAULT_CHUNK_BYTES_CPU` elsewhere (32 MiB); env FUSEDCE_LINEAR_CHUNK_BYTES.
         tp_group: process group over which the vocabulary (weight rows) is sharded.
         vocab_start: first global row of this rank's shard (default rank * V_local).
