@@ -39,6 +39,7 @@ class Plan:
     normalizer: Any = None  # None, float or 0-d tensor
     inplace: bool = False
     need_grad: bool = True
+    need_aux: bool = True  # the accuracy is wanted (backends with optional_argmax skip it else)
 
 
 def _exchange(stats: spec.RowStats, group, need_sz: bool = True) -> spec.RowStats:
@@ -75,15 +76,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         scale = spec.row_scale(terms, opts, plan.normalizer)
         reduced = opts.reduction != "none" or plan.normalizer is not None
         eager = plan.need_grad and getattr(be, "eager_grad", False)
+        am_kw = {"need_am": plan.need_aux} if getattr(be, "optional_argmax", False) else {}
         gbuf = None
         if eager and plan.group is None and getattr(be, "supports_fused", False):
             g0 = terms.valid.float() * scale if reduced else terms.valid.float()
             gbuf = _grad_buffer(logits, plan)
             stats = be.fused(x3, t, opts, g0=g0, terms=terms, vocab_size=plan.vocab_size,
-                             out=as_rows3d(gbuf), weight_local=wl)
+                             out=as_rows3d(gbuf), weight_local=wl, **am_kw)
         else:
             stats = be.row_stats(x3, t, opts, vocab_start=plan.vocab_start, weight_local=wl,
-                                 need_sz=opts.label_smoothing > 0.0)
+                                 need_sz=opts.label_smoothing > 0.0, **am_kw)
             stats = _exchange(stats, plan.group, need_sz=opts.label_smoothing > 0.0)
         loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, plan.vocab_size)
         if eager and gbuf is None:
@@ -99,10 +101,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss = loss_rows.view(target.shape)
             zl = zpart.view(target.shape)
-        nvalid = terms.valid.sum()
-        hits = ((stats.am == t.long()) & terms.valid).sum()
-        acc = torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(),
-                          torch.zeros((), device=lse.device))
+        if plan.need_aux:
+            nvalid = terms.valid.sum()
+            hits = ((stats.am == t.long()) & terms.valid).sum()
+            acc = torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(),
+                              torch.zeros((), device=lse.device))
+        else:
+            acc = torch.zeros((), device=lse.device)
 
         ctx.plan = plan
         ctx.reduced = reduced

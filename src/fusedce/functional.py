@@ -306,7 +306,8 @@ def cross_entropy(
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     plan = _ag.Plan(opts=opts, backend=_pick_backend(backend, logits), vocab_size=vocab_size,
                     vocab_start=start, group=group, normalizer=normalizer,
-                    inplace=bool(inplace_backward), need_grad=need_grad)
+                    inplace=bool(inplace_backward), need_grad=need_grad,
+                    need_aux=bool(return_aux))
     loss, lse, zl, acc = _ag.CrossEntropyFunction.apply(logits, target, weight, plan)
     if return_aux:
         return CrossEntropyOutput(loss, lse, zl, acc)

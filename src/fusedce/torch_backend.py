@@ -100,7 +100,12 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     for r0, r1, xv in iter_row_chunks(x3, rows):
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
-        d = (z - lse[r0:r1].unsqueeze(1)).exp_().mul_(gp[r0:r1].unsqueeze(1))
+        # an fp32 2-D destination is computed in place: no chunk temporary, no copy pass
+        # (elementwise ops only, so out aliasing z in the in-place backward is safe)
+        direct = out.dtype == torch.float32 and ov.dim() == 2
+        d = ov if direct else torch.empty_like(z)
+        torch.sub(z, lse[r0:r1].unsqueeze(1), out=d)
+        d.exp_().mul_(gp[r0:r1].unsqueeze(1))
         d.scatter_add_(1, local[r0:r1].unsqueeze(1), -gt[r0:r1].unsqueeze(1))
         if a > 0.0:
             ga = g[r0:r1].unsqueeze(1) * (a / vocab_size)
@@ -108,7 +113,8 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
         f = chain_factor(z, opts)
         if f is not None:
             d.mul_(f)
-        ov.copy_(d.view(ov.shape))
+        if not direct:
+            ov.copy_(d.view(ov.shape))
 
 
 def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor,

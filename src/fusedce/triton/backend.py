@@ -1,0 +1,154 @@
+"""The Triton backend (name "triton"): the backend protocol of :mod:`fusedce.autograd` over the
+kernels of :mod:`fusedce.triton.ce`.
+
+Same math as :mod:`fusedce.spec`: per-row statistics (m, s, z_t, sum w z, argmax[, sum
+exp(z - m) z]) that combine across vocabulary pieces, and
+
+    dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx,   p_j = exp(z_j - lse).
+
+eager_grad: when autograd needs the gradient, ``fused`` computes the statistics and writes dx
+for the upstream row gradient g0 in one pass over the logits; the backward then only scales
+it (``scale_`` reads the factor on the device and does nothing when it is 1; ``scale_rows_``
+skips rows whose factor is 1). Under no_grad only ``row_stats`` runs (one read).
+
+Where the cooperative fused kernel cannot run (the CPU interpreter when a row needs more than
+one segment, or FUSEDCE_TRITON_COOP=0) ``fused`` falls back to ``row_stats`` + ``grad``: the
+same results from two reads of the logits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import spec
+from ..layout import as_rows3d
+from ..spec import LossOptions, RowStats
+from . import ce
+
+name = "triton"
+eager_grad = True
+supports_fused = True
+# row_stats / fused take need_am=False to skip the argmax (it only feeds the accuracy)
+optional_argmax = True
+
+_COOP = os.environ.get("FUSEDCE_TRITON_COOP", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _vec(t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.float()
+    if t.dim() == 0:
+        t = t.expand(n)
+    return t.reshape(n).contiguous()
+
+
+def _ids(target: torch.Tensor) -> torch.Tensor:
+    return target.reshape(-1).contiguous()
+
+
+def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_start: int = 0,
+              weight_local: Optional[torch.Tensor] = None, need_sz: bool = False,
+              need_sez: bool = False, need_am: bool = True) -> RowStats:
+    """Statistics of the local vocabulary piece for every row (one read of the logits).
+
+    Args:
+        x3: logits [B, T, V_local], any strides, fp32/bf16/fp16.
+        target: [B*T] global ids, int32/int64.
+        weight_local: class weights of the local columns [V_local] (used for sz), or None.
+        need_sz / need_sez: compute sum_j w_j z_j / sum_j exp(z_j - m) z_j.
+        need_am: compute the argmax (for accuracy); without it am holds -1.
+    Returns:
+        RowStats with [B*T] fields (fp32; am int64 global column ids; sez None unless asked).
+    """
+    w = None
+    if need_sz and weight_local is not None:
+        w = weight_local.float().contiguous()
+    m, s, zt, sz, am, sez = torch.ops.fusedce.tr_row_stats(
+        x3, _ids(target), w, int(vocab_start), int(opts.ignore_index), float(opts.logit_scale),
+        opts.softcap, bool(need_sz), bool(need_sez), bool(need_am))
+    return RowStats(m, s, zt, sz, am, sez if need_sez else None)
+
+
+def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+         c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *, vocab_size: int,
+         out: torch.Tensor, vocab_start: int = 0,
+         weight_local: Optional[torch.Tensor] = None) -> None:
+    """Write dx into ``out`` [B, T, V_local] (may be ``x3``) for per-row lse, g, c_p, c_t [B*T]."""
+    n = x3.shape[0] * x3.shape[1]
+    w = None
+    if opts.label_smoothing > 0.0 and weight_local is not None:
+        w = weight_local.float().contiguous()
+    torch.ops.fusedce.tr_grad(
+        x3, _ids(target), _vec(lse, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n), out, w,
+        int(vocab_start), int(vocab_size), int(opts.ignore_index), float(opts.label_smoothing),
+        float(opts.logit_scale), opts.softcap)
+
+
+def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor,
+                 opts: LossOptions, *, out: torch.Tensor) -> None:
+    """Write dH/dx * g into ``out`` [B, T, V] (may be ``x3``); lse, ent, g are [B*T] fp32."""
+    n = x3.shape[0] * x3.shape[1]
+    torch.ops.fusedce.tr_entropy_grad(x3, _vec(lse, n), _vec(ent, n), _vec(g, n), out,
+                                      float(opts.logit_scale), opts.softcap)
+
+
+def _needs_fallback(x3: torch.Tensor) -> bool:
+    cfg = ce.fused_config(x3.shape[-1], x3.element_size())
+    multi = x3.shape[-1] > cfg.seg
+    return multi and (ce.INTERPRET or not _COOP)
+
+
+def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torch.Tensor,
+          terms: spec.RowTerms, vocab_size: int, out: torch.Tensor,
+          weight_local: Optional[torch.Tensor], need_am: bool = True) -> RowStats:
+    """Statistics of every row AND dx for the upstream row gradient g0, in one kernel.
+
+    Args:
+        x3: logits [B, T, V] (the whole vocabulary: no shard), any strides.
+        target: [B*T] ids. g0: [B*T] fp32 upstream row gradient (0 on ignored rows).
+        terms: target-only row terms (w_t, total weight W).
+        out: [B, T, V] gradient destination in the logits' dtype; may be ``x3`` itself.
+        weight_local: class weights [V] or None.
+        need_am: compute the argmax (for accuracy); without it am holds -1.
+    Returns:
+        RowStats (m, s, zt, sz, am) with [B*T] fields.
+    """
+    n = x3.shape[0] * x3.shape[1]
+    t = _ids(target)
+    smooth = opts.label_smoothing > 0.0
+    w = weight_local.float().contiguous() if (smooth and weight_local is not None) else None
+    if _needs_fallback(x3):
+        stats = row_stats(x3, t, opts, weight_local=weight_local, need_sz=smooth,
+                          need_am=need_am)
+        lse = spec.lse_of(stats)
+        c_p, c_t = spec.grad_coefficients(lse, terms, opts, vocab_size)
+        grad(x3, t, lse, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
+             weight_local=weight_local)
+        return stats
+    w_total = None
+    if w is not None and isinstance(terms.total_weight, torch.Tensor):
+        w_total = terms.total_weight.float().reshape(())
+    m, s, zt, sz, am = torch.ops.fusedce.tr_fused(
+        x3, t, _vec(g0, n), _vec(terms.w_t, n), w, w_total, out, int(opts.ignore_index),
+        int(vocab_size), float(opts.label_smoothing), float(opts.z_loss),
+        float(opts.logit_scale), opts.softcap, bool(need_am))
+    return RowStats(m, s, zt, sz, am)
+
+
+def scale_(buf: torch.Tensor, factor0d: torch.Tensor) -> None:
+    """buf *= factor (0-d); a device-side no-op when the factor is 1 (no host sync)."""
+    f = factor0d.float().reshape(())
+    x3 = as_rows3d(buf)
+    if buf.dim() > 3 and x3._base is None:
+        # no [B, T, V] view of this layout exists: scale it as it is
+        buf.mul_(f.to(buf.dtype))
+        return
+    torch.ops.fusedce.tr_scale_(x3, f)
+
+
+def scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf3[b, t, :] *= factor[b * T + t]; rows whose factor is 1 are not touched."""
+    n = buf3.shape[0] * buf3.shape[1]
+    torch.ops.fusedce.tr_scale_rows_(buf3, _vec(factor, n))

@@ -1,0 +1,877 @@
+"""Triton kernels (and their launchers, registered as torch.library ops) for cross-entropy,
+log-probabilities and entropy on materialised logits [B, T, V] with any strides.
+
+Math (see :mod:`fusedce.spec`). Per row r with target t and upstream row gradient g:
+
+    z_j  = softcap * tanh(scale * x_j / softcap)   (or scale * x_j)
+    m    = max_j z_j,  s = sum_j exp(z_j - m),  lse = m + log s
+    zt   = z_t,  sz = sum_j w_j z_j,  am = first argmax_j z_j,  sez = sum_j exp(z_j - m) z_j
+    dz_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j),   p_j = exp(z_j - lse)
+    c_p  = (1 - a) * w_t + (a / V) * W + 2 * zl * lse,   c_t = (1 - a) * w_t
+    dx_j = dz_j * scale * (1 - (z_j / softcap)^2)   (or dz_j * scale)
+    entropy: dz_j = -g * p_j * (z_j - (lse - H))
+
+tanh is computed as sign(u) * (1 - e) / (1 + e), e = exp(-2|u|), which never overflows and
+needs no libdevice (the CPU interpreter runs the same code).
+
+Vocabulary pieces (chunks inside a program, segments across programs) fold with the spec's
+combine: m = max(m1, m2), s = s1 exp(m1 - m) + s2 exp(m2 - m) (a piece with m = -inf adds 0),
+z_t and sz add, am keeps the first piece that holds the maximum, sez rescales like s.
+
+Kernels:
+  _stats_kernel   forward statistics only (one read). A program takes one (row, segment);
+                  a chunk of BLOCK columns is a [BLOCK / R, R] tile whose R-column rows sit
+                  in single threads, so every thread keeps its own running (m, s, am, sz,
+                  sez) with in-thread reductions and one exp per element (plus one per R);
+                  threads fold once per row. Segments > 1 (few, long rows) write partials
+                  that _fold_kernel combines.
+  _grad_kernel    dx from given per-row lse / g / c_p / c_t (CE) or lse / H / g (entropy):
+                  one read, one write (vocabulary shards, lazy backward, fallback).
+  _fused_kernel   statistics AND dx in one pass (one read, one write). A row is cut into
+                  S segments of SEG columns, each held in registers by one of S cooperating
+                  programs of a persistent grid: each publishes its partial (m, s, sz, am),
+                  bumps its group's arrival counter (release), spins (acquire) until the S
+                  partials of the row are in, folds them in segment order (identical in every
+                  program, hence deterministic run to run) and writes dx from its registers.
+                  All programs must be resident at once: the grid is sized from the register
+                  cap (maxnreg) and the SM count. S = 1 needs no exchange (this is the path
+                  the CPU interpreter runs: its programs execute one after another, so a spin
+                  would never end). The target column is patched by one scalar store, so no
+                  per-element index vector stays live; the argmax is optional (accuracy only).
+  _scale_kernel   buf *= f (one 0-d factor, read on the device: f == 1 touches no memory) or
+                  per-row factors (rows with f == 1 are skipped).
+
+Offsets are 64-bit per row (b * stride_b + t * stride_t) and 64-bit per column when
+(V - 1) * stride_v could pass 2**31.
+"""
+
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _z_of(x, scale, inv_cap, softcap, SOFTCAP: tl.constexpr, SCALE: tl.constexpr):
+    z = x.to(tl.float32)
+    if SOFTCAP:
+        u = z * inv_cap
+        e = tl.exp(-2.0 * tl.abs(u))
+        th = (1.0 - e) / (1.0 + e)
+        z = softcap * tl.where(u < 0.0, -th, th)
+    elif SCALE:
+        z = z * scale
+    return z
+
+
+@triton.jit
+def _chain(d, z, scale, rcap, SOFTCAP: tl.constexpr, SCALE: tl.constexpr):
+    if SOFTCAP:
+        r = z * rcap
+        d = d * (scale * (1.0 - r * r))
+    elif SCALE:
+        d = d * scale
+    return d
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    # ex2.approx.ftz: one MUFU op; the default lowering adds a denormal-range fix-up (three
+    # more instructions per element), and results below 2**-126 do not matter here
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _row_ptr(ptr, row, T, sb, st):
+    b = row // T
+    t = row - b * T
+    return ptr + b.to(tl.int64) * sb + t.to(tl.int64) * st
+
+
+@triton.jit
+def _col_off(cols, sv, COL64: tl.constexpr):
+    if COL64:
+        return cols.to(tl.int64) * sv
+    else:
+        return cols * sv
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, sxb, sxt, sxv, T, V, S, seg_len,
+    tgt_ptr, ignore_index, vocab_start, w_ptr,
+    scale, inv_cap, softcap,
+    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, sez_ptr,
+    BLOCK: tl.constexpr, R: tl.constexpr, SOFTCAP: tl.constexpr, SCALE: tl.constexpr,
+    NEED_SZ: tl.constexpr, HAS_W: tl.constexpr, NEED_SEZ: tl.constexpr, NEED_AM: tl.constexpr,
+    COL64: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr,
+):
+    # A chunk is a [BLOCK // R, R] tile whose rows of R contiguous columns each sit in one
+    # thread: every thread keeps its own running (m, s, am, sz, sez) and folds a chunk with
+    # in-thread reductions only (one exp per element plus one per R); threads are combined
+    # once per row at the end, so no cross-warp reduction stalls the stream of loads.
+    pid = tl.program_id(0)
+    row = pid // S
+    seg = pid - row * S
+    base = _row_ptr(x_ptr, row, T, sxb, sxt)
+    NT: tl.constexpr = BLOCK // R
+    lane = tl.arange(0, NT)
+    offs = lane[:, None] * R + tl.arange(0, R)[None, :]
+    start = seg * seg_len
+    end = tl.minimum(start + seg_len, V)
+
+    # the target logit (seg 0 only: one scalar load per row)
+    tv = tl.load(tgt_ptr + row).to(tl.int64)
+    tloc = tv - vocab_start
+    has = (tv != ignore_index) & (tloc >= 0) & (tloc < V)
+    tsafe = tl.where(has, tloc, 0)
+    xt = tl.load(base + tsafe * sxv, mask=has & (seg == 0), other=0.0)
+    zt = tl.where(has & (seg == 0), _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
+
+    m = tl.full([NT], float("-inf"), tl.float32)
+    s = tl.zeros([NT], tl.float32)
+    sz = tl.zeros([NT], tl.float32)
+    sez = tl.zeros([NT], tl.float32)
+    am = tl.zeros([NT], tl.int32)
+    if PREFETCH:
+        c1 = start + offs
+        xn = tl.load(base + _col_off(c1, sxv, COL64), mask=c1 < end, other=float("-inf"))
+    for c0 in range(start, end, BLOCK):
+        # seg_len is a multiple of BLOCK: telling the compiler keeps the loads 16-byte wide
+        # and every R-column row of the tile inside one thread
+        c0 = tl.multiple_of(c0, BLOCK)
+        cols = c0 + offs
+        mask = cols < end
+        if PREFETCH:
+            x = xn
+            cn = cols + BLOCK
+            xn = tl.load(base + _col_off(cn, sxv, COL64), mask=cn < end, other=float("-inf"))
+        else:
+            x = tl.load(base + _col_off(cols, sxv, COL64), mask=mask, other=float("-inf"))
+        z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+        if SOFTCAP:
+            z = tl.where(mask, z, float("-inf"))  # tanh(-inf) is -1, not -inf
+        if NEED_SZ:
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                sz += tl.sum(tl.where(mask, z * w, 0.0), axis=1)
+            else:
+                sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
+        if NEED_AM:
+            mc, ic = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            am = tl.where(mc > m, c0 + lane * R + ic, am)
+        else:
+            mc = tl.max(z, axis=1)
+        m_new = tl.maximum(m, mc)
+        # an all -inf piece has no finite shift: use 0 so that it adds exp(-inf) = 0
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * _LOG2E
+        e = _exp2(z * _LOG2E - shift[:, None], FAST)
+        alpha = _exp2(m * _LOG2E - shift, FAST)
+        s = s * alpha + tl.sum(e, axis=1)
+        if NEED_SEZ:
+            sez = sez * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=1)
+        m = m_new
+
+    # fold the threads: the same combine as for vocabulary pieces
+    mm = tl.max(m, axis=0)
+    sh = tl.where(mm == float("-inf"), 0.0, mm)
+    f = tl.where(m == float("-inf"), 0.0, tl.exp(m - sh))
+    tl.store(m_ptr + pid, mm)
+    tl.store(s_ptr + pid, tl.sum(s * f, axis=0))
+    tl.store(zt_ptr + pid, zt)
+    tl.store(sz_ptr + pid, tl.sum(sz, axis=0))
+    if NEED_AM:
+        # lanes hold interleaved columns: the first argmax is the smallest index among the
+        # lanes that reach the maximum (lane 0's when every value is -inf or NaN)
+        amm = tl.min(tl.where(m == mm, am, 2147483647), axis=0)
+        amm = tl.where(amm == 2147483647, tl.min(tl.where(lane == 0, am, 2147483647), axis=0), amm)
+        tl.store(am_ptr + pid, amm.to(tl.int64) + vocab_start)
+    else:
+        tl.store(am_ptr + pid, tl.full([], -1, tl.int64))
+    if NEED_SEZ:
+        tl.store(sez_ptr + pid, tl.sum(sez * f, axis=0))
+
+
+@triton.jit
+def _fold_kernel(
+    pm, ps, pzt, psz, pam, psez,
+    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, sez_ptr,
+    N, S,
+    ROWS: tl.constexpr, SP2: tl.constexpr, NEED_SEZ: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    segs = tl.arange(0, SP2)
+    rmask = rows < N
+    mask = rmask[:, None] & (segs[None, :] < S)
+    idx = rows.to(tl.int64)[:, None] * S + segs[None, :]
+    m = tl.load(pm + idx, mask=mask, other=float("-inf"))
+    mm = tl.max(m, axis=1)
+    shift = tl.where(mm == float("-inf"), 0.0, mm)
+    f = tl.where(m == float("-inf"), 0.0, tl.exp(m - shift[:, None]))
+    s = tl.sum(tl.load(ps + idx, mask=mask, other=0.0) * f, axis=1)
+    zt = tl.sum(tl.load(pzt + idx, mask=mask, other=0.0), axis=1)
+    sz = tl.sum(tl.load(psz + idx, mask=mask, other=0.0), axis=1)
+    # first segment holding the maximum, as a left fold of the pairwise combine
+    first = tl.min(tl.where(m == mm[:, None], segs[None, :], SP2), axis=1)
+    amv = tl.load(pam + idx, mask=mask, other=0)
+    am = tl.sum(tl.where(segs[None, :] == first[:, None], amv, 0), axis=1)
+    am = tl.where(first == SP2, tl.sum(tl.where(segs[None, :] == 0, amv, 0), axis=1), am)
+    tl.store(m_ptr + rows, mm, mask=rmask)
+    tl.store(s_ptr + rows, s, mask=rmask)
+    tl.store(zt_ptr + rows, zt, mask=rmask)
+    tl.store(sz_ptr + rows, sz, mask=rmask)
+    tl.store(am_ptr + rows, am, mask=rmask)
+    if NEED_SEZ:
+        sez = tl.sum(tl.load(psez + idx, mask=mask, other=0.0) * f, axis=1)
+        tl.store(sez_ptr + rows, sez, mask=rmask)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@triton.jit
+def _grad_kernel(
+    x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V,
+    tgt_ptr, ignore_index, vocab_start, w_ptr,
+    lse_ptr, g_ptr, cp_ptr, ct_ptr, ent_ptr,
+    a_over_v, scale, inv_cap, softcap, rcap,
+    BLOCK: tl.constexpr, SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr,
+    HAS_W: tl.constexpr, ENTROPY: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
+):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    g = tl.load(g_ptr + row)
+    live = g != 0.0  # rows without upstream gradient (ignored) are not even read
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    xb = _row_ptr(x_ptr, row, T, sxb, sxt)
+    x = tl.load(xb + _col_off(cols, sxv, COL64X), mask=cols < tl.where(live, V, 0), other=0.0)
+    z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+    lse = tl.load(lse_ptr + row)
+    p = tl.exp(z - lse)
+    if ENTROPY:
+        mean_z = lse - tl.load(ent_ptr + row)
+        d = tl.where(p > 0.0, p * (z - mean_z), 0.0) * (-g)
+    else:
+        d = p * (g * tl.load(cp_ptr + row))
+        tv = tl.load(tgt_ptr + row).to(tl.int64)
+        tloc = tv - vocab_start
+        has = (tv != ignore_index) & (tloc >= 0) & (tloc < V)
+        d = tl.where(has & (cols == tloc), d - g * tl.load(ct_ptr + row), d)
+        if SMOOTH:
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                d -= (g * a_over_v) * w
+            else:
+                d -= g * a_over_v
+    d = _chain(d, z, scale, rcap, SOFTCAP, SCALE)
+    d = tl.where(live, d, 0.0)
+    ob = _row_ptr(o_ptr, row, T, sob, sot)
+    tl.store(ob + _col_off(cols, sov, COL64O), d.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fz_row(tgt_ptr, g_ptr, wt_ptr, xb, row, live, seg, c0, sxv, V, ignore_index,
+            scale, inv_cap, softcap, SEG: tl.constexpr, SOFTCAP: tl.constexpr,
+            SCALE: tl.constexpr):
+    """Per-row scalars of the fused kernel: target (clamped), whether this segment owns it,
+    z_t, g, w_t. x_t is read here, before this program announces the row: no program of the
+    row writes its gradient (in place) before every program has announced it."""
+    tv = tl.load(tgt_ptr + row, mask=live, other=ignore_index).to(tl.int64)
+    has = (tv != ignore_index) & (tv >= 0) & (tv < V)
+    tsafe = tl.where(has, tv, 0)
+    mine = has & (tsafe >= c0) & (tsafe < c0 + SEG)
+    xt = tl.load(xb + tsafe * sxv, mask=has & ((seg == 0) | mine), other=0.0)
+    zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
+    g = tl.load(g_ptr + row, mask=live, other=0.0)
+    wt = tl.load(wt_ptr + row, mask=live, other=0.0)
+    return tsafe, has, mine, zt, g, wt
+
+
+@triton.jit
+def _fz_local(x, mask, w_ptr, c0, offs, scale, inv_cap, softcap, SOFTCAP: tl.constexpr,
+              SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+              NEED_AM: tl.constexpr, FAST: tl.constexpr):
+    """Statistics of one segment held in registers: z, e = exp(z - m_l), m_l, argmax, the
+    finite shift, s_l = sum e, sz_l = sum w z."""
+    z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+    if SOFTCAP:
+        z = tl.where(mask, z, float("-inf"))  # tanh(-inf) is -1, not -inf
+    if SMOOTH:
+        if HAS_W:
+            w = tl.load(w_ptr + c0 + offs, mask=mask, other=0.0).to(tl.float32)
+            szl = tl.sum(tl.where(mask, z * w, 0.0), axis=0)
+        else:
+            szl = tl.sum(tl.where(mask, z, 0.0), axis=0)
+    else:
+        szl = 0.0
+    if NEED_AM:
+        ml, aml = tl.max(z, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        aml = aml + c0
+    else:
+        ml = tl.max(z, axis=0)
+        aml = tl.full([], -1, tl.int32)
+    shl = tl.where(ml == float("-inf"), 0.0, ml)
+    e = _exp2(z * _LOG2E - shl * _LOG2E, FAST)
+    sl = tl.sum(e, axis=0)
+    return z, e, ml, aml, shl, sl, szl
+
+
+@triton.jit
+def _fz_publish(pf_ptr, pi_ptr, cnt_ptr, slot, seg, ml, sl, szl, aml):
+    tl.store(pf_ptr + (slot + seg) * 3 + 0, ml)
+    tl.store(pf_ptr + (slot + seg) * 3 + 1, sl)
+    tl.store(pf_ptr + (slot + seg) * 3 + 2, szl)
+    tl.store(pi_ptr + slot + seg, aml)
+    # every thread's partial store precedes the release of the arrival
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu") + 1
+
+
+@triton.jit
+def _fz_wait_fold(pf_ptr, pi_ptr, cnt_ptr, slot, cur, want, S, SP2: tl.constexpr):
+    """Spin (acquire) until ``want`` arrivals, then fold the S partials in segment order."""
+    while cur < want:
+        cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    k = tl.arange(0, SP2)
+    km = k < S
+    pk = pf_ptr + (slot + k) * 3
+    pm = tl.load(pk + 0, mask=km, other=float("-inf"), volatile=True)
+    ps = tl.load(pk + 1, mask=km, other=0.0, volatile=True)
+    psz = tl.load(pk + 2, mask=km, other=0.0, volatile=True)
+    pam = tl.load(pi_ptr + slot + k, mask=km, other=0, volatile=True)
+    m = tl.max(pm, axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(pm == float("-inf"), 0.0, ps * tl.exp(pm - shift)), axis=0)
+    # first segment holding the maximum (left fold of the pairwise combine)
+    first = tl.min(tl.where(pm == m, k, SP2), axis=0)
+    first = tl.where(first == SP2, 0, first)
+    am = tl.sum(tl.where(k == first, pam, 0), axis=0)
+    return m, shift, s, am, tl.sum(psz, axis=0)
+
+
+@triton.jit
+def _fz_write(o_ptr, sob, sot, sov, T, row, c0, offs, mask, w_ptr, p, z, lse, tsafe, mine, zt,
+              g, wt, wsum, one_minus_a, a_over_v, zl2, scale, rcap, SOFTCAP: tl.constexpr,
+              SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+              ZLOSS: tl.constexpr, COL64O: tl.constexpr):
+    """dx of one segment given p_j = exp(z_j - lse): dx_j = p_j g c_p - g (a / V) w_j,
+    chained through softcap / scale; then the target column by one scalar store."""
+    ct = one_minus_a * wt
+    cp = ct + a_over_v * wsum
+    if ZLOSS:
+        cp += zl2 * lse
+    coef = g * cp
+    gsm = g * a_over_v
+    if not SOFTCAP:
+        if SCALE:
+            coef = coef * scale
+            gsm = gsm * scale
+    d = p * coef
+    if SMOOTH:
+        if HAS_W:
+            w = tl.load(w_ptr + c0 + offs, mask=mask, other=0.0).to(tl.float32)
+            d -= gsm * w
+        else:
+            d -= gsm
+    if SOFTCAP:
+        r = z * rcap
+        d = d * (scale * (1.0 - r * r))
+    ob = _row_ptr(o_ptr, row, T, sob, sot)
+    tl.store(ob + c0.to(tl.int64) * sov + _col_off(offs, sov, COL64O),
+             d.to(o_ptr.dtype.element_ty), mask=mask)
+    # the target column: the vector store above wrote it without the -c_t term; the
+    # barrier orders the two stores of different threads to that address. Written as
+    # c_t (p_t - 1) + (a / V)(W p_t - w_t) + 2 zl lse p_t, which is exactly 0 where it
+    # should be (V = 1: p_t = 1, W = w_t) and cancels no large terms.
+    tl.debug_barrier()
+    pt = tl.exp(zt - lse)
+    dt = ct * (pt - 1.0)
+    if SMOOTH:
+        if HAS_W:
+            wcls = tl.load(w_ptr + tsafe, mask=mine, other=0.0).to(tl.float32)
+        else:
+            wcls = 1.0
+        dt += a_over_v * (wsum * pt - wcls)
+    if ZLOSS:
+        dt += zl2 * lse * pt
+    dt = _chain(g * dt, zt, scale, rcap, SOFTCAP, SCALE)
+    tl.store(ob + tsafe * sov, dt.to(o_ptr.dtype.element_ty), mask=mine & (g != 0.0))
+
+
+@triton.jit
+def _fz_stats_out(m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, row, seg, m, s, zt, sz, am):
+    first_seg = seg == 0
+    tl.store(m_ptr + row, m, mask=first_seg)
+    tl.store(s_ptr + row, s, mask=first_seg)
+    tl.store(zt_ptr + row, zt, mask=first_seg)
+    tl.store(sz_ptr + row, sz, mask=first_seg)
+    tl.store(am_ptr + row, am.to(tl.int64), mask=first_seg)
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, G, S,
+    tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
+    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr,
+    pf_ptr, pi_ptr, cnt_ptr,
+    one_minus_a, a_over_v, zl2, w_total, scale, inv_cap, softcap, rcap,
+    SEG: tl.constexpr, SP2: tl.constexpr, COOP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+    ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = pid // S
+    seg = pid - grp * S
+    c0 = seg * SEG
+    offs = tl.arange(0, SEG)
+    # columns of this segment are c0 + offs. No per-element index or mask vector stays live
+    # across the row loop (a register per element each): masked lanes load as -inf, the
+    # target column is patched by one scalar store, the argmax comes out of the max itself.
+    mask = offs < V - c0
+    if HAS_W:
+        wsum = tl.load(wsum_ptr).to(tl.float32)
+    else:
+        wsum = w_total
+    xoff = c0.to(tl.int64) * sxv + _col_off(offs, sxv, COL64X)
+    for row in range(grp, N, G):
+        xb = _row_ptr(x_ptr, row, T, sxb, sxt)
+        x = tl.load(xb + xoff, mask=mask, other=float("-inf"))
+        tsafe, has, mine, zt, g, wt = _fz_row(tgt_ptr, g_ptr, wt_ptr, xb, row, row < N, seg,
+                                              c0, sxv, V, ignore_index, scale, inv_cap,
+                                              softcap, SEG, SOFTCAP, SCALE)
+        z, e, ml, aml, shl, sl, szl = _fz_local(x, mask, w_ptr, c0, offs, scale, inv_cap,
+                                                softcap, SOFTCAP, SCALE, SMOOTH, HAS_W,
+                                                NEED_AM, FAST)
+        if COOP:
+            # two slots by parity and one monotone counter: announcing row j + 2 needs
+            # every program to have announced j + 1, which each does after folding j
+            it = (row - grp) // G
+            q = it % 2
+            cur = _fz_publish(pf_ptr, pi_ptr, cnt_ptr + grp, (grp * 2 + q) * SP2, seg,
+                              ml, sl, szl, aml)
+            m, shift, s, am, sz = _fz_wait_fold(pf_ptr, pi_ptr, cnt_ptr + grp,
+                                                (grp * 2 + q) * SP2, cur, (it + 1) * S, S,
+                                                SP2)
+        else:
+            m = ml
+            shift = shl
+            s = sl
+            am = aml
+            sz = szl
+        lse = shift + tl.log(s)
+        _fz_stats_out(m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, row, seg, m, s, zt, sz, am)
+        # p_j = e_j * exp(shl - lse)
+        _fz_write(o_ptr, sob, sot, sov, T, row, c0, offs, mask, w_ptr,
+                  e * tl.exp(shl - lse), z, lse, tsafe, mine, zt, g, wt, wsum, one_minus_a,
+                  a_over_v, zl2, scale, rcap, SOFTCAP, SCALE, SMOOTH, HAS_W, ZLOSS, COL64O)
+
+
+@triton.jit
+def _scale_kernel(
+    b_ptr, sb, st, sv, T, V, N, f_ptr, P,
+    BLOCK: tl.constexpr, PER_ROW: tl.constexpr, COL64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    if PER_ROW:
+        n_rows = N
+    else:
+        f0 = tl.load(f_ptr)
+        # the factor is read here, on the device: a factor of 1 leaves every row alone
+        n_rows = tl.where(f0 != 1.0, N, 0)
+    for row in range(pid, n_rows, P):
+        if PER_ROW:
+            f = tl.load(f_ptr + row)
+        else:
+            f = f0
+        end = tl.where(f != 1.0, V, 0)
+        rb = _row_ptr(b_ptr, row, T, sb, st)
+        for c0 in range(0, end, BLOCK):
+            cols = c0 + offs
+            mask = cols < V
+            ptrs = rb + _col_off(cols, sv, COL64)
+            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (v * f).to(b_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch parameters of _fused_kernel.
+
+    seg: columns per program (a power of two); a row takes S = cdiv(V, seg) programs.
+    num_warps: warps per program.
+    per_sm: programs resident per SM (the register cap is set so that they fit).
+    persistent: for S = 1, loop over rows in a grid of per_sm * SMs programs (else one
+        program per row).
+    """
+
+    seg: int
+    num_warps: int
+    per_sm: int
+    persistent: bool = True
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Launch parameters of _stats_kernel: BLOCK columns per chunk, warps, prefetch."""
+
+    block: int
+    num_warps: int
+    prefetch: bool = False
+
+
+# Fixed tables (measured on an H200, see notes/KERNELS.md); only an explicit override changes
+# them (benchmarks use it), nothing autotunes behind the caller's back.
+_OVERRIDE: dict = {}
+
+
+def set_override(**kw) -> None:
+    """Override table entries: fused=FusedConfig, stats=StatsConfig, grad_block=int (or None)."""
+    for k, v in kw.items():
+        if v is None:
+            _OVERRIDE.pop(k, None)
+        else:
+            _OVERRIDE[k] = v
+
+
+def fused_config(V: int, elem_size: int) -> FusedConfig:
+    """Table of the fused kernel's parameters by vocabulary size and element size.
+
+    A program holds 32 (2-byte) or 16 (4-byte) elements per thread, which fits in 64
+    registers without spills (ptxas, sm_90); 32 / num_warps programs then fill the 64K
+    registers of an SM. Rows wider than 8192 columns are cut into 8192-column segments
+    (the fastest of 8192 / 16384 / 4096 / whole-row programs on an H200: notes/KERNELS.md).
+    """
+    if "fused" in _OVERRIDE:
+        return _OVERRIDE["fused"]
+    if INTERPRET:
+        # the interpreter runs programs in sequence: no cooperating segments there
+        return FusedConfig(seg=triton.next_power_of_2(max(V, 16)), num_warps=4, per_sm=1)
+    per_thread = 32 if elem_size <= 2 else 16
+    seg = min(8192, triton.next_power_of_2(max(V, 128)))
+    nw = max(1, min(16, seg // (32 * per_thread)))
+    return FusedConfig(seg=seg, num_warps=nw, per_sm=max(1, min(32, 32 // nw)))
+
+
+def stats_config(V: int, elem_size: int) -> StatsConfig:
+    """Table of the statistics kernel's parameters: 4096-column chunks (16 KB / 8 KB), 8
+    warps, next chunk prefetched; within 1% of the best of the sweep in notes/KERNELS.md."""
+    if "stats" in _OVERRIDE:
+        return _OVERRIDE["stats"]
+    block = min(4096, triton.next_power_of_2(max(V, 16)))
+    return StatsConfig(block=block, num_warps=max(1, min(8, block // 512)), prefetch=True)
+
+
+def _grad_block(V: int, elem_size: int) -> int:
+    b = _OVERRIDE.get("grad_block") or (4096 if elem_size <= 2 else 2048)
+    return min(b, triton.next_power_of_2(max(V, 16)))
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _maxnreg(cfg: FusedConfig) -> int:
+    # 64K registers per SM shared by per_sm programs of num_warps * 32 threads, in units of 8
+    r = 65536 // (cfg.per_sm * cfg.num_warps * 32)
+    return max(24, min(255, (r // 8) * 8))
+
+
+def _is_traced(*ts) -> bool:
+    """True for fake / functional tensors (torch.compile tracing, meta kernels)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(t, torch.Tensor) and is_fake(t) for t in ts)
+
+
+def _launcher(kernel):
+    """The kernel as torch.compile can capture it (wrap_triton), or itself in the interpreter."""
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _col64(V: int, sv: int) -> bool:
+    return (V - 1) * abs(sv) >= 2**31 - 1
+
+
+def _opts_flags(logit_scale: float, softcap: Optional[float]):
+    has_cap = softcap is not None
+    cap = float(softcap) if has_cap else 1.0
+    return dict(scale=float(logit_scale), inv_cap=float(logit_scale) / cap, softcap=cap,
+                rcap=1.0 / cap, SOFTCAP=has_cap, SCALE=(not has_cap) and logit_scale != 1.0)
+
+
+# ----------------------------------------------------------------------------- ops
+# Each op is the launcher; torch.library.triton_op makes it visible to torch.compile (whose
+# Inductor then calls the same Triton kernels) and gives it a fake implementation for free.
+# In the CPU interpreter, tracing with fake tensors must not launch: _skip() says so.
+
+
+def _skip(*ts) -> bool:
+    return INTERPRET and _is_traced(*ts)
+
+
+def _op(name: str, mutates_args):
+    """Register ``fn`` as the op ``name``: a triton_op on GPUs (torch.compile traces into its
+    kernels); an opaque custom_op in the interpreter (whose kernels cannot be traced), with
+    ``fn`` itself as the fake implementation (it launches nothing on fake tensors)."""
+
+    def dec(fn):
+        if INTERPRET:
+            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+            op.register_fake(fn)
+            return op
+        return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+
+    return dec
+
+
+@_op("fusedce::tr_row_stats", mutates_args=())
+def tr_row_stats(
+    x3: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
+    ignore_index: int, logit_scale: float, softcap: Optional[float], need_sz: bool,
+    need_sez: bool, need_am: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics (m, s, zt, sz, am, sez) of every row of x3 [B, T, V_local] (sez empty
+    unless need_sez; am = -1 unless need_am); target [B*T] global ids; weight [V_local] fp32
+    or None."""
+    B, T, V = x3.shape
+    n = B * T
+    dev = x3.device
+    f32 = torch.float32
+    outs = [torch.empty(n, device=dev, dtype=f32) for _ in range(4)]
+    am = torch.empty(n, device=dev, dtype=torch.int64)
+    sez = torch.empty(n if need_sez else 0, device=dev, dtype=f32)
+    if n == 0 or _skip(x3):
+        return outs[0], outs[1], outs[2], outs[3], am, sez
+    cfg = stats_config(V, x3.element_size())
+    n_blocks = triton.cdiv(V, cfg.block)
+    # enough programs to fill the device: split rows into segments only when rows are few
+    want = 8 * _sm_count(dev)
+    S = max(1, min(n_blocks, triton.cdiv(want, n)))
+    seg_len = triton.cdiv(n_blocks, S) * cfg.block
+    S = triton.cdiv(V, seg_len)
+    if S == 1:
+        dst = outs + [am, sez]
+    else:
+        dst = [torch.empty(n * S, device=dev, dtype=f32) for _ in range(4)]
+        dst += [torch.empty(n * S, device=dev, dtype=torch.int64),
+                torch.empty(n * S if need_sez else 0, device=dev, dtype=f32)]
+    fl = _opts_flags(logit_scale, softcap)
+    w = weight if weight is not None else outs[0]
+    r = max(1, 16 // x3.element_size())
+    _launcher(_stats_kernel)[(n * S,)](
+        x3, x3.stride(0), x3.stride(1), x3.stride(2), T, V, S, seg_len,
+        target, ignore_index, vocab_start, w,
+        fl["scale"], fl["inv_cap"], fl["softcap"],
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5] if need_sez else outs[0],
+        BLOCK=max(cfg.block, r), R=r, SOFTCAP=fl["SOFTCAP"], SCALE=fl["SCALE"],
+        NEED_SZ=need_sz, HAS_W=weight is not None, NEED_SEZ=need_sez, NEED_AM=need_am,
+        COL64=_col64(V, x3.stride(2)), PREFETCH=cfg.prefetch, FAST=not INTERPRET,
+        num_warps=cfg.num_warps,
+    )
+    if S > 1:
+        rows = 64
+        sp2 = triton.next_power_of_2(S)
+        _launcher(_fold_kernel)[(triton.cdiv(n, rows),)](
+            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5] if need_sez else dst[0],
+            outs[0], outs[1], outs[2], outs[3], am, sez if need_sez else outs[0],
+            n, S, ROWS=rows, SP2=sp2, NEED_SEZ=need_sez, num_warps=4,
+        )
+    return outs[0], outs[1], outs[2], outs[3], am, sez
+
+
+def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, ignore_index,
+                 a_over_v, logit_scale, softcap, smooth, entropy):
+    B, T, V = x3.shape
+    n = B * T
+    if n == 0 or V == 0:
+        return
+    block = _grad_block(V, x3.element_size())
+    fl = _opts_flags(logit_scale, softcap)
+    dummy = lse
+    _launcher(_grad_kernel)[(n, triton.cdiv(V, block))](
+        x3, x3.stride(0), x3.stride(1), x3.stride(2),
+        out, out.stride(0), out.stride(1), out.stride(2), T, V,
+        target if target is not None else dummy, ignore_index, vocab_start,
+        weight if weight is not None else dummy,
+        lse, g, cp if cp is not None else dummy, ct if ct is not None else dummy,
+        ent if ent is not None else dummy,
+        a_over_v, fl["scale"], fl["inv_cap"], fl["softcap"], fl["rcap"],
+        BLOCK=block, SOFTCAP=fl["SOFTCAP"], SCALE=fl["SCALE"], SMOOTH=smooth,
+        HAS_W=weight is not None, ENTROPY=entropy, COL64X=_col64(V, x3.stride(2)),
+        COL64O=_col64(V, out.stride(2)), num_warps=max(1, min(8, block // 512)),
+    )
+
+
+@_op("fusedce::tr_grad", mutates_args=("out",))
+def tr_grad(
+    x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+    c_p: torch.Tensor, c_t: torch.Tensor, out: torch.Tensor, weight: Optional[torch.Tensor],
+    vocab_start: int, vocab_size: int, ignore_index: int, label_smoothing: float,
+    logit_scale: float, softcap: Optional[float],
+) -> None:
+    """out [B, T, V_local] = dx of the CE spec for per-row lse, g, c_p, c_t ([B*T] fp32).
+    ``out`` may be ``x3`` itself."""
+    if _skip(x3, out):
+        return
+    _launch_grad(x3, out, target, weight, lse, g, c_p, c_t, None, vocab_start, ignore_index,
+                 label_smoothing / vocab_size, logit_scale, softcap, label_smoothing > 0.0,
+                 False)
+
+
+@_op("fusedce::tr_entropy_grad", mutates_args=("out",))
+def tr_entropy_grad(
+    x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor, out: torch.Tensor,
+    logit_scale: float, softcap: Optional[float],
+) -> None:
+    """out [B, T, V] = dH/dx * g for per-row lse, H, g ([B*T] fp32); ``out`` may be ``x3``."""
+    if _skip(x3, out):
+        return
+    _launch_grad(x3, out, None, None, lse, g, None, None, ent, 0, -100, 0.0, logit_scale,
+                 softcap, False, True)
+
+
+def _occupancy_grid(cfg: FusedConfig, S: int, n: int, dev: torch.device, traced: bool):
+    """(programs, groups, maxnreg) such that every program is resident at once when S > 1."""
+    sms = _sm_count(dev)
+    if S == 1 and not cfg.persistent:
+        return n, n, None
+    if INTERPRET:
+        groups = max(1, min(n, 3))
+        return groups * S, groups, None
+    if traced:
+        # under torch.compile the launch carries no register cap: one program per SM
+        # always fits (ptxas caps registers so that a block of num_warps warps can run)
+        per_sm, maxnreg = 1, None
+    else:
+        per_sm, maxnreg = cfg.per_sm, _maxnreg(cfg)
+    groups = max(1, (sms * per_sm) // S)
+    if S == 1:
+        groups = min(groups, n)
+    return groups * S, groups, maxnreg
+
+
+@_op("fusedce::tr_fused", mutates_args=("out",))
+def tr_fused(
+    x3: torch.Tensor, target: torch.Tensor, g0: torch.Tensor, w_t: torch.Tensor,
+    weight: Optional[torch.Tensor], w_total: Optional[torch.Tensor], out: torch.Tensor,
+    ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
+    logit_scale: float, softcap: Optional[float], need_am: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics (m, s, zt, sz, am) of every row of x3 [B, T, V] and, in the same pass,
+    out = dx for the upstream row gradient g0 [B*T]; w_t [B*T] target weights; weight [V]
+    fp32 class weights and w_total (0-d, their sum) or None. ``out`` may be ``x3``; am = -1
+    unless need_am."""
+    B, T, V = x3.shape
+    n = B * T
+    dev = x3.device
+    f32 = torch.float32
+    m, s, zt, sz = (torch.empty(n, device=dev, dtype=f32) for _ in range(4))
+    am = torch.empty(n, device=dev, dtype=torch.int64)
+    if n == 0 or _skip(x3, out):
+        return m, s, zt, sz, am
+    traced = _is_traced(x3, out)
+    cfg = fused_config(V, x3.element_size())
+    if softcap is not None or weight is not None:
+        # more live values per element (z for the softcap chain, class weights): give each
+        # program twice the registers rather than spill
+        cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
+    S = triton.cdiv(V, cfg.seg)
+    if S > 1 and INTERPRET:
+        raise RuntimeError("the cooperative fused kernel cannot run in the interpreter")
+    P, G, maxnreg = _occupancy_grid(cfg, S, n, dev, traced)
+    sp2 = triton.next_power_of_2(S)
+    if S > 1:
+        # two partial slots (by row parity) and one arrival counter per group
+        pf = torch.empty(G * 2 * sp2 * 3, device=dev, dtype=f32)
+        pi = torch.empty(G * 2 * sp2, device=dev, dtype=torch.int32)
+        cnt = torch.zeros(G, device=dev, dtype=torch.int32)
+    else:
+        pf, pi, cnt = m, am, am
+    fl = _opts_flags(logit_scale, softcap)
+    a = float(label_smoothing)
+    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
+    _launcher(_fused_kernel)[(P,)](
+        x3, x3.stride(0), x3.stride(1), x3.stride(2),
+        out, out.stride(0), out.stride(1), out.stride(2), T, V, n, G, S,
+        target, ignore_index, weight if weight is not None else g0,
+        w_total if w_total is not None else g0, g0, w_t,
+        m, s, zt, sz, am, pf, pi, cnt,
+        1.0 - a, a / vocab_size, 2.0 * float(z_loss), float(vocab_size),
+        fl["scale"], fl["inv_cap"], fl["softcap"], fl["rcap"],
+        SEG=cfg.seg, SP2=sp2, COOP=S > 1, SOFTCAP=fl["SOFTCAP"],
+        SCALE=fl["SCALE"], SMOOTH=a > 0.0, HAS_W=weight is not None, ZLOSS=z_loss > 0.0,
+        NEED_AM=need_am, COL64X=_col64(V, x3.stride(2)), COL64O=_col64(V, out.stride(2)),
+        FAST=not INTERPRET, num_warps=cfg.num_warps, **extra,
+    )
+    return m, s, zt, sz, am
+
+
+def _launch_scale(buf3: torch.Tensor, factor: torch.Tensor, per_row: bool) -> None:
+    B, T, V = buf3.shape
+    n = B * T
+    if n == 0 or V == 0:
+        return
+    block = min(4096, triton.next_power_of_2(max(V, 16)))
+    P = min(n, 8 * _sm_count(buf3.device)) if not INTERPRET else min(n, 3)
+    _launcher(_scale_kernel)[(P,)](
+        buf3, buf3.stride(0), buf3.stride(1), buf3.stride(2), T, V, n, factor, P,
+        BLOCK=block, PER_ROW=per_row, COL64=_col64(V, buf3.stride(2)),
+        num_warps=max(1, min(8, block // 512)),
+    )
+
+
+@_op("fusedce::tr_scale_", mutates_args=("buf3",))
+def tr_scale_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf3 [B, T, V] *= factor (0-d fp32, read on the device; 1 touches no memory)."""
+    if _skip(buf3):
+        return
+    _launch_scale(buf3, factor, False)
+
+
+@_op("fusedce::tr_scale_rows_", mutates_args=("buf3",))
+def tr_scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf3[b, t, :] *= factor[b * T + t] (fp32 [B*T]); rows whose factor is 1 are skipped."""
+    if _skip(buf3):
+        return
+    _launch_scale(buf3, factor, True)
+
+
+__all__ = [
+    "FusedConfig", "StatsConfig", "fused_config", "stats_config", "set_override",
+    "tr_row_stats", "tr_grad", "tr_entropy_grad", "tr_fused", "tr_scale_", "tr_scale_rows_",
+]

@@ -1,0 +1,448 @@
+"""Triton kernels of fusedce.triton.ce, run through the interpreter on the CPU (conftest sets
+TRITON_INTERPRET=1 without CUDA; on a GPU machine the same tests run on the device).
+
+Every kernel is checked against the fp64 oracle (tests/oracle.py) or against the torch
+backend (the executable spec, itself checked against the oracle), with fresh random inputs,
+poisoned outputs and dtype-aware normwise tolerances.
+
+Which paths run where:
+  * _fused_kernel with S = 1 (a row in one program) runs here; the cooperative S > 1 path
+    (programs spinning on each other) cannot run in the interpreter, which executes programs
+    one after another: there the backend falls back to _stats_kernel + _grad_kernel, which
+    test_fused_fallback_multi_segment covers; the S > 1 kernel itself is tested in
+    tests/test_gpu.py (marker gpu).
+  * _stats_kernel with several segments per row (+ _fold_kernel) and with prefetch runs here
+    through the config override.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedce as fce
+from fusedce import spec, torch_backend
+from fusedce.layout import as_rows3d
+from oracle import assert_close_normwise as _normwise
+from oracle import ref_cross_entropy, ref_entropy, ref_logprobs, tol
+
+tb = pytest.importorskip("fusedce.triton.backend")
+ce = pytest.importorskip("fusedce.triton.ce")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _no_override():
+    ce.set_override(fused=None, stats=None, grad_block=None)
+    yield
+    ce.set_override(fused=None, stats=None, grad_block=None)
+
+
+def assert_close_normwise(out, ref, rtol, what=""):
+    # references live on the CPU (fp64); on a GPU machine the results come back to compare
+    _normwise(out.detach().cpu(), ref.detach().cpu(), rtol, what)
+
+
+def _x(shape, V, dtype, scale=3.0):
+    return (torch.randn(*shape, V, device=DEV) * scale).to(dtype)
+
+
+def _t(shape, V, ignore_frac=0.25, ignore_index=-100, dtype=torch.int64):
+    t = torch.randint(0, V, shape, device=DEV, dtype=dtype)
+    drop = torch.rand(shape, device=DEV) < ignore_frac
+    return torch.where(drop, torch.full_like(t, ignore_index), t)
+
+
+def _ref_grad(x, t, g, **kw):
+    xr = x.detach().double().cpu().requires_grad_(True)
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref = ref_cross_entropy(xr, t.cpu(), **kw)
+    ref.backward(g.double().cpu())
+    return ref.detach(), xr.grad
+
+
+# ---------------------------------------------------------------- API over every option
+
+OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(normalizer=37.0),
+    dict(label_smoothing=0.2),
+    dict(z_loss=1e-3),
+    dict(softcap=4.0),
+    dict(logit_scale=0.7),
+    dict(weight="w"),
+    dict(weight="w", label_smoothing=0.15, reduction="none"),
+    dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, logit_scale=1.6, weight="w",
+         reduction="sum"),
+    dict(ignore_index=0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         or "default")
+def test_cross_entropy_matches_oracle(opts, dtype):
+    V = 203
+    kw = dict(opts)
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.rand(V, device=DEV) + 0.5
+    x = _x((3, 4), V, dtype).requires_grad_(True)
+    t = _t((3, 4), V, ignore_index=kw.get("ignore_index", -100))
+    out = fce.cross_entropy(x, t, backend="triton", return_aux=True, **kw)
+    g = torch.randn(out.loss.shape, device=DEV) + 1.5
+    ref, gref = _ref_grad(x, t, g, **kw)
+    assert_close_normwise(out.loss, ref, 2e-5, "loss")
+    x.grad = None
+    out.loss.backward(g)
+    assert x.grad.dtype == dtype
+    assert_close_normwise(x.grad, gref, 2 * tol(dtype), "grad")
+    # the auxiliary outputs equal the torch backend's (same statistics)
+    o2 = fce.cross_entropy(x.detach(), t, backend="torch", return_aux=True, **kw)
+    assert_close_normwise(out.lse, o2.lse, 1e-6, "lse")
+    assert_close_normwise(out.z_loss, o2.z_loss, 1e-5, "z_loss")
+    assert torch.equal(out.accuracy, o2.accuracy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_writes_into_logits(dtype):
+    V = 150
+    x0 = _x((6,), V, dtype)
+    t = _t((6,), V)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    a = x0.clone().requires_grad_(True)
+    fce.cross_entropy(a, t, backend="triton", **kw).backward()
+    buf = x0.clone()
+    b = buf.clone().requires_grad_(True)
+    loss = fce.cross_entropy(b, t, backend="triton", inplace_backward=True, **kw)
+    loss.backward()
+    assert torch.equal(a.grad, b.grad)
+    # the gradient lives in the logits' own storage
+    assert b.grad.data_ptr() == b.data_ptr()
+
+
+def test_upstream_one_skips_scaling_and_other_values_scale(monkeypatch):
+    V = 97
+    x = _x((5,), V, torch.float32).requires_grad_(True)
+    t = _t((5,), V, ignore_frac=0.0)
+    calls = []
+    orig = ce._launch_scale
+    monkeypatch.setattr(ce, "_launch_scale", lambda *a: (calls.append(a[2]), orig(*a)))
+    fce.cross_entropy(x, t, backend="triton").backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    (fce.cross_entropy(x, t, backend="triton") * 2.5).backward()
+    assert_close_normwise(x.grad, 2.5 * g1, 1e-6, "scaled")
+    assert calls == [False, False]  # one scale launch per backward, decided on the device
+
+
+def test_reduction_none_per_row_upstream():
+    V = 64
+    x = _x((2, 5), V, torch.bfloat16).requires_grad_(True)
+    t = _t((2, 5), V)
+    g = torch.randn(2, 5, device=DEV)
+    g[0, :3] = 1.0  # rows with factor 1 are skipped by the scaling kernel
+    out = fce.cross_entropy(x, t, backend="triton", reduction="none", z_loss=1e-3)
+    out.backward(g)
+    _, gref = _ref_grad(x, t, g, reduction="none", z_loss=1e-3)
+    assert_close_normwise(x.grad, gref, 2 * tol(torch.bfloat16), "grad")
+
+
+def test_no_grad_runs_statistics_only(monkeypatch):
+    V = 80
+    x = _x((4,), V, torch.bfloat16).requires_grad_(True)
+    t = _t((4,), V)
+    used = []
+    for fn in ("fused", "grad", "row_stats"):
+        orig = getattr(tb, fn)
+        monkeypatch.setattr(tb, fn, lambda *a, _o=orig, _n=fn, **k: (used.append(_n), _o(*a, **k))[1])
+    with torch.no_grad():
+        loss = fce.cross_entropy(x, t, backend="triton")
+    assert used == ["row_stats"]
+    assert_close_normwise(loss, ref_cross_entropy(x.detach().double().cpu(), t.cpu()), 2e-5,
+                          "no_grad loss")
+    used.clear()
+    fce.logprobs(x, t, backend="triton", inference_only=True)
+    assert used == ["row_stats"]
+    used.clear()
+    fce.cross_entropy(x, t, backend="triton")
+    assert used == ["fused"]
+
+
+def test_noncontiguous_rows_and_columns():
+    V = 90
+    base = _x((3, 7), V, torch.bfloat16)
+    t = _t((3, 6), V)
+    views = (lambda b: b[:, :-1],                                   # shifted: [B, T-1, V]
+             lambda b: b.transpose(0, 1)[1:].transpose(0, 1),      # [T, B, V] storage
+             lambda b: b[:, 1:])
+    for make in views:
+        x = make(base)
+        assert not x.is_contiguous()
+        ref, gref = _ref_grad(x, t, torch.tensor(1.0))
+        loss = fce.cross_entropy(x.detach().requires_grad_(True), t, backend="triton")
+        assert_close_normwise(loss, ref, 2e-5, "strided loss")
+        # in place on a strided view of a larger buffer: only the view's elements change
+        buf = base.clone()
+        v = make(buf).detach().requires_grad_(True)
+        fce.cross_entropy(v, t, backend="triton", inplace_backward=True).backward()
+        assert_close_normwise(v.grad, gref, 2 * tol(torch.bfloat16), "inplace strided grad")
+        # (AccumulateGrad copies the .grad of a non-dense leaf into a contiguous tensor; a
+        # non-leaf's gradient stays in the buffer, which is what the next assert shows)
+        assert_close_normwise(make(buf), gref, 2 * tol(torch.bfloat16), "buffer holds grad")
+        untouched = torch.ones(base.shape[:-1], dtype=torch.bool, device=DEV)
+        make(untouched.unsqueeze(-1)).fill_(False)
+        assert torch.equal(buf[untouched], base[untouched])
+    # column stride != 1
+    wide = _x((4,), 2 * V, torch.float32)
+    x = wide[:, ::2]
+    tt = _t((4,), V)
+    xr = x.detach().clone().requires_grad_(True)
+    loss = fce.cross_entropy(xr, tt, backend="triton", label_smoothing=0.1)
+    loss.backward()
+    ref, gref = _ref_grad(x, tt, torch.tensor(1.0), label_smoothing=0.1)
+    assert_close_normwise(loss, ref, 1e-5, "column-strided loss")
+    assert_close_normwise(xr.grad, gref, 2e-5, "column-strided grad")
+
+
+def test_int32_targets_all_ignored_and_determinism():
+    V = 70
+    x = _x((5,), V, torch.float32).requires_grad_(True)
+    t = _t((5,), V, dtype=torch.int32)
+    l1 = fce.cross_entropy(x, t, backend="triton", z_loss=1e-3)
+    l1.backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    l2 = fce.cross_entropy(x, t, backend="triton", z_loss=1e-3)
+    l2.backward()
+    assert torch.equal(l1, l2) and torch.equal(g1, x.grad)
+    x.grad = None
+    ign = torch.full_like(t, -100)
+    out = fce.cross_entropy(x, ign, backend="triton", return_aux=True)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.accuracy.item() == 0.0
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_nan_and_masked_vocab():
+    V = 40
+    x = _x((4,), V, torch.float32)
+    x[:, :5] = float("-inf")  # masked vocabulary entries
+    t = torch.randint(5, V, (4,), device=DEV)
+    xr = x.clone().requires_grad_(True)
+    loss = fce.cross_entropy(xr, t, backend="triton", reduction="none")
+    loss.sum().backward()
+    ref, gref = _ref_grad(x, t, torch.ones(4), reduction="none")
+    assert torch.isfinite(loss).all()
+    assert_close_normwise(loss, ref, 1e-5, "masked loss")
+    assert_close_normwise(xr.grad, gref, 1e-5, "masked grad")
+    x[1, 7] = float("nan")
+    loss = fce.cross_entropy(x, t, backend="triton", reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+
+
+def test_logprobs_and_entropy():
+    V = 123
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _x((2, 3), V, dtype).requires_grad_(True)
+        t = _t((2, 3), V)
+        lp = fce.logprobs(x, t, logit_scale=1.3, backend="triton")
+        ref = ref_logprobs(x.detach().double().cpu(), t.cpu(), logit_scale=1.3)
+        assert_close_normwise(lp, ref, 2e-5, "logprobs")
+        g = torch.randn(2, 3, device=DEV)
+        lp.backward(g)
+        xr = x.detach().double().cpu().requires_grad_(True)
+        ref_logprobs(xr, t.cpu(), logit_scale=1.3).backward(g.double().cpu())
+        assert_close_normwise(x.grad, xr.grad, 2 * tol(dtype), "logprobs grad")
+        x.grad = None
+        h = fce.entropy(x, logit_scale=0.8, backend="triton")
+        xr = x.detach().double().cpu().requires_grad_(True)
+        href = ref_entropy(xr, logit_scale=0.8)
+        assert_close_normwise(h, href, 2e-5, "entropy")
+        h.backward(g)
+        href.backward(g.double().cpu())
+        assert_close_normwise(x.grad, xr.grad, 2 * tol(dtype), "entropy grad")
+    with torch.no_grad():
+        x = _x((3,), V, torch.float32)
+        x[:, :4] = float("-inf")  # masked columns: p = 0, no contribution (not NaN)
+        assert_close_normwise(fce.entropy(x, backend="triton"),
+                              ref_entropy(x[:, 4:].double().cpu()), 1e-5, "entropy -inf")
+
+
+# ---------------------------------------------------------------- kernels one by one
+
+
+def _poison(shape, dtype):
+    return torch.full(shape, float("nan"), device=DEV, dtype=dtype)
+
+
+@pytest.mark.parametrize("need", ["plain", "sz", "sez", "weights"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_stats_kernel_segments_and_fold(need, prefetch):
+    V = 301
+    x = _x((2, 5), V, torch.bfloat16)
+    t = _t((2, 5), V)
+    opts = spec.LossOptions(logit_scale=1.2) if need != "plain" else spec.LossOptions()
+    w = torch.rand(V, device=DEV) if need == "weights" else None
+    kw = dict(need_sz=need in ("sz", "weights"), need_sez=need == "sez", weight_local=w)
+    ref = torch_backend.row_stats(x, t.reshape(-1), opts, **kw)
+    # 32-column chunks: several chunks per segment and several segments per row
+    ce.set_override(stats=ce.StatsConfig(block=32, num_warps=1, prefetch=prefetch))
+    got = tb.row_stats(x, t.reshape(-1), opts, **kw)
+    ce.set_override(stats=None)
+    one = tb.row_stats(x, t.reshape(-1), opts, **kw)  # a row per program
+    assert (tb.row_stats(x, t.reshape(-1), opts, need_am=False, **kw).am == -1).all()
+    for st in (got, one):
+        for f in ("m", "s", "zt", "sz", "sez"):
+            if getattr(ref, f) is None:
+                assert getattr(st, f) is None
+                continue
+            assert_close_normwise(getattr(st, f), getattr(ref, f), 2e-6, f)
+        assert torch.equal(st.am, ref.am)
+
+
+def test_stats_and_grad_kernels_on_a_vocab_shard():
+    """row_stats / grad with vocab_start (a tensor-parallel shard): targets outside the shard
+    contribute neither z_t nor the -c_t term."""
+    V, start, vloc = 500, 180, 150
+    full = _x((7,), V, torch.float32)
+    x = full[:, start:start + vloc]
+    t = _t((7,), V)
+    opts = spec.LossOptions(label_smoothing=0.2, softcap=5.0)
+    w = torch.rand(V, device=DEV)
+    wl = w[start:start + vloc]
+    x3 = as_rows3d(x)
+    ref = torch_backend.row_stats(x3, t, opts, vocab_start=start, weight_local=wl, need_sz=True)
+    got = tb.row_stats(x3, t, opts, vocab_start=start, weight_local=wl, need_sz=True)
+    for f in ("m", "s", "zt", "sz"):
+        assert_close_normwise(getattr(got, f), getattr(ref, f), 2e-6, f)
+    assert torch.equal(got.am, ref.am)
+    lse = torch.randn(7, device=DEV) + 6
+    g = torch.randn(7, device=DEV)
+    g[2] = 0.0
+    c_p, c_t = torch.rand(7, device=DEV) + 0.5, torch.rand(7, device=DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x3.to(dtype)
+        o_ref = torch.empty_like(xd)
+        torch_backend.grad(xd, t, lse, g, c_p, c_t, opts, vocab_size=V, out=o_ref,
+                           vocab_start=start, weight_local=wl)
+        out = _poison(xd.shape, dtype)
+        tb.grad(xd, t, lse, g, c_p, c_t, opts, vocab_size=V, out=out, vocab_start=start,
+                weight_local=wl)
+        assert not torch.isnan(out).any()
+        assert_close_normwise(out, o_ref, 2 * tol(dtype), "shard grad")
+        assert torch.count_nonzero(out[0, 2]) == 0  # g = 0 rows are zero, not read
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["plain", "all"])
+def test_fused_kernel_matches_two_pass(dtype, case):
+    V = 257
+    x = as_rows3d(_x((2, 4), V, dtype))
+    t = _t((2, 4), V).reshape(-1)
+    if case == "plain":
+        opts, w = spec.LossOptions(), None
+    else:
+        opts = spec.LossOptions(label_smoothing=0.2, z_loss=1e-2, softcap=6.0, logit_scale=1.4)
+        w = torch.rand(V, device=DEV) + 0.1
+    terms = spec.row_terms(t, opts, V, w)
+    g0 = torch.randn(8, device=DEV) * terms.valid
+    out = _poison(x.shape, dtype)
+    st = tb.fused(x, t, opts, g0=g0, terms=terms, vocab_size=V, out=out, weight_local=w)
+    ref = torch_backend.row_stats(x, t, opts, weight_local=w, need_sz=opts.label_smoothing > 0)
+    for f in ("m", "s", "zt", "sz"):
+        assert_close_normwise(getattr(st, f), getattr(ref, f), 2e-6, f)
+    assert torch.equal(st.am, ref.am)
+    lse = spec.lse_of(ref)
+    c_p, c_t = spec.grad_coefficients(lse, terms, opts, V)
+    o_ref = torch.empty_like(x)
+    torch_backend.grad(x, t, lse, g0, c_p, c_t, opts, vocab_size=V, out=o_ref, weight_local=w)
+    assert not torch.isnan(out).any()
+    assert_close_normwise(out, o_ref, 2 * tol(dtype), "fused grad")
+    # in place: out is the logits buffer itself; without the argmax (am = -1) the rest is
+    # unchanged
+    xi = x.clone()
+    st2 = tb.fused(xi, t, opts, g0=g0, terms=terms, vocab_size=V, out=xi, weight_local=w,
+                   need_am=False)
+    assert torch.equal(xi, out)
+    assert torch.equal(st2.m, st.m) and torch.equal(st2.s, st.s) and (st2.am == -1).all()
+
+
+def test_fused_fallback_multi_segment():
+    """A row wider than one segment in the interpreter: stats + grad kernels (two reads)."""
+    V = 300
+    if DEV == "cpu":
+        ce.set_override(fused=ce.FusedConfig(seg=128, num_warps=1, per_sm=1))
+        assert tb._needs_fallback(torch.empty(1, 1, V))
+    x = _x((3, 2), V, torch.float32).requires_grad_(True)
+    t = _t((3, 2), V)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, weight=torch.rand(V, device=DEV))
+    loss = fce.cross_entropy(x, t, backend="triton", **kw)
+    loss.backward()
+    ref, gref = _ref_grad(x, t, torch.tensor(1.0), **kw)
+    assert_close_normwise(loss, ref, 1e-5, "fallback loss")
+    assert_close_normwise(x.grad, gref, 2e-5, "fallback grad")
+
+
+def test_scale_kernels_touch_nothing_at_one():
+    V = 77
+    base = _x((3, 4), V, torch.bfloat16)
+    buf = base.clone()
+    tb.scale_(buf, torch.tensor(1.0, device=DEV))
+    assert torch.equal(buf.view(torch.int16), base.view(torch.int16))
+    tb.scale_(buf, torch.tensor(-2.5, device=DEV))
+    # within one bf16 rounding (the interpreter's fp32 -> bf16 cast truncates)
+    expect = base.float() * -2.5
+    assert ((buf.float() - expect).abs() <= expect.abs() * 2.0**-7).all()
+    # per-row factors on a strided view; rows with factor 1 keep their bits
+    big = _x((3, 5), V, torch.float32)
+    view = as_rows3d(big[:, 1:])
+    before = big.clone()
+    f = torch.randn(12, device=DEV)
+    f[[0, 5, 11]] = 1.0
+    tb.scale_rows_(view, f)
+    expect = before[:, 1:] * f.view(3, 4, 1)
+    assert torch.equal(big[:, 1:], expect)
+    assert torch.equal(big[:, 0], before[:, 0])
+
+
+def test_64bit_column_offsets_path(monkeypatch):
+    """The int64 column-offset variant (taken when (V - 1) * stride_v >= 2**31)."""
+    monkeypatch.setattr(ce, "_col64", lambda V, sv: True)
+    V = 60
+    wide = _x((4,), 3 * V, torch.float32)
+    x = wide[:, ::3].clone().requires_grad_(True)
+    t = _t((4,), V)
+    loss = fce.cross_entropy(x, t, backend="triton", label_smoothing=0.1)
+    loss.backward()
+    ref, gref = _ref_grad(x, t, torch.tensor(1.0), label_smoothing=0.1)
+    assert_close_normwise(loss, ref, 1e-5, "col64 loss")
+    assert_close_normwise(x.grad, gref, 2e-5, "col64 grad")
+    with torch.no_grad():
+        h = fce.entropy(x, backend="triton")
+    assert_close_normwise(h, ref_entropy(x.detach().double().cpu()), 1e-5, "col64 entropy")
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    V = 50
+    x0 = _x((2, 3), V, torch.float32)
+    t = _t((2, 3), V)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def f(x, t):
+        return fce.cross_entropy(x, t, backend="triton", **kw)
+
+    backend = "inductor" if DEV == "cuda" else "aot_eager"
+    with fce.validation(False):
+        cf = torch.compile(f, fullgraph=True, backend=backend)
+        a = x0.clone().requires_grad_(True)
+        la = cf(a, t)
+        (la * 1.7).backward()
+    b = x0.clone().requires_grad_(True)
+    lb = f(b, t)
+    (lb * 1.7).backward()
+    assert_close_normwise(la, lb, 1e-6, "compiled loss")
+    assert_close_normwise(a.grad, b.grad, 1e-6, "compiled grad")
