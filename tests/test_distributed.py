@@ -429,7 +429,10 @@ def case_dtensor(c: Case):
         assert not isinstance(loss, DTensor) and isinstance(loss, torch.Tensor)
         close(loss.detach().cpu(), ref, 2 * F32, f"dtensor loss V={V}")
         loss.backward(g.float().to(c.device))
-        assert isinstance(dt.grad, DTensor) and dt.grad.placements == dt.placements
+        assert isinstance(dt.grad, DTensor)
+        # Shard(-1) and Shard(2) are the same placement; torch versions normalise differently
+        assert [p.dim % full.dim() for p in dt.grad.placements] == \
+            [p.dim % full.dim() for p in dt.placements]
         start, n = chunk_range(V, c.rank, c.world)
         check_grad(c, dt.grad.to_local(), ref_grad, start, n, torch.float32,
                    f"dtensor grad V={V}")

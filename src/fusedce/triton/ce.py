@@ -644,12 +644,17 @@ def _skip(*ts) -> bool:
     return INTERPRET and _is_traced(*ts)
 
 
+# the undecorated launchers, for eager calls (see fusedce.triton.backend._call)
+RAW: dict = {}
+
+
 def _op(name: str, mutates_args):
     """Register ``fn`` as the op ``name``: a triton_op on GPUs (torch.compile traces into its
     kernels); an opaque custom_op in the interpreter (whose kernels cannot be traced), with
     ``fn`` itself as the fake implementation (it launches nothing on fake tensors)."""
 
     def dec(fn):
+        RAW[name.split("::")[1]] = fn
         if INTERPRET:
             op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
             op.register_fake(fn)
