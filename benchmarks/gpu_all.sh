@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One device call: NCCL tests, the vocab-parallel benchmark (2 GPUs) and `fusedce bench
+# --preset perf` (GPU 0), peers installed from carried wheels; everything tarred into $OUT.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
+R=${OUT:-/tmp/out}/run; mkdir -p "$R"
+nvidia-smi -L | tee "$R/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$R/device.txt"
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  FUSEDCE_DIST_BACKEND=nccl timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -5 | tee "$R/nccl_tests.log"
+  timeout 120 torchrun --nproc-per-node 2 benchmarks/tp_gpu.py 2>&1 | grep -v -i warn | tail -16 | tee "$R/tp.log"
+fi
+timeout ${BENCH_CE_S:-240} python3 -m fusedce.cli bench --preset perf --op cross_entropy --out "$R/ce" --markdown "$R/ce/table.md" 2>&1 | tail -30 | tee "$R/bench_ce.log"
+timeout ${BENCH_LIN_S:-150} python3 -m fusedce.cli bench --preset perf --op linear_cross_entropy --no-plots --out "$R/lin" --markdown "$R/lin/table.md" 2>&1 | tail -20 | tee "$R/bench_lin.log"
+tar -C "$R/.." -czf "${OUT:-/tmp/out}/results.tgz" run
