@@ -94,7 +94,10 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     local, inside = _local_target(target, valid, vocab_start, V)
     a = opts.label_smoothing
     gp = g * c_p
-    gt = torch.where(inside, g * c_t, torch.zeros_like(g))
+    # the target column is written as g * (c_t * (p_t - 1) + (c_p - c_t) * p_t), which is
+    # exact where p_t = 1 (a one-class row), instead of p_t * c_p - c_t, which cancels there
+    gt = g * c_t
+    gr = g * (c_p - c_t)
     wl = None if weight_local is None else weight_local.float()
     rows = chunk_rows or default_chunk_rows(V)
     for r0, r1, xv in iter_row_chunks(x3, rows):
@@ -104,9 +107,14 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
         # (elementwise ops only, so out aliasing z in the in-place backward is safe)
         direct = out.dtype == torch.float32 and ov.dim() == 2
         d = ov if direct else torch.empty_like(z)
+        idx = local[r0:r1].unsqueeze(1)
+        # read before d (which may alias z) is written
+        p_t = (z.gather(1, idx).squeeze(1) - lse[r0:r1]).exp_()
         torch.sub(z, lse[r0:r1].unsqueeze(1), out=d)
         d.exp_().mul_(gp[r0:r1].unsqueeze(1))
-        d.scatter_add_(1, local[r0:r1].unsqueeze(1), -gt[r0:r1].unsqueeze(1))
+        exact = gt[r0:r1] * (p_t - 1.0) + gr[r0:r1] * p_t
+        keep = d.gather(1, idx).squeeze(1)
+        d.scatter_(1, idx, torch.where(inside[r0:r1], exact, keep).unsqueeze(1))
         if a > 0.0:
             ga = g[r0:r1].unsqueeze(1) * (a / vocab_size)
             d.sub_(ga if wl is None else ga * wl.unsqueeze(0))
