@@ -10,8 +10,9 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 R=${OUT:-/tmp/out}/run; mkdir -p "$R"
 nvidia-smi -L | tee "$R/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$R/device.txt"
+timeout ${GPU_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | tail -4 | tee "$R/gpu_tests.log"
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  FUSEDCE_DIST_BACKEND=nccl timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -5 | tee "$R/nccl_tests.log"
+  FUSEDCE_DIST_BACKEND=nccl timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | grep -E "^E  |passed|failed" | tail -40 | tee "$R/nccl_tests.log"
   timeout 120 torchrun --nproc-per-node 2 benchmarks/tp_gpu.py 2>&1 | grep -v -i warn | tail -16 | tee "$R/tp.log"
 fi
 timeout ${BENCH_CE_S:-240} python3 -m fusedce.cli bench --preset perf --op cross_entropy --out "$R/ce" --markdown "$R/ce/table.md" 2>&1 | tail -30 | tee "$R/bench_ce.log"
