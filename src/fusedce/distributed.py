@@ -193,6 +193,14 @@ def chunk_range(vocab_size: int, index: int, parts: int):
     return start, max(0, min(size, vocab_size - start))
 
 
+def _positive(placements, ndim: int):
+    """Placements with Shard dims made non-negative (torch 2.11 turns a gradient whose
+    placements say Shard(-1) into a replicated one)."""
+    from torch.distributed.tensor import Shard
+
+    return tuple(Shard(p.dim % ndim) if isinstance(p, Shard) else p for p in placements)
+
+
 def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) -> Unpacked:
     """Plain tensors, the vocab group and this shard's offset from DTensor inputs.
 
@@ -243,7 +251,7 @@ def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) ->
     n = mesh.size(mdim)
     coord = mesh.get_local_rank(mdim) if mesh.ndim > 1 else mesh.get_local_rank()
     start, length = chunk_range(V, coord, n)
-    local = logits.to_local()
+    local = logits.to_local(grad_placements=_positive(logits.placements, logits.dim()))
     if local.shape[-1] != length:
         raise ValueError(f"the DTensor's local shard has {local.shape[-1]} columns, expected "
                          f"{length} (torch.chunk layout of {V} over {n}); uneven custom "
