@@ -446,3 +446,19 @@ def test_torch_compile_fullgraph_forward_backward():
     (lb * 1.7).backward()
     assert_close_normwise(la, lb, 1e-6, "compiled loss")
     assert_close_normwise(a.grad, b.grad, 1e-6, "compiled grad")
+
+
+def test_second_backward_through_eager_loss_raises():
+    """The Triton path computes the gradient in the forward; a second backward must not
+    silently rescale the first result."""
+    x = torch.randn(4, 9, device=DEV, requires_grad=True)
+    t = torch.randint(0, 9, (4,), device=DEV)
+    loss = fce.cross_entropy(x, t, backend="triton")
+    two = torch.tensor(2.0, device=DEV)
+    loss.backward(two, retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward(two)
+    ref = x.detach().double().requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref, t).mul(2.0).backward()
+    assert torch.allclose(first.double(), ref.grad, atol=1e-6)

@@ -128,6 +128,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad_loss is None:
             return None, None, None, None
         if ctx.eager:
+            if getattr(ctx, "consumed", False):
+                # the buffer was scaled in place and handed to autograd: a second pass would
+                # scale it again and corrupt the first result
+                raise RuntimeError("fusedce computed this loss's gradient in the forward; "
+                                   "backward through it can run once (recompute the loss to "
+                                   "differentiate it again)")
+            ctx.consumed = True
             (gbuf,) = ctx.saved_tensors
             be = plan.backend
             if ctx.reduced:
