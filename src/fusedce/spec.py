@@ -177,22 +177,29 @@ def row_terms(target: torch.Tensor, opts: LossOptions, vocab_size: int,
 
 
 def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: int):
-    """Per-row (loss, lse, zloss_part) in fp32 from combined statistics; ignored rows give 0."""
+    """Per-row (loss, lse, zloss_part) in fp32 from combined statistics; ignored rows give 0.
+
+    Written with as few device ops as the options allow: this runs on every call, and at
+    small V its launches cost as much as the kernel.
+    """
     lse = lse_of(stats)
     a = opts.label_smoothing
-    loss = (1.0 - a) * terms.w_t * (lse - stats.zt)
+    weighted = isinstance(terms.total_weight, torch.Tensor)
+    loss = lse - stats.zt
+    if weighted:
+        loss = loss * (terms.w_t * (1.0 - a) if a > 0.0 else terms.w_t)
+    elif a > 0.0:
+        loss = loss * (1.0 - a)
     if a > 0.0:
         loss = loss + (a / vocab_size) * (terms.total_weight * lse - stats.sz)
     if opts.z_loss > 0.0:
-        zpart = opts.z_loss * lse * lse
+        zpart = torch.where(terms.valid, opts.z_loss * lse * lse, 0.0)
         loss = loss + zpart
     else:
         zpart = torch.zeros_like(lse)
     # where, not multiply: a NaN logit on an ignored row must not leak, and the
     # NaN of a valid row must stay
-    zero = torch.zeros_like(lse)
-    loss = torch.where(terms.valid, loss, zero)
-    zpart = torch.where(terms.valid, zpart, zero)
+    loss = torch.where(terms.valid, loss, 0.0)
     return loss, lse, zpart
 
 
@@ -215,12 +222,12 @@ def row_scale(terms: RowTerms, opts: LossOptions, normalizer) -> torch.Tensor:
     device = terms.w_t.device
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
-            return 1.0 / normalizer.to(device=device, dtype=torch.float32)
-        return torch.tensor(1.0 / float(normalizer), device=device, dtype=torch.float32)
+            return 1.0 / normalizer.to(device=device, dtype=torch.float32).reshape(())
+        # a fill, not torch.tensor(...): no host-to-device copy (CUDA-graph capturable)
+        return torch.full((), 1.0 / float(normalizer), device=device, dtype=torch.float32)
     if opts.reduction == "mean":
         d = terms.denom
-        return torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)),
-                           torch.zeros_like(d))
+        return torch.where(d > 0, d.reciprocal(), 0.0)
     return torch.ones((), device=device, dtype=torch.float32)
 
 
