@@ -433,12 +433,9 @@ def case_dtensor(c: Case):
         start, n = chunk_range(V, c.rank, c.world)
         check_grad(c, dt.grad.to_local(), ref_grad, start, n, torch.float32,
                    f"dtensor grad V={V}")
-        # Shard(-1) and Shard(2) are the same placement; torch versions normalise differently.
-        # torch 2.11 with NCCL labels the (correct) local gradient Replicate: metadata only,
-        # checked from 2.13 on
-        if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13):
-            assert [getattr(p, "dim", -99) % full.dim() for p in dt.grad.placements] == \
-                [p.dim % full.dim() for p in dt.placements]
+        # Shard(-1) and Shard(2) are the same placement; torch versions normalise differently
+        assert [getattr(p, "dim", -99) % full.dim() for p in dt.grad.placements] == \
+            [p.dim % full.dim() for p in dt.placements]
         # log-probs and entropy take DTensors too
         dt2 = distribute_tensor(full.to(c.device), mesh, [Shard(2)])
         lp = fce.logprobs(dt2, target.to(c.device), backend=c.backend)

@@ -193,12 +193,29 @@ def chunk_range(vocab_size: int, index: int, parts: int):
     return start, max(0, min(size, vocab_size - start))
 
 
-def _positive(placements, ndim: int):
-    """Placements with Shard dims made non-negative (torch 2.11 turns a gradient whose
-    placements say Shard(-1) into a replicated one)."""
-    from torch.distributed.tensor import Shard
+class _LocalShard(torch.autograd.Function):
+    """DTensor -> its local tensor, whose gradient returns as a DTensor with the input's
+    placements, global shape and stride.
 
-    return tuple(Shard(p.dim % ndim) if isinstance(p, Shard) else p for p in placements)
+    DTensor.to_local() infers the gradient's global shape from the local one (local x mesh
+    size), which is wrong for uneven torch.chunk shards (V = 25 over 2 ranks); torch 2.11 then
+    hands back a replicated full-vocabulary gradient. Passing shape and stride explicitly
+    keeps the gradient sharded like the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, dt):
+        ctx.meta = (dt.device_mesh, tuple(dt.placements), tuple(dt.shape), tuple(dt.stride()))
+        local = dt.to_local()
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = ctx.meta
+        return DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape,
+                                  stride=stride)
 
 
 def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) -> Unpacked:
@@ -251,7 +268,7 @@ def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) ->
     n = mesh.size(mdim)
     coord = mesh.get_local_rank(mdim) if mesh.ndim > 1 else mesh.get_local_rank()
     start, length = chunk_range(V, coord, n)
-    local = logits.to_local(grad_placements=_positive(logits.placements, logits.dim()))
+    local = _LocalShard.apply(logits)
     if local.shape[-1] != length:
         raise ValueError(f"the DTensor's local shard has {local.shape[-1]} columns, expected "
                          f"{length} (torch.chunk layout of {V} over {n}); uneven custom "
