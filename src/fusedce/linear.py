@@ -530,6 +530,7 @@ def linear_cross_entropy(
     accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     return_aux: bool = False,
+    inplace_backward: bool = True,
 ) -> Union[torch.Tensor, CrossEntropyOutput]:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -563,10 +564,13 @@ def linear_cross_entropy(
             (one rounding at the end; costs a [V_local, D] fp32 buffer while the loss runs).
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
         return_aux: return CrossEntropyOutput(loss, lse, z_loss, accuracy).
+        inplace_backward: accepted for symmetry with :func:`fusedce.cross_entropy`; the
+            logits chunks are internal, so their gradient always overwrites them in place.
     Returns:
         The loss, fp32: a scalar, or shaped like ``target`` for reduction="none"; with
         ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
     """
+    del inplace_backward
     _fn._check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                        logit_scale=logit_scale, backend=backend)
