@@ -17,41 +17,24 @@ from __future__ import annotations
 
 import inspect
 import traceback
-import types
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedce import autograd as fce_autograd
 from fusedce import functional as fce_functional
-from fusedce import spec, torch_backend
 from fusedce.compat import nemo_automodel as na
 from fusedce.compat import nemo_rl as rl
 from fusedce.compat import torch_npu as npu
 from fusedce.compat import transformer_engine as te
+import eager_backend
 from oracle import assert_close_normwise, ref_cross_entropy, ref_logprobs, tol
 
 # ---------------------------------------------------------------- backends
 
 
-def _fake_fused(x3, target, opts, *, g0, terms, vocab_size, out, weight_local):
-    st = torch_backend.row_stats(x3, target, opts, weight_local=weight_local,
-                                 need_sz=opts.label_smoothing > 0.0)
-    lse = spec.lse_of(st)
-    c_p, c_t = spec.grad_coefficients(lse, terms, opts, vocab_size)
-    torch_backend.grad(x3, target, lse, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
-                       weight_local=weight_local)
-    return st
-
-
-# the eager strategy of the Triton backend (gradient written in the forward, scaled in the
-# backward), built from the torch backend so that it runs everywhere
-EAGER = types.SimpleNamespace(
-    name="eager", eager_grad=True, supports_fused=True, row_stats=torch_backend.row_stats,
-    grad=torch_backend.grad, fused=_fake_fused, scale_=fce_autograd.scale_,
-    scale_rows_=fce_autograd.scale_rows_)
+EAGER = eager_backend.make("eager")
 
 
 def _triton_backend():

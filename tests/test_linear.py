@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-import types
 
 import pytest
 import torch
 
 import fusedce as fce
-from fusedce import autograd as fce_autograd
 from fusedce import linear as fce_linear
-from fusedce import spec, torch_backend
 from dist_utils import progress, run_ranks
+import eager_backend
 from oracle import assert_close_normwise, ref_cross_entropy, ref_logprobs, tol
 
 try:
@@ -36,20 +34,7 @@ except Exception as _exc:  # pragma: no cover - depends on the parallel helper's
 # code path of linear.py is exercised on every machine, with or without Triton.
 
 
-def _fake_fused(x3, target, opts, *, g0, terms, vocab_size, out, weight_local):
-    st = torch_backend.row_stats(x3, target, opts, weight_local=weight_local,
-                                 need_sz=opts.label_smoothing > 0.0)
-    lse = spec.lse_of(st)
-    c_p, c_t = spec.grad_coefficients(lse, terms, opts, vocab_size)
-    torch_backend.grad(x3, target, lse, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
-                       weight_local=weight_local)
-    return st
-
-
-FAKE_FUSED = types.SimpleNamespace(
-    name="fakefused", eager_grad=True, supports_fused=True, row_stats=torch_backend.row_stats,
-    grad=torch_backend.grad, fused=_fake_fused, scale_=fce_autograd.scale_,
-    scale_rows_=fce_autograd.scale_rows_)
+FAKE_FUSED = eager_backend.make("fakefused")
 
 BACKENDS = ["torch", "fakefused", "triton"]
 
