@@ -102,10 +102,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = loss_rows.view(target.shape)
             zl = zpart.view(target.shape)
         if plan.need_aux:
-            nvalid = terms.valid.sum()
-            hits = ((stats.am == t.long()) & terms.valid).sum()
-            acc = torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(),
-                              torch.zeros((), device=lse.device))
+            acc = spec.accuracy(stats.am, t, terms.valid)
         else:
             acc = torch.zeros((), device=lse.device)
 

@@ -131,6 +131,20 @@ def _logits_into(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         torch.addmm(bias, h, weight.t(), out=out)
 
 
+def _logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  chunk_rows: int, v_local: int):
+    """Yield (r0, r1, hidden[r0:r1], logits of those rows) through one reused buffer, so
+    that only one chunk of logits [chunk_rows, V_local] ever exists."""
+    n = hidden.shape[0]
+    rows = min(chunk_rows, max(n, 1))
+    buf = torch.empty((rows, v_local), dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        x = buf[:r1 - r0]
+        _logits_into(hidden[r0:r1], weight, bias, x)
+        yield r0, r1, hidden[r0:r1], x
+
+
 _OUT_DTYPE_MM: Optional[bool] = None  # whether addmm(..., out_dtype=fp32) works on CUDA
 
 
@@ -243,14 +257,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         am = torch.empty(n, device=dev, dtype=torch.int64)
         grads = _Grads(plan, hidden, weight, bias) if eager else None
 
-        rows = min(plan.chunk_rows, max(n, 1))
-        buf = torch.empty((rows, v_local), dtype=hidden.dtype, device=dev)
         need_sz = opts.label_smoothing > 0.0
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            h_c = hidden[r0:r1]
-            x = buf[:r1 - r0]
-            _logits_into(h_c, weight, bias, x)
+        for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
             x3 = x.unsqueeze(0)
             t_c = t[r0:r1]
             if fused:
@@ -277,7 +285,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             am[r0:r1] = st.am
             if eager:
                 grads.add_chunk(x, h_c, weight, r0, r1)
-        del buf
 
         stats = spec.RowStats(m, s, zt, sz, am)
         loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, V)
@@ -287,10 +294,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss = loss_rows
             zl = zpart
-        nvalid = terms.valid.sum()
-        hits = ((am == t.long()) & terms.valid).sum()
-        acc = torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(),
-                          torch.zeros((), device=dev))
+        acc = spec.accuracy(am, t, terms.valid)
 
         ctx.plan = plan
         ctx.eager = eager
@@ -332,7 +336,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, lse, g_rows):
     """Recompute each logits chunk and write its gradient for per-row upstream g_rows."""
     opts, be = plan.opts, plan.backend
-    n = hidden.shape[0]
     v_local = weight.shape[0]
     V = plan.vocab_size
     wl = None if class_weight is None else \
@@ -341,18 +344,11 @@ def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, lse,
     g = g_rows * terms.valid
     c_p, c_t = spec.grad_coefficients(lse, terms, opts, V)
     grads = _Grads(plan, hidden, weight, bias)
-    rows = min(plan.chunk_rows, max(n, 1))
-    buf = torch.empty((rows, v_local), dtype=hidden.dtype, device=hidden.device)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        h_c = hidden[r0:r1]
-        x = buf[:r1 - r0]
-        _logits_into(h_c, weight, bias, x)
+    for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
         x3 = x.unsqueeze(0)
         be.grad(x3, t[r0:r1], lse[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1], opts,
                 vocab_size=V, out=x3, vocab_start=plan.vocab_start, weight_local=wl)
         grads.add_chunk(x, h_c, weight, r0, r1)
-    del buf
     return grads.finish(plan, weight, bias)
 
 

@@ -231,6 +231,13 @@ def row_scale(terms: RowTerms, opts: LossOptions, normalizer) -> torch.Tensor:
     return torch.ones((), device=device, dtype=torch.float32)
 
 
+def accuracy(am: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Fraction of non-ignored rows whose argmax ``am`` equals ``target`` (0 when none), 0-d."""
+    nvalid = valid.sum()
+    hits = ((am == target.long()) & valid).sum()
+    return torch.where(nvalid > 0, hits.float() / nvalid.clamp_min(1).float(), 0.0)
+
+
 def default_chunk_rows(vocab_size: int, budget_bytes: int = 32 << 20) -> int:
     """Rows per chunk so that one fp32 chunk of logits stays under ``budget_bytes``."""
     return max(1, min(1 << 16, budget_bytes // max(1, 4 * vocab_size)))
