@@ -86,16 +86,18 @@ def _check(backend, dtype, lead=(3, 7), D=13, V=37, bias=False, chunk_size=5, rt
     ref, hr, wr, br = _ref(h, w, b, t, weight=cw, **kw)
     assert out.dtype == torch.float32
     rt = rtol or max(tol(dtype), 1e-5) * 2
-    assert_close_normwise(out, ref, rt, "loss")
+    # a loss is lse - z_t: with fp32 logits from a matmul its error is relative to the
+    # logits' scale (~1), not to a tiny loss (a confident row gives ~1e-3)
+    assert_close_normwise(out, ref, rt, "loss", floor=1.0)
     g = torch.randn(out.shape, dtype=torch.float64)
     out.backward(g.float())
     ref.backward(g)
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
-    assert_close_normwise(h.grad, hr.grad, rt, "grad hidden")
-    assert_close_normwise(w.grad, wr.grad, rt, "grad weight")
+    assert_close_normwise(h.grad, hr.grad, rt, "grad hidden", floor=1e-2)
+    assert_close_normwise(w.grad, wr.grad, rt, "grad weight", floor=1e-2)
     if b is not None:
         assert b.grad.dtype == dtype
-        assert_close_normwise(b.grad, br.grad, rt, "grad bias")
+        assert_close_normwise(b.grad, br.grad, rt, "grad bias", floor=1e-2)
 
 
 # ---------------------------------------------------------------- option matrix
