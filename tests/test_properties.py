@@ -45,7 +45,7 @@ def test_cross_entropy_matches_oracle(problem):
     out = fce.cross_entropy(x, t, weight=w, **opts)
     xr = x.detach().double().requires_grad_(True)
     ref = ref_cross_entropy(xr, t, weight=w, **opts)
-    assert_close_normwise(out, ref, 2e-5, "loss")
+    assert_close_normwise(out, ref, 2e-5, "loss", floor=1.0)  # error scales with lse, not loss
     up = torch.randn(out.shape, generator=g, dtype=torch.float64)
     out.backward(up.float())
     ref.backward(up)
