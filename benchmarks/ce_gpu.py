@@ -231,11 +231,11 @@ def methods(x_src, t, peers):
         x, t, reduction="none", inplace_backward=True).backward(G_ROWS[0]), restore)
 
     def two_pass():
-        tb._COOP = False
+        tb._FUSED = False
         try:
             fce.cross_entropy(x, t, inplace_backward=True).backward()
         finally:
-            tb._COOP = True
+            tb._FUSED = True
     out["fusedce two-pass (stats + grad kernels)"] = ("fb", two_pass, restore)
 
     def fwd(fn):
@@ -275,11 +275,10 @@ G_ROWS = [None]
 def sweep_fused(x_src, t, V, floor4):
     """Time fused-kernel configurations (in-place forward + backward) and check each one
     against the table's configuration: loss rows and sampled gradient rows."""
-    F_ = ce.FusedConfig
-    cands = [F_(8192, 8, 4), F_(16384, 16, 2), F_(4096, 4, 8), F_(16384, 16, 1),
-             F_(8192, 8, 2)]
-    if V <= 32768:
-        cands += [F_(32768, 32, 1), F_(32768, 32, 1, persistent=False)]
+    R_ = ce.RowsConfig
+    cands = [R_(4096, 8, 4, prefetch=True, reverse=False), R_(8192, 16, 2, prefetch=True),
+             R_(4096, 8, 3, prefetch=True), R_(8192, 8, 2, prefetch=True),
+             R_(4096, 8, 1, prefetch=True, persistent=False)]
     x = x_src.clone().requires_grad_(True)
     g = torch.rand(x_src.shape[0], device=DEV) + 0.5
     rows = torch.arange(0, x_src.shape[0], 61, device=DEV)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: NCCL tests, the vocab-parallel benchmark (2 GPUs) and `fusedce bench
+# One device call: GPU tests, the CE benchmark (benchmarks/ce_gpu.py, optional fused-kernel
+# sweep with FUSED_SWEEP=configs), NCCL tests, the vocab-parallel benchmark (2 GPUs) and `fusedce bench
 # --preset perf` (GPU 0), peers installed from carried wheels; everything tarred into $OUT.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -11,6 +12,10 @@ R=${OUT:-/tmp/out}/run; mkdir -p "$R"
 nvidia-smi -L | tee "$R/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$R/device.txt"
 timeout ${GPU_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | tail -4 | tee "$R/gpu_tests.log"
+timeout ${CE_GPU_S:-150} python3 benchmarks/ce_gpu.py 2>&1 | grep -v -i warn | tail -40 | tee "$R/ce_gpu.log"
+if [ -n "$FUSED_SWEEP" ]; then
+  timeout 120 python3 benchmarks/fused_sweep.py --V "${SWEEP_V:-128256,262144}" --configs "$FUSED_SWEEP" 2>&1 | grep -v -i warn | tail -12 | tee "$R/fused_sweep.log"
+fi
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   FUSEDCE_DIST_BACKEND=nccl timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | grep -E "^E  |passed|failed" | tail -40 | tee "$R/nccl_tests.log"
   timeout 120 torchrun --nproc-per-node 2 benchmarks/tp_gpu.py 2>&1 | grep -v -i warn | tail -16 | tee "$R/tp.log"

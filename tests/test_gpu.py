@@ -1,5 +1,5 @@
-"""GPU tests of the Triton backend (marker gpu; skipped without CUDA): the cooperative fused
-kernel (several programs per row, S > 1) at real vocabulary sizes in bf16, N * V > 2**31,
+"""GPU tests of the Triton backend (marker gpu; skipped without CUDA): the fused kernel (its
+GPU table: prefetch, eviction hints, register caps) at real vocabulary sizes in bf16, N * V > 2**31,
 CUDA-graph capture and replay, torch.compile(fullgraph=True) with Inductor, run-to-run
 bitwise determinism and the extra-memory bound of inplace_backward.
 

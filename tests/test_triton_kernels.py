@@ -371,11 +371,23 @@ def test_fused_kernel_matches_two_pass(dtype, case):
     assert torch.equal(st2.m, st.m) and torch.equal(st2.s, st.s) and (st2.am == -1).all()
 
 
-def test_fused_fallback_multi_segment():
-    """A row wider than one segment in the interpreter: stats + grad kernels (two reads)."""
+@pytest.mark.parametrize("cfg", ["fallback", "reverse", "no_prefetch", "per_row_grid"])
+def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
+    """The fused kernel's table variants (pass 2 forwards/backwards, prefetch on/off, one
+    program per row) and the stats + grad fallback (FUSEDCE_TRITON_FUSED=0) all give the
+    oracle's loss and gradient with every option."""
     V = 300
-    if DEV == "cpu":
-        ce.set_override(fused=ce.FusedConfig(seg=128, num_warps=1, per_sm=1))
+    if cfg == "reverse":
+        ce.set_override(fused=ce.RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True,
+                                            reverse=True))
+    elif cfg == "no_prefetch":
+        ce.set_override(fused=ce.RowsConfig(block=128, num_warps=1, per_sm=1, prefetch=False,
+                                            reverse=False))
+    elif cfg == "per_row_grid":
+        ce.set_override(fused=ce.RowsConfig(block=32, num_warps=1, per_sm=1, prefetch=True,
+                                            persistent=False))
+    elif cfg == "fallback":
+        monkeypatch.setattr(tb, "_FUSED", False)
         assert tb._needs_fallback(torch.empty(1, 1, V))
     x = _x((3, 2), V, torch.float32).requires_grad_(True)
     t = _t((3, 2), V)
@@ -383,8 +395,8 @@ def test_fused_fallback_multi_segment():
     loss = fce.cross_entropy(x, t, backend="triton", **kw)
     loss.backward()
     ref, gref = _ref_grad(x, t, torch.tensor(1.0), **kw)
-    assert_close_normwise(loss, ref, 1e-5, "fallback loss")
-    assert_close_normwise(x.grad, gref, 2e-5, "fallback grad")
+    assert_close_normwise(loss, ref, 1e-5, "loss")
+    assert_close_normwise(x.grad, gref, 2e-5, "grad")
 
 
 def test_scale_kernels_touch_nothing_at_one():

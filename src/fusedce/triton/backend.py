@@ -11,9 +11,8 @@ for the upstream row gradient g0 in one pass over the logits; the backward then 
 it (``scale_`` reads the factor on the device and does nothing when it is 1; ``scale_rows_``
 skips rows whose factor is 1). Under no_grad only ``row_stats`` runs (one read).
 
-Where the cooperative fused kernel cannot run (the CPU interpreter when a row needs more than
-one segment, or FUSEDCE_TRITON_COOP=0) ``fused`` falls back to ``row_stats`` + ``grad``: the
-same results from two reads of the logits.
+With FUSEDCE_TRITON_FUSED=0, ``fused`` runs ``row_stats`` + ``grad`` instead: the same
+results from two kernels (one more read of the logits).
 """
 
 from __future__ import annotations
@@ -34,7 +33,9 @@ supports_fused = True
 # row_stats / fused take need_am=False to skip the argmax (it only feeds the accuracy)
 optional_argmax = True
 
-_COOP = os.environ.get("FUSEDCE_TRITON_COOP", "1").strip().lower() not in ("0", "false", "no")
+# FUSEDCE_TRITON_FUSED=0: stats + grad kernels instead of the fused kernel (same results)
+_FUSED = os.environ.get("FUSEDCE_TRITON_FUSED", os.environ.get("FUSEDCE_TRITON_COOP", "1")
+                        ).strip().lower() not in ("0", "false", "no")
 
 
 try:  # torch >= 2.6: launch wrap_triton kernels directly in eager mode
@@ -116,9 +117,7 @@ def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torc
 
 
 def _needs_fallback(x3: torch.Tensor) -> bool:
-    cfg = ce.fused_config(x3.shape[-1], x3.element_size())
-    multi = x3.shape[-1] > cfg.seg
-    return multi and (ce.INTERPRET or not _COOP)
+    return not _FUSED
 
 
 def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torch.Tensor,

@@ -27,17 +27,8 @@ Kernels:
                   that _fold_kernel combines.
   _grad_kernel    dx from given per-row lse / g / c_p / c_t (CE) or lse / H / g (entropy):
                   one read, one write (vocabulary shards, lazy backward, fallback).
-  _fused_kernel   statistics AND dx in one pass (one read, one write). A row is cut into
-                  S segments of SEG columns, each held in registers by one of S cooperating
-                  programs of a persistent grid: each publishes its partial (m, s, sz, am),
-                  bumps its group's arrival counter (release), spins (acquire) until the S
-                  partials of the row are in, folds them in segment order (identical in every
-                  program, hence deterministic run to run) and writes dx from its registers.
-                  All programs must be resident at once: the grid is sized from the register
-                  cap (maxnreg) and the SM count. S = 1 needs no exchange (this is the path
-                  the CPU interpreter runs: its programs execute one after another, so a spin
-                  would never end). The target column is patched by one scalar store, so no
-                  per-element index vector stays live; the argmax is optional (accuracy only).
+  _fused_rows_kernel (fused_rows.py)  statistics AND dx: one program per row streams it
+                  twice, the second read from L2 (DRAM sees one read and one write).
   _scale_kernel   buf *= f (one 0-d factor, read on the device: f == 1 touches no memory) or
                   per-row factors (rows with f == 1 are skipped).
 
@@ -289,205 +280,6 @@ def _grad_kernel(
 
 
 @triton.jit
-def _fz_row(tgt_ptr, g_ptr, wt_ptr, xb, row, live, seg, c0, sxv, V, ignore_index,
-            scale, inv_cap, softcap, SEG: tl.constexpr, SOFTCAP: tl.constexpr,
-            SCALE: tl.constexpr):
-    """Per-row scalars of the fused kernel: target (clamped), whether this segment owns it,
-    z_t, g, w_t. x_t is read here, before this program announces the row: no program of the
-    row writes its gradient (in place) before every program has announced it."""
-    tv = tl.load(tgt_ptr + row, mask=live, other=ignore_index).to(tl.int64)
-    has = (tv != ignore_index) & (tv >= 0) & (tv < V)
-    tsafe = tl.where(has, tv, 0)
-    mine = has & (tsafe >= c0) & (tsafe < c0 + SEG)
-    xt = tl.load(xb + tsafe * sxv, mask=has & ((seg == 0) | mine), other=0.0)
-    zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
-    g = tl.load(g_ptr + row, mask=live, other=0.0)
-    wt = tl.load(wt_ptr + row, mask=live, other=0.0)
-    return tsafe, has, mine, zt, g, wt
-
-
-@triton.jit
-def _fz_local(x, mask, w_ptr, c0, offs, scale, inv_cap, softcap, SOFTCAP: tl.constexpr,
-              SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
-              NEED_AM: tl.constexpr, FAST: tl.constexpr):
-    """Statistics of one segment held in registers: z, e = exp(z - m_l), m_l, argmax, the
-    finite shift, s_l = sum e, sz_l = sum w z."""
-    z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
-    if SOFTCAP:
-        z = tl.where(mask, z, float("-inf"))  # tanh(-inf) is -1, not -inf
-    if SMOOTH:
-        if HAS_W:
-            w = tl.load(w_ptr + c0 + offs, mask=mask, other=0.0).to(tl.float32)
-            szl = tl.sum(tl.where(mask, z * w, 0.0), axis=0)
-        else:
-            szl = tl.sum(tl.where(mask, z, 0.0), axis=0)
-    else:
-        szl = 0.0
-    if NEED_AM:
-        ml, aml = tl.max(z, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        aml = aml + c0
-    else:
-        ml = tl.max(z, axis=0)
-        aml = tl.full([], -1, tl.int32)
-    shl = tl.where(ml == float("-inf"), 0.0, ml)
-    e = _exp2(z * _LOG2E - shl * _LOG2E, FAST)
-    sl = tl.sum(e, axis=0)
-    return z, e, ml, aml, shl, sl, szl
-
-
-@triton.jit
-def _fz_publish(pf_ptr, pi_ptr, cnt_ptr, slot, seg, ml, sl, szl, aml):
-    tl.store(pf_ptr + (slot + seg) * 3 + 0, ml)
-    tl.store(pf_ptr + (slot + seg) * 3 + 1, sl)
-    tl.store(pf_ptr + (slot + seg) * 3 + 2, szl)
-    tl.store(pi_ptr + slot + seg, aml)
-    # every thread's partial store precedes the release of the arrival
-    tl.debug_barrier()
-    return tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu") + 1
-
-
-@triton.jit
-def _fz_wait_fold(pf_ptr, pi_ptr, cnt_ptr, slot, cur, want, S, SP2: tl.constexpr):
-    """Spin (acquire) until ``want`` arrivals, then fold the S partials in segment order."""
-    while cur < want:
-        cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-    k = tl.arange(0, SP2)
-    km = k < S
-    pk = pf_ptr + (slot + k) * 3
-    pm = tl.load(pk + 0, mask=km, other=float("-inf"), volatile=True)
-    ps = tl.load(pk + 1, mask=km, other=0.0, volatile=True)
-    psz = tl.load(pk + 2, mask=km, other=0.0, volatile=True)
-    pam = tl.load(pi_ptr + slot + k, mask=km, other=0, volatile=True)
-    m = tl.max(pm, axis=0)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.where(pm == float("-inf"), 0.0, ps * tl.exp(pm - shift)), axis=0)
-    # first segment holding the maximum (left fold of the pairwise combine)
-    first = tl.min(tl.where(pm == m, k, SP2), axis=0)
-    first = tl.where(first == SP2, 0, first)
-    am = tl.sum(tl.where(k == first, pam, 0), axis=0)
-    return m, shift, s, am, tl.sum(psz, axis=0)
-
-
-@triton.jit
-def _fz_write(o_ptr, sob, sot, sov, T, row, c0, offs, mask, w_ptr, p, z, lse, tsafe, mine, zt,
-              g, wt, wsum, one_minus_a, a_over_v, zl2, scale, rcap, SOFTCAP: tl.constexpr,
-              SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
-              ZLOSS: tl.constexpr, COL64O: tl.constexpr):
-    """dx of one segment given p_j = exp(z_j - lse): dx_j = p_j g c_p - g (a / V) w_j,
-    chained through softcap / scale; then the target column by one scalar store."""
-    ct = one_minus_a * wt
-    cp = ct + a_over_v * wsum
-    if ZLOSS:
-        cp += zl2 * lse
-    coef = g * cp
-    gsm = g * a_over_v
-    if not SOFTCAP:
-        if SCALE:
-            coef = coef * scale
-            gsm = gsm * scale
-    d = p * coef
-    if SMOOTH:
-        if HAS_W:
-            w = tl.load(w_ptr + c0 + offs, mask=mask, other=0.0).to(tl.float32)
-            d -= gsm * w
-        else:
-            d -= gsm
-    if SOFTCAP:
-        r = z * rcap
-        d = d * (scale * (1.0 - r * r))
-    ob = _row_ptr(o_ptr, row, T, sob, sot)
-    tl.store(ob + c0.to(tl.int64) * sov + _col_off(offs, sov, COL64O),
-             d.to(o_ptr.dtype.element_ty), mask=mask)
-    # the target column: the vector store above wrote it without the -c_t term; the
-    # barrier orders the two stores of different threads to that address. Written as
-    # c_t (p_t - 1) + (a / V)(W p_t - w_t) + 2 zl lse p_t, which is exactly 0 where it
-    # should be (V = 1: p_t = 1, W = w_t) and cancels no large terms.
-    tl.debug_barrier()
-    pt = tl.exp(zt - lse)
-    dt = ct * (pt - 1.0)
-    if SMOOTH:
-        if HAS_W:
-            wcls = tl.load(w_ptr + tsafe, mask=mine, other=0.0).to(tl.float32)
-        else:
-            wcls = 1.0
-        dt += a_over_v * (wsum * pt - wcls)
-    if ZLOSS:
-        dt += zl2 * lse * pt
-    dt = _chain(g * dt, zt, scale, rcap, SOFTCAP, SCALE)
-    tl.store(ob + tsafe * sov, dt.to(o_ptr.dtype.element_ty), mask=mine & (g != 0.0))
-
-
-@triton.jit
-def _fz_stats_out(m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, row, seg, m, s, zt, sz, am):
-    first_seg = seg == 0
-    tl.store(m_ptr + row, m, mask=first_seg)
-    tl.store(s_ptr + row, s, mask=first_seg)
-    tl.store(zt_ptr + row, zt, mask=first_seg)
-    tl.store(sz_ptr + row, sz, mask=first_seg)
-    tl.store(am_ptr + row, am.to(tl.int64), mask=first_seg)
-
-
-@triton.jit
-def _fused_kernel(
-    x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, G, S,
-    tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
-    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr,
-    pf_ptr, pi_ptr, cnt_ptr,
-    one_minus_a, a_over_v, zl2, w_total, scale, inv_cap, softcap, rcap,
-    SEG: tl.constexpr, SP2: tl.constexpr, COOP: tl.constexpr,
-    SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
-    ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
-    FAST: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    grp = pid // S
-    seg = pid - grp * S
-    c0 = seg * SEG
-    offs = tl.arange(0, SEG)
-    # columns of this segment are c0 + offs. No per-element index or mask vector stays live
-    # across the row loop (a register per element each): masked lanes load as -inf, the
-    # target column is patched by one scalar store, the argmax comes out of the max itself.
-    mask = offs < V - c0
-    if HAS_W:
-        wsum = tl.load(wsum_ptr).to(tl.float32)
-    else:
-        wsum = w_total
-    xoff = c0.to(tl.int64) * sxv + _col_off(offs, sxv, COL64X)
-    for row in range(grp, N, G):
-        xb = _row_ptr(x_ptr, row, T, sxb, sxt)
-        x = tl.load(xb + xoff, mask=mask, other=float("-inf"))
-        tsafe, has, mine, zt, g, wt = _fz_row(tgt_ptr, g_ptr, wt_ptr, xb, row, row < N, seg,
-                                              c0, sxv, V, ignore_index, scale, inv_cap,
-                                              softcap, SEG, SOFTCAP, SCALE)
-        z, e, ml, aml, shl, sl, szl = _fz_local(x, mask, w_ptr, c0, offs, scale, inv_cap,
-                                                softcap, SOFTCAP, SCALE, SMOOTH, HAS_W,
-                                                NEED_AM, FAST)
-        if COOP:
-            # two slots by parity and one monotone counter: announcing row j + 2 needs
-            # every program to have announced j + 1, which each does after folding j
-            it = (row - grp) // G
-            q = it % 2
-            cur = _fz_publish(pf_ptr, pi_ptr, cnt_ptr + grp, (grp * 2 + q) * SP2, seg,
-                              ml, sl, szl, aml)
-            m, shift, s, am, sz = _fz_wait_fold(pf_ptr, pi_ptr, cnt_ptr + grp,
-                                                (grp * 2 + q) * SP2, cur, (it + 1) * S, S,
-                                                SP2)
-        else:
-            m = ml
-            shift = shl
-            s = sl
-            am = aml
-            sz = szl
-        lse = shift + tl.log(s)
-        _fz_stats_out(m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, row, seg, m, s, zt, sz, am)
-        # p_j = e_j * exp(shl - lse)
-        _fz_write(o_ptr, sob, sot, sov, T, row, c0, offs, mask, w_ptr,
-                  e * tl.exp(shl - lse), z, lse, tsafe, mine, zt, g, wt, wsum, one_minus_a,
-                  a_over_v, zl2, scale, rcap, SOFTCAP, SCALE, SMOOTH, HAS_W, ZLOSS, COL64O)
-
-
-@triton.jit
 def _scale_kernel(
     b_ptr, sb, st, sv, T, V, N, f_ptr, P,
     BLOCK: tl.constexpr, PER_ROW: tl.constexpr, COL64: tl.constexpr,
@@ -519,19 +311,25 @@ def _scale_kernel(
 
 
 @dataclass(frozen=True)
-class FusedConfig:
-    """Launch parameters of _fused_kernel.
+class RowsConfig:
+    """Launch parameters of fused_rows._fused_rows_kernel (two passes over a row, the second
+    from L2).
 
-    seg: columns per program (a power of two); a row takes S = cdiv(V, seg) programs.
-    num_warps: warps per program.
-    per_sm: programs resident per SM (the register cap is set so that they fit).
-    persistent: for S = 1, loop over rows in a grid of per_sm * SMs programs (else one
-        program per row).
+    block: columns per chunk; num_warps: warps per program; per_sm: programs per SM (the
+    grid is per_sm x SMs, persistent over rows); stages: tl.range software-pipelining depth;
+    reverse: pass 2 walks the row backwards; hints: L2 eviction hints on loads and stores
+    (1: evict_last / evict_first, 2: streaming stores); prefetch: the next chunk's load is
+    issued before the current chunk is reduced; persistent: (S = 1) a grid of per_sm x SMs
+    programs looping over rows, else one program per row.
     """
 
-    seg: int
+    block: int
     num_warps: int
     per_sm: int
+    stages: int = 1
+    reverse: bool = True
+    hints: int = 1
+    prefetch: bool = False
     persistent: bool = True
 
 
@@ -550,7 +348,7 @@ _OVERRIDE: dict = {}
 
 
 def set_override(**kw) -> None:
-    """Override table entries: fused=FusedConfig, stats=StatsConfig, grad_block=int (or None)."""
+    """Override table entries: fused=RowsConfig, stats=StatsConfig, grad_block=int (or None)."""
     for k, v in kw.items():
         if v is None:
             _OVERRIDE.pop(k, None)
@@ -558,23 +356,21 @@ def set_override(**kw) -> None:
             _OVERRIDE[k] = v
 
 
-def fused_config(V: int, elem_size: int) -> FusedConfig:
-    """Table of the fused kernel's parameters by vocabulary size and element size.
-
-    A program holds 32 (2-byte) or 16 (4-byte) elements per thread, which fits in 64
-    registers without spills (ptxas, sm_90); 32 / num_warps programs then fill the 64K
-    registers of an SM. Rows wider than 8192 columns are cut into 8192-column segments
-    (the fastest of 8192 / 16384 / 4096 / whole-row programs on an H200: notes/KERNELS.md).
-    """
+def fused_config(V: int, elem_size: int) -> RowsConfig:
+    """Table of the fused kernel's parameters by row bytes (V x element size), measured on an
+    H200 (notes/KERNELS.md, run 5): rows up to 96 KB take 4 programs of 8 warps per SM, 16 KB
+    chunks prefetched, so that the rows in flight (4 x 132 x 64 KB at V = 32000 in bf16) stay
+    in L2 for the second read; longer rows take 2 programs of 16 warps per SM with pass 2
+    walking backwards, which keeps the most recently read part of each row in L2."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
-        # the interpreter runs programs in sequence: no cooperating segments there
-        return FusedConfig(seg=triton.next_power_of_2(max(V, 16)), num_warps=4, per_sm=1)
-    per_thread = 32 if elem_size <= 2 else 16
-    seg = min(8192, triton.next_power_of_2(max(V, 128)))
-    nw = max(1, min(16, seg // (32 * per_thread)))
-    return FusedConfig(seg=seg, num_warps=nw, per_sm=max(1, min(32, 32 // nw)))
+        # small chunks: several per row, so the chunk loops, prefetch and tails are exercised
+        return RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True)
+    per_chunk = 8192 // elem_size  # 8 KB of columns per 8 warps
+    if V * elem_size <= 96 * 1024:
+        return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False)
+    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=True)
 
 
 def stats_config(V: int, elem_size: int) -> StatsConfig:
@@ -603,9 +399,9 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _maxnreg(cfg: FusedConfig) -> int:
+def _maxnreg(num_warps: int, per_sm: int) -> int:
     # 64K registers per SM shared by per_sm programs of num_warps * 32 threads, in units of 8
-    r = 65536 // (cfg.per_sm * cfg.num_warps * 32)
+    r = 65536 // (per_sm * num_warps * 32)
     return max(24, min(255, (r // 8) * 8))
 
 
@@ -770,26 +566,6 @@ def tr_entropy_grad(
                  softcap, False, True)
 
 
-def _occupancy_grid(cfg: FusedConfig, S: int, n: int, dev: torch.device, traced: bool):
-    """(programs, groups, maxnreg) such that every program is resident at once when S > 1."""
-    sms = _sm_count(dev)
-    if S == 1 and not cfg.persistent:
-        return n, n, None
-    if INTERPRET:
-        groups = max(1, min(n, 3))
-        return groups * S, groups, None
-    if traced:
-        # under torch.compile the launch carries no register cap: one program per SM
-        # always fits (ptxas caps registers so that a block of num_warps warps can run)
-        per_sm, maxnreg = 1, None
-    else:
-        per_sm, maxnreg = cfg.per_sm, _maxnreg(cfg)
-    groups = max(1, (sms * per_sm) // S)
-    if S == 1:
-        groups = min(groups, n)
-    return groups * S, groups, maxnreg
-
-
 @_op("fusedce::tr_fused", mutates_args=("out",))
 def tr_fused(
     x3: torch.Tensor, target: torch.Tensor, g0: torch.Tensor, w_t: torch.Tensor,
@@ -809,40 +585,32 @@ def tr_fused(
     am = torch.empty(n, device=dev, dtype=torch.int64)
     if n == 0 or _skip(x3, out):
         return m, s, zt, sz, am
-    traced = _is_traced(x3, out)
     cfg = fused_config(V, x3.element_size())
     if softcap is not None or weight is not None:
         # more live values per element (z for the softcap chain, class weights): give each
         # program twice the registers rather than spill
         cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
-    S = triton.cdiv(V, cfg.seg)
-    if S > 1 and INTERPRET:
-        raise RuntimeError("the cooperative fused kernel cannot run in the interpreter")
-    P, G, maxnreg = _occupancy_grid(cfg, S, n, dev, traced)
-    sp2 = triton.next_power_of_2(S)
-    if S > 1:
-        # two partial slots (by row parity) and one arrival counter per group
-        pf = torch.empty(G * 2 * sp2 * 3, device=dev, dtype=f32)
-        pi = torch.empty(G * 2 * sp2, device=dev, dtype=torch.int32)
-        cnt = torch.zeros(G, device=dev, dtype=torch.int32)
+    maxnreg = None
+    if INTERPRET:
+        P = min(n, 3)
+    elif not cfg.persistent:
+        P = n
     else:
-        pf, pi, cnt = m, am, am
-    fl = _opts_flags(logit_scale, softcap)
-    a = float(label_smoothing)
-    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
-    _launcher(_fused_kernel)[(P,)](
-        x3, x3.stride(0), x3.stride(1), x3.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2), T, V, n, G, S,
-        target, ignore_index, weight if weight is not None else g0,
-        w_total if w_total is not None else g0, g0, w_t,
-        m, s, zt, sz, am, pf, pi, cnt,
-        1.0 - a, a / vocab_size, 2.0 * float(z_loss), float(vocab_size),
-        fl["scale"], fl["inv_cap"], fl["softcap"], fl["rcap"],
-        SEG=cfg.seg, SP2=sp2, COOP=S > 1, SOFTCAP=fl["SOFTCAP"],
-        SCALE=fl["SCALE"], SMOOTH=a > 0.0, HAS_W=weight is not None, ZLOSS=z_loss > 0.0,
-        NEED_AM=need_am, COL64X=_col64(V, x3.stride(2)), COL64O=_col64(V, out.stride(2)),
-        FAST=not INTERPRET, num_warps=cfg.num_warps, **extra,
-    )
+        P = min(n, cfg.per_sm * _sm_count(dev))
+        if not _is_traced(x3, out):
+            # under torch.compile the launch carries no register cap (it is only a hint
+            # for occupancy here: nothing waits on another program)
+            maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
+    from . import fused_rows  # it imports this module's jit helpers
+
+    fused_rows.launch(
+        x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, programs=P,
+        block=min(cfg.block, triton.next_power_of_2(max(V, 16))), num_warps=cfg.num_warps,
+        stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
+        maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
+        label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
+        need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
+        fast=not INTERPRET, launcher=_launcher)
     return m, s, zt, sz, am
 
 
@@ -877,6 +645,6 @@ def tr_scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
 
 
 __all__ = [
-    "FusedConfig", "StatsConfig", "fused_config", "stats_config", "set_override",
+    "RowsConfig", "StatsConfig", "fused_config", "stats_config", "set_override",
     "tr_row_stats", "tr_grad", "tr_entropy_grad", "tr_fused", "tr_scale_", "tr_scale_rows_",
 ]

@@ -1,0 +1,113 @@
+"""Sweep of the fused forward + gradient kernel (fused_rows, ce.RowsConfig; in place, bf16,
+N = 16384) against the 4-byte floor, the table's configuration first. Each configuration is
+checked against the torch backend (loss rows, sampled gradient rows) before it is timed.
+
+Usage: PYTHONPATH=src:tests python benchmarks/fused_sweep.py [--V 32000,128256,262144]
+       [--configs "block,warps,per_sm,stages,reverse,hints;..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import ce_gpu as cg  # noqa: E402
+import fusedce as fce  # noqa: E402,I001
+from fusedce import spec  # noqa: E402
+from fusedce.triton import backend as tb, ce, fused_rows  # noqa: E402
+
+# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent]
+DEFAULT = ("4096,8,3,1,1,1,1,1;4096,8,4,1,1,1,1,1;4096,8,4,1,1,1,0,1;4096,8,5,1,1,1,0,1;"
+           "2048,4,8,1,1,1,1,1;2048,4,6,1,1,1,1,1;4096,8,1,1,1,1,0,0;4096,8,1,1,1,1,1,0;"
+           "2048,4,1,1,1,1,1,0;8192,16,2,1,1,1,1,1;4096,8,3,3,1,1,0,1;4096,8,4,1,0,1,1,1;"
+           "4096,8,4,1,1,0,1,1;4096,4,8,1,1,1,0,1")
+
+
+def parse(spec_s):
+    out = []
+    for item in spec_s.split(";"):
+        v = [int(v) for v in item.split(",")] + [0, 1][len(item.split(",")) - 6:]
+        b, w, p, st, rv, h, pf, pers = v[:8]
+        out.append(ce.RowsConfig(block=b, num_warps=w, per_sm=p, stages=st, reverse=bool(rv),
+                                 hints=h, prefetch=bool(pf), persistent=bool(pers)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--V", default="32000,128256,262144")
+    ap.add_argument("--N", type=int, default=16384)
+    ap.add_argument("--configs", default=DEFAULT)
+    args = ap.parse_args()
+    _, bw = cg.ceilings()
+    cg.log(f"copy {bw:.3f} TB/s, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    cands = [None] + parse(args.configs)
+    table = {}
+    for V in [int(v) for v in args.V.split(",")]:
+        N = args.N
+        x_src, t = cg.make_data(N, V, seed=3)
+        floor4 = 4 * N * V / (bw * 1e12) * 1e3
+        opts = spec.LossOptions()
+        terms = spec.row_terms(t, opts, V, None)
+        g0 = terms.valid.float() * spec.row_scale(terms, opts, None)
+        x = x_src.clone()
+        x3 = x.unsqueeze(0)
+        # reference: the torch backend, reduction none with random upstream gradients
+        g = torch.rand(N, device="cuda") + 0.5
+        rows = torch.arange(0, N, 61, device="cuda")
+        xr = x_src.clone().requires_grad_(True)
+        lr = fce.cross_entropy(xr, t, reduction="none", backend="torch", z_loss=1e-4,
+                               label_smoothing=0.05)
+        lr.backward(g)
+        ref_loss, ref_grad = lr.detach(), xr.grad[rows].float()
+        del xr, lr
+
+        def restore():
+            with torch.no_grad():
+                x.copy_(x_src)
+
+        def kernel():
+            tb.fused(x3, t, opts, g0=g0, terms=terms, vocab_size=V, out=x3,
+                     weight_local=None, need_am=False)
+
+        for c in cands:
+            ce.set_override(fused=c)
+            key = str(c) if c is not None else "table"
+            try:
+                restore()
+                xg = x.requires_grad_(True)
+                loss = fce.cross_entropy(xg, t, reduction="none", inplace_backward=True,
+                                         z_loss=1e-4, label_smoothing=0.05)
+                loss.backward(g)
+                el = cg.rel(loss, ref_loss)
+                eg = cg.rel(xg.grad[rows], ref_grad)
+                xg.grad = None
+                x.requires_grad_(False)
+                ms = cg.time_step(kernel, restore, budget_ms=250)
+                table.setdefault(key, {})[V] = ms / floor4
+                cg.log(f"V={V} {c}: {ms:.3f} ms = {ms / floor4:.3f}x "
+                       f"(loss {el:.1e}, grad {eg:.1e})")
+            except Exception as exc:  # noqa: BLE001
+                x.requires_grad_(False)
+                cg.log(f"V={V} {c}: FAILED {exc!r}")
+            finally:
+                ce.set_override(fused=None)
+        del x, x3, x_src
+        torch.cuda.empty_cache()
+    cg.log("resources rows kernel:", cg.kernel_resources(fused_rows._fused_rows_kernel))
+    cg.log("\nconfig | " + " | ".join(args.V.split(",")))
+    for k, row in table.items():
+        cg.log(k + " | " + " | ".join(f"{row.get(int(v), float('nan')):.3f}"
+                                      for v in args.V.split(",")))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "fused_sweep.json"), "w") as f:
+            json.dump(table, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

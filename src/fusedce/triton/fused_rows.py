@@ -1,0 +1,249 @@
+"""Fused forward + gradient of cross-entropy, one row per program, second read from L2.
+
+Math (see :mod:`fusedce.spec` and :mod:`fusedce.triton.ce`). Per row with target t, upstream
+row gradient g, target weight w_t, class weights w (sum W), smoothing a, z-loss zl:
+
+    pass 1 (DRAM):  m = max_j z_j, s = sum_j exp(z_j - m), z_t, sz = sum_j w_j z_j, argmax
+                    lse = m + log s
+    pass 2 (L2):    dx_j = g (p_j c_p - c_t [j = t] - (a / V) w_j) dz_j/dx_j,
+                    p_j = exp(z_j - lse),  c_t = (1 - a) w_t,  c_p = c_t + (a / V) W + 2 zl lse
+
+Why two passes in one program: the gradient needs the whole row's lse before its first
+element can be written, so a single-read kernel must hold the row (registers, or partials
+exchanged between cooperating programs, which then wait on each other). Here a program
+streams its row twice instead: the first read comes from DRAM, the second from L2, where the
+row still is if the rows in flight (programs x row bytes) fit in L2. DRAM then sees one read
+and one write per element (the 4-byte floor in bf16) and no program ever waits on another.
+Pass 2 can walk the row backwards (REVERSE), so that its first chunks are the ones read last
+and the reuse distance shrinks for long rows; loads of pass 1 ask L2 to keep the lines
+(evict_last), pass 2's loads and stores ask it to drop them first (evict_first).
+
+A chunk is a [BLOCK / R, R] tile whose R contiguous columns sit in one thread (16-byte
+loads), so pass 1 keeps per-thread running statistics with in-thread reductions and folds
+the threads once per row, as the statistics kernel of ce.py does.
+
+The target column is corrected inside pass 2's vector (a compare with the column index), so
+no barrier or second store is needed, in place or not.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .ce import _LOG2E, _col_off, _exp2, _row_ptr, _z_of
+
+
+@triton.jit
+def _load1(xb, cols, sxv, V, HINTS: tl.constexpr, COL64: tl.constexpr):
+    # pass 1: masked lanes read as -inf (they add nothing to max and sum)
+    if HINTS:
+        return tl.load(xb + _col_off(cols, sxv, COL64), mask=cols < V, other=float("-inf"),
+                       eviction_policy="evict_last")
+    return tl.load(xb + _col_off(cols, sxv, COL64), mask=cols < V, other=float("-inf"))
+
+
+@triton.jit
+def _load2(xb, cols, sxv, vend, HINTS: tl.constexpr, COL64: tl.constexpr):
+    # pass 2: vend is 0 for rows without upstream gradient (written as zeros, never read)
+    if HINTS:
+        return tl.load(xb + _col_off(cols, sxv, COL64), mask=cols < vend, other=0.0,
+                       eviction_policy="evict_first")
+    return tl.load(xb + _col_off(cols, sxv, COL64), mask=cols < vend, other=0.0)
+
+
+@triton.jit
+def _pass1(xb, c0, cend, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
+           BLOCK: tl.constexpr, R: tl.constexpr, HINTS: tl.constexpr,
+           PREFETCH: tl.constexpr, STAGES: tl.constexpr, SOFTCAP: tl.constexpr,
+           SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+           NEED_AM: tl.constexpr, COL64X: tl.constexpr, FAST: tl.constexpr):
+    """Statistics of columns [c0, cend) of one row: (m, s, sum w z, first argmax)."""
+    NT: tl.constexpr = BLOCK // R
+    m = tl.full([NT], float("-inf"), tl.float32)
+    s = tl.zeros([NT], tl.float32)
+    sz = tl.zeros([NT], tl.float32)
+    am = tl.zeros([NT], tl.int32)
+    if PREFETCH:
+        xn = _load1(xb, c0 + offs, sxv, cend, HINTS, COL64X)
+    for b0 in tl.range(c0, cend, BLOCK, num_stages=STAGES):
+        b0 = tl.multiple_of(b0, BLOCK)
+        cols = b0 + offs
+        if PREFETCH:
+            x = xn
+            xn = _load1(xb, cols + BLOCK, sxv, cend, HINTS, COL64X)
+        else:
+            x = _load1(xb, cols, sxv, cend, HINTS, COL64X)
+        z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+        if SOFTCAP:
+            z = tl.where(cols < cend, z, float("-inf"))  # tanh(-inf) is -1, not -inf
+        if SMOOTH:
+            mask = cols < cend
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                sz += tl.sum(tl.where(mask, z * w, 0.0), axis=1)
+            else:
+                sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
+        if NEED_AM:
+            mc, ic = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            am = tl.where(mc > m, b0 + lane * R + ic, am)
+        else:
+            mc = tl.max(z, axis=1)
+        m_new = tl.maximum(m, mc)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * _LOG2E
+        e = _exp2(z * _LOG2E - shift[:, None], FAST)
+        alpha = _exp2(m * _LOG2E - shift, FAST)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+    # fold the threads (the spec's combine); lanes hold interleaved columns, so the first
+    # argmax is the smallest index among the lanes that reach the maximum
+    mm = tl.max(m, axis=0)
+    sh = tl.where(mm == float("-inf"), 0.0, mm)
+    f = tl.where(m == float("-inf"), 0.0, tl.exp(m - sh))
+    ss = tl.sum(s * f, axis=0)
+    if NEED_AM:
+        amm = tl.min(tl.where(m == mm, am, 2147483647), axis=0)
+        amm = tl.where(amm == 2147483647, tl.min(tl.where(lane == 0, am, 2147483647), axis=0),
+                       amm)
+    else:
+        amm = tl.full([], -1, tl.int32)
+    return mm, ss, tl.sum(sz, axis=0), amm
+
+
+@triton.jit
+def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, gsm, gct, tcol,
+           scale, inv_cap, softcap, rcap,
+           BLOCK: tl.constexpr, HINTS: tl.constexpr, PREFETCH: tl.constexpr,
+           STAGES: tl.constexpr, REVERSE: tl.constexpr, SOFTCAP: tl.constexpr,
+           SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+           COL64X: tl.constexpr, COL64O: tl.constexpr, FAST: tl.constexpr):
+    """dx of columns [c0, cend) of one row (reads below vend only: 0 = write zeros)."""
+    nb = tl.cdiv(cend - c0, BLOCK)
+    if REVERSE:
+        step = -BLOCK
+        first = c0 + (nb - 1) * BLOCK
+    else:
+        step = BLOCK
+        first = c0
+    if PREFETCH:
+        xn = _load2(xb, first + offs, sxv, vend, HINTS, COL64X)
+    for b in tl.range(0, nb, num_stages=STAGES):
+        b0 = tl.multiple_of(first + b * step, BLOCK)
+        cols = b0 + offs
+        mask = cols < cend
+        if PREFETCH:
+            x = xn
+            # before c0 or past the end the mask is all false: nothing is read
+            nc = cols + step
+            xn = _load2(xb, nc, sxv, tl.where(nc >= c0, vend, 0), HINTS, COL64X)
+        else:
+            x = _load2(xb, cols, sxv, vend, HINTS, COL64X)
+        z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+        p = _exp2(z * _LOG2E - lse2, FAST)
+        d = p * coef
+        if SMOOTH:
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                d -= gsm * w
+            else:
+                d -= gsm
+        d = tl.where(cols == tcol, d - gct, d)
+        if SOFTCAP:
+            r = z * rcap
+            d = d * (scale * (1.0 - r * r))
+        if HINTS == 2:
+            tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+                     cache_modifier=".cs")
+        elif HINTS:
+            tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+                     eviction_policy="evict_first")
+        else:
+            tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_rows_kernel(
+    x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
+    tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
+    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr,
+    one_minus_a, a_over_v, zl2, w_total, scale, inv_cap, softcap, rcap,
+    BLOCK: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
+    HINTS: tl.constexpr, PREFETCH: tl.constexpr,
+    SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+    ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each)
+    pid = tl.program_id(0)
+    NT: tl.constexpr = BLOCK // R
+    lane = tl.arange(0, NT)
+    offs = lane[:, None] * R + tl.arange(0, R)[None, :]
+    if HAS_W:
+        wsum = tl.load(wsum_ptr).to(tl.float32)
+    else:
+        wsum = w_total
+    for row in range(pid, N, P):
+        xb = _row_ptr(x_ptr, row, T, sxb, sxt)
+        tv = tl.load(tgt_ptr + row).to(tl.int64)
+        has = (tv != ignore_index) & (tv >= 0) & (tv < V)
+        tsafe = tl.where(has, tv, 0)
+        # read before pass 2 overwrites it (in place)
+        xt = tl.load(xb + tsafe * sxv, mask=has, other=0.0)
+        zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
+        m, ss, szs, am = _pass1(xb, 0, V, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
+                                BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE, SMOOTH,
+                                HAS_W, NEED_AM, COL64X, FAST)
+        sh = tl.where(m == float("-inf"), 0.0, m)
+        lse = sh + tl.log(ss)
+        tl.store(m_ptr + row, m)
+        tl.store(s_ptr + row, ss)
+        tl.store(zt_ptr + row, zt)
+        tl.store(sz_ptr + row, szs)
+        tl.store(am_ptr + row, am.to(tl.int64))
+
+        g = tl.load(g_ptr + row)
+        wt = tl.load(wt_ptr + row)
+        ct = one_minus_a * wt
+        cp = ct + a_over_v * wsum
+        if ZLOSS:
+            cp += zl2 * lse
+        coef = g * cp
+        gsm = g * a_over_v
+        gct = g * ct
+        if not SOFTCAP:
+            if SCALE:
+                coef = coef * scale
+                gsm = gsm * scale
+                gct = gct * scale
+        # rows without upstream gradient are written as zeros, not read
+        vend = tl.where(g != 0.0, V, 0)
+        ob = _row_ptr(o_ptr, row, T, sob, sot)
+        _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, gsm, gct,
+               tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
+               STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST)
+
+
+def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, programs: int,
+           block: int, num_warps: int, stages: int, reverse: bool, hints: int, prefetch: bool,
+           maxnreg, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
+           flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher):
+    """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
+    allocated by the caller: see ce.tr_fused)."""
+    B, T, V = x3.shape
+    n = B * T
+    r = max(1, 16 // x3.element_size())
+    a = float(label_smoothing)
+    launcher(_fused_rows_kernel)[(programs,)](
+        x3, x3.stride(0), x3.stride(1), x3.stride(2),
+        out, out.stride(0), out.stride(1), out.stride(2), T, V, n, programs,
+        target, ignore_index, weight if weight is not None else g0,
+        w_total if w_total is not None else g0, g0, w_t,
+        m, s, zt, sz, am,
+        1.0 - a, a / vocab_size, 2.0 * float(z_loss), float(vocab_size),
+        flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
+        BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
+        PREFETCH=prefetch, SOFTCAP=flags["SOFTCAP"], SCALE=flags["SCALE"], SMOOTH=a > 0.0,
+        HAS_W=weight is not None, ZLOSS=z_loss > 0.0, NEED_AM=need_am, COL64X=col64x,
+        COL64O=col64o, FAST=fast, num_warps=num_warps,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
+    )
