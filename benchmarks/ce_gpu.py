@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import fusedce as fce  # noqa: E402,I001
-from fusedce.triton import backend as tb, ce  # noqa: E402
+from fusedce.triton import backend as tb, ce, fused_rows  # noqa: E402
 
 GB = 1e9
 DEV = "cuda"
@@ -81,6 +81,23 @@ def time_step(step, setup=None, iters=None, budget_ms=600.0):
     evs = [once() for _ in range(n)]
     torch.cuda.synchronize()
     return statistics.median(a.elapsed_time(b) for a, b in evs)
+
+
+def host_ms(step, setup=None, iters=5):
+    """Median host time to enqueue ``step`` (no sync inside): when it exceeds the GPU time the
+    step is host-bound and the GPU idles between launches."""
+    import time
+
+    out = []
+    for _ in range(iters):
+        if setup is not None:
+            setup()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(out)
 
 
 def peak_extra(step, setup=None):
@@ -383,15 +400,17 @@ def main():
             try:
                 ms = time_step(step, setup)
                 mem = peak_extra(step, setup)
+                hms = host_ms(step, setup)
                 fl = floor4 if kind == "fb" else floor2
-                res[name] = dict(kind=kind, ms=ms, ratio=ms / fl, peak_gb=mem)
-                log(f"  {name:42s} {ms:8.3f} ms  {ms / fl:6.2f}x  peak {mem:8.4f} GB")
+                res[name] = dict(kind=kind, ms=ms, ratio=ms / fl, peak_gb=mem, host_ms=hms)
+                log(f"  {name:42s} {ms:8.3f} ms  {ms / fl:6.2f}x  peak {mem:8.4f} GB"
+                    f"  host {hms:6.3f} ms")
                 table.append((V, name, kind, ms, ms / fl, mem))
             except Exception as exc:  # noqa: BLE001
                 log(f"  {name}: FAILED {exc!r}")
             torch.cuda.empty_cache()
         rep["methods"] = res
-        rep["fused_kernel_resources"] = kernel_resources(ce._fused_kernel)
+        rep["fused_kernel_resources"] = kernel_resources(fused_rows._fused_rows_kernel)
         rep["stats_kernel_resources"] = kernel_resources(ce._stats_kernel)
         log("  fused kernel (regs, spills, smem, warps):", rep["fused_kernel_resources"])
         report["shapes"][V] = rep

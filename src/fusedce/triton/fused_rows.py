@@ -133,9 +133,10 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, gsm, gct, 
         mask = cols < cend
         if PREFETCH:
             x = xn
-            # before c0 or past the end the mask is all false: nothing is read
-            nc = cols + step
-            xn = _load2(xb, nc, sxv, tl.where(nc >= c0, vend, 0), HINTS, COL64X)
+            # the next chunk; walking backwards past c0 its columns are negative, and the
+            # bound nb0 (its first column) masks all of them off: nothing is read
+            nb0 = b0 + step
+            xn = _load2(xb, nb0 + offs, sxv, tl.where(nb0 >= c0, vend, nb0), HINTS, COL64X)
         else:
             x = _load2(xb, cols, sxv, vend, HINTS, COL64X)
         z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
