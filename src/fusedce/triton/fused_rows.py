@@ -111,7 +111,7 @@ def _pass1(xb, c0, cend, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
 
 
 @triton.jit
-def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, gsm, gct, tcol,
+def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct, tcol,
            scale, inv_cap, softcap, rcap,
            BLOCK: tl.constexpr, HINTS: tl.constexpr, PREFETCH: tl.constexpr,
            STAGES: tl.constexpr, REVERSE: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -141,14 +141,15 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, gsm, gct, 
             x = _load2(xb, cols, sxv, vend, HINTS, COL64X)
         z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
         p = _exp2(z * _LOG2E - lse2, FAST)
-        d = p * coef
+        # coef = gct + crest; the target column as gct (p - 1) + p crest, which is exactly 0
+        # where it should be (V = 1: p = 1) and cancels no large terms
+        d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, p * coef)
         if SMOOTH:
             if HAS_W:
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 d -= gsm * w
             else:
                 d -= gsm
-        d = tl.where(cols == tcol, d - gct, d)
         if SOFTCAP:
             r = z * rcap
             d = d * (scale * (1.0 - r * r))
@@ -204,22 +205,23 @@ def _fused_rows_kernel(
 
         g = tl.load(g_ptr + row)
         wt = tl.load(wt_ptr + row)
-        ct = one_minus_a * wt
-        cp = ct + a_over_v * wsum
+        # c_p = c_t + rest, rest = (a / V) W + 2 zl lse
+        rest = a_over_v * wsum
         if ZLOSS:
-            cp += zl2 * lse
-        coef = g * cp
+            rest += zl2 * lse
+        gct = g * (one_minus_a * wt)
+        crest = g * rest
         gsm = g * a_over_v
-        gct = g * ct
         if not SOFTCAP:
             if SCALE:
-                coef = coef * scale
+                crest = crest * scale
                 gsm = gsm * scale
                 gct = gct * scale
+        coef = gct + crest
         # rows without upstream gradient are written as zeros, not read
         vend = tl.where(g != 0.0, V, 0)
         ob = _row_ptr(o_ptr, row, T, sob, sot)
-        _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, gsm, gct,
+        _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, crest, gsm, gct,
                tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
                STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST)
 
