@@ -152,6 +152,9 @@ def test_reduction_none_per_row_upstream():
 
 
 def test_no_grad_runs_statistics_only(monkeypatch):
+    """Under no_grad (and for logprobs inference_only) the one-kernel path runs without a
+    gradient destination (one read); with autograd it writes the gradient in the same
+    kernel."""
     V = 80
     x = _x((4,), V, torch.bfloat16).requires_grad_(True)
     t = _t((4,), V)
@@ -159,17 +162,27 @@ def test_no_grad_runs_statistics_only(monkeypatch):
     for fn in ("fused", "grad", "row_stats"):
         orig = getattr(tb, fn)
         monkeypatch.setattr(tb, fn, lambda *a, _o=orig, _n=fn, **k: (used.append(_n), _o(*a, **k))[1])
+    orig_fl = tb.fused_loss
+
+    def spy(*a, **k):
+        used.append("fused_loss/" + ("grad" if k["out"] is not None else "no grad"))
+        return orig_fl(*a, **k)
+
+    monkeypatch.setattr(tb, "fused_loss", spy)
+    before = x.detach().clone()
     with torch.no_grad():
-        loss = fce.cross_entropy(x, t, backend="triton")
-    assert used == ["row_stats"]
+        loss = fce.cross_entropy(x, t, backend="triton", inplace_backward=True)
+    assert used == ["fused_loss/no grad"]
+    assert torch.equal(x.detach(), before)  # nothing written, even with inplace_backward
     assert_close_normwise(loss, ref_cross_entropy(x.detach().double().cpu(), t.cpu()), 2e-5,
                           "no_grad loss")
     used.clear()
-    fce.logprobs(x, t, backend="triton", inference_only=True)
-    assert used == ["row_stats"]
+    lp = fce.logprobs(x, t, backend="triton", inference_only=True)
+    assert used == ["fused_loss/no grad"]
+    assert_close_normwise(lp, ref_logprobs(x.detach().double().cpu(), t.cpu()), 2e-5, "logprobs")
     used.clear()
     fce.cross_entropy(x, t, backend="triton")
-    assert used == ["fused"]
+    assert used == ["fused_loss/grad"]
 
 
 def test_noncontiguous_rows_and_columns():

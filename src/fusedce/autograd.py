@@ -71,11 +71,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         x3 = as_rows3d(logits)
         t = target.reshape(-1)
         v_local = x3.shape[-1]
+        eager = plan.need_grad and getattr(be, "eager_grad", False)
+        if plan.group is None and hasattr(be, "fused_loss") and (eager or not plan.need_grad):
+            return CrossEntropyFunction._forward_one_kernel(ctx, logits, x3, target, t, weight,
+                                                            plan, eager)
         wl = _weight_local(weight, plan, v_local)
         terms = spec.row_terms(t, opts, plan.vocab_size, weight)
         scale = spec.row_scale(terms, opts, plan.normalizer)
         reduced = opts.reduction != "none" or plan.normalizer is not None
-        eager = plan.need_grad and getattr(be, "eager_grad", False)
         am_kw = {"need_am": plan.need_aux} if getattr(be, "optional_argmax", False) else {}
         gbuf = None
         if eager and plan.group is None and getattr(be, "supports_fused", False):
@@ -115,6 +118,37 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif plan.need_grad:
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
             ctx.save_for_backward(logits, t, lse, c_p, c_t, scale, terms.valid, weight)
+        lse_out = lse.view(target.shape)
+        ctx.mark_non_differentiable(lse_out, zl, acc)
+        return loss, lse_out, zl, acc
+
+    @staticmethod
+    def _forward_one_kernel(ctx, logits, x3, target, t, weight, plan, eager):
+        """Backends with ``fused_loss`` (Triton, unsharded): row terms, row losses and (eager)
+        the gradient come out of one kernel; only the reductions of its outputs remain."""
+        opts = plan.opts
+        reduced = opts.reduction != "none" or plan.normalizer is not None
+        gbuf = _grad_buffer(logits, plan) if eager else None
+        loss_rows, lse, zpart, am = plan.backend.fused_loss(
+            x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
+            out=as_rows3d(gbuf) if eager else None, need_am=plan.need_aux)
+        if reduced:
+            loss = loss_rows.sum()
+            zl = zpart.sum() if zpart is not None else torch.zeros((), device=lse.device)
+        else:
+            loss = loss_rows.view(target.shape)
+            zl = zpart.view(target.shape) if zpart is not None else torch.zeros(
+                target.shape, device=lse.device)
+        if plan.need_aux:
+            acc = spec.accuracy(am, t, t != opts.ignore_index)
+        else:
+            acc = torch.zeros((), device=lse.device)
+        ctx.plan = plan
+        ctx.reduced = reduced
+        ctx.eager = eager
+        ctx.logits_shape = logits.shape
+        if eager:
+            ctx.save_for_backward(gbuf)
         lse_out = lse.view(target.shape)
         ctx.mark_non_differentiable(lse_out, zl, acc)
         return loss, lse_out, zl, acc

@@ -157,6 +157,55 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
     return RowStats(m, s, zt, sz, am)
 
 
+def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_size: int,
+               weight: Optional[torch.Tensor], normalizer, out: Optional[torch.Tensor],
+               need_am: bool):
+    """The loss rows of the whole vocabulary in one kernel and, when ``out`` is given, their
+    gradient (for an upstream gradient of 1 on the reduced loss, or of 1 per row with
+    reduction="none") written into it; the row terms and row loss are computed in the kernel,
+    so the call is the kernel plus the reductions of its outputs.
+
+    Args:
+        x3: logits [B, T, V] (no shard), any strides. target: [B*T] ids.
+        weight: class weights [V] or None. normalizer: None, a number or a 0-d tensor.
+        out: [B, T, V] gradient destination (may be ``x3``) or None (no gradient).
+        need_am: also return the argmax (for accuracy).
+    Returns:
+        (loss, lse, zpart, am): loss [B*T] fp32 row losses times the reduction factor c (so
+        that the reduced loss is their sum), lse [B*T], zpart [B*T] (times c) or None without
+        z-loss, am [B*T] int64 or None.
+    """
+    t = _ids(target)
+    dev = x3.device
+    w = w_total = None
+    if weight is not None:
+        w = weight.float().contiguous()
+    if normalizer is not None:
+        mode = 2
+        if isinstance(normalizer, torch.Tensor):
+            den = (1.0 / normalizer.to(device=dev, dtype=torch.float32)).reshape(())
+        else:
+            den = torch.full((), 1.0 / float(normalizer), device=dev, dtype=torch.float32)
+    elif opts.reduction == "mean":
+        mode = 1
+        if w is None:
+            den = (t != opts.ignore_index).sum()
+        else:
+            den = spec.row_terms(t, opts, vocab_size, weight).denom
+    else:
+        mode, den = 0, None
+    if w is not None and opts.label_smoothing > 0.0:
+        w_total = w.sum()
+    args = (x3, t, w, w_total, den)
+    tail = (int(opts.ignore_index), int(vocab_size), float(opts.label_smoothing),
+            float(opts.z_loss), float(opts.logit_scale), opts.softcap, bool(need_am), mode)
+    if out is None:
+        loss, lse, zp, am = _call("tr_loss_rows")(*args, *tail)
+    else:
+        loss, lse, zp, am = _call("tr_fused_loss")(*args, out, *tail)
+    return loss, lse, (zp if opts.z_loss > 0.0 else None), (am if need_am else None)
+
+
 def scale_(buf: torch.Tensor, factor0d: torch.Tensor) -> None:
     """buf *= factor (0-d); a device-side no-op when the factor is 1 (no host sync)."""
     f = factor0d.float().reshape(())

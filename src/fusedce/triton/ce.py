@@ -585,22 +585,7 @@ def tr_fused(
     am = torch.empty(n, device=dev, dtype=torch.int64)
     if n == 0 or _skip(x3, out):
         return m, s, zt, sz, am
-    cfg = fused_config(V, x3.element_size())
-    if softcap is not None or weight is not None:
-        # more live values per element (z for the softcap chain, class weights): give each
-        # program twice the registers rather than spill
-        cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
-    maxnreg = None
-    if INTERPRET:
-        P = min(n, 3)
-    elif not cfg.persistent:
-        P = n
-    else:
-        P = min(n, cfg.per_sm * _sm_count(dev))
-        if not _is_traced(x3, out):
-            # under torch.compile the launch carries no register cap (it is only a hint
-            # for occupancy here: nothing waits on another program)
-            maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
+    cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, True)
     from . import fused_rows  # it imports this module's jit helpers
 
     fused_rows.launch(
@@ -612,6 +597,94 @@ def tr_fused(
         need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
         fast=not INTERPRET, launcher=_launcher)
     return m, s, zt, sz, am
+
+
+def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool):
+    """(config, programs, maxnreg) of the fused rows kernel for this call."""
+    B, T, V = x3.shape
+    n = B * T
+    cfg = fused_config(V, x3.element_size())
+    if not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
+        # statistics only: no second read, so no L2 budget; the short-row setting keeps
+        # the most bytes in flight
+        cfg = replace(cfg, block=8192 // x3.element_size(), num_warps=8, per_sm=4)
+    if softcap is not None or weight is not None:
+        # more live values per element (z for the softcap chain, class weights): give each
+        # program twice the registers rather than spill
+        cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
+    maxnreg = None
+    if INTERPRET:
+        P = min(n, 3)
+    elif not cfg.persistent:
+        P = n
+    else:
+        P = min(n, cfg.per_sm * _sm_count(x3.device))
+        if not _is_traced(x3, out):
+            # under torch.compile the launch carries no register cap (it is only a hint
+            # for occupancy here: nothing waits on another program)
+            maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
+    return cfg, P, maxnreg
+
+
+def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
+                label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am, scale_mode):
+    B, T, V = x3.shape
+    n = B * T
+    dev = x3.device
+    f32 = torch.float32
+    loss = torch.empty(n, device=dev, dtype=f32)
+    lse = torch.empty(n, device=dev, dtype=f32)
+    zp = torch.empty(n if z_loss > 0.0 else 0, device=dev, dtype=f32)
+    am = torch.empty(n if need_am else 0, device=dev, dtype=torch.int64)
+    if n == 0 or _skip(x3, out):
+        return loss, lse, zp, am
+    cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad)
+    from . import fused_rows
+
+    fused_rows.launch(
+        x3, out, target, None, None, weight, w_total, None, None, None, None,
+        am if need_am else lse, programs=P,
+        block=min(cfg.block, triton.next_power_of_2(max(V, 16))), num_warps=cfg.num_warps,
+        stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
+        maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
+        label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
+        need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
+        fast=not INTERPRET, launcher=_launcher,
+        row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
+        scale_mode=scale_mode, den=den)
+    return loss, lse, zp, am
+
+
+@_op("fusedce::tr_fused_loss", mutates_args=("out",))
+def tr_fused_loss(
+    x3: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+    w_total: Optional[torch.Tensor], den: Optional[torch.Tensor], out: torch.Tensor,
+    ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
+    logit_scale: float, softcap: Optional[float], need_am: bool, scale_mode: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CE loss of every row of x3 [B, T, V] and, in the same pass, out = its gradient.
+
+    Returns (loss, lse, zpart, am), [B*T] fp32 (zpart empty unless z_loss > 0, am int64
+    empty unless need_am); loss and zpart are multiplied by the reduction factor c, and out
+    holds c * dloss_row/dx: c = 1 (scale_mode 0), 1 / den if den > 0 else 0 (1, den the 0-d
+    "mean" denominator), or den itself (2, a normalizer's reciprocal). weight [V] fp32 class
+    weights with w_total (0-d, their sum), or None. ``out`` may be ``x3``."""
+    return _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
+                       label_smoothing, z_loss, logit_scale, softcap, True, need_am,
+                       scale_mode)
+
+
+@_op("fusedce::tr_loss_rows", mutates_args=())
+def tr_loss_rows(
+    x3: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+    w_total: Optional[torch.Tensor], den: Optional[torch.Tensor], ignore_index: int,
+    vocab_size: int, label_smoothing: float, z_loss: float, logit_scale: float,
+    softcap: Optional[float], need_am: bool, scale_mode: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tr_fused_loss without the gradient (one read of the logits)."""
+    return _fused_loss(x3, target, weight, w_total, den, x3, ignore_index, vocab_size,
+                       label_smoothing, z_loss, logit_scale, softcap, False, need_am,
+                       scale_mode)
 
 
 def _launch_scale(buf3: torch.Tensor, factor: torch.Tensor, per_row: bool) -> None:
@@ -646,5 +719,6 @@ def tr_scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
 
 __all__ = [
     "RowsConfig", "StatsConfig", "fused_config", "stats_config", "set_override",
-    "tr_row_stats", "tr_grad", "tr_entropy_grad", "tr_fused", "tr_scale_", "tr_scale_rows_",
+    "tr_row_stats", "tr_grad", "tr_entropy_grad", "tr_fused", "tr_fused_loss", "tr_loss_rows",
+    "tr_scale_", "tr_scale_rows_",
 ]

@@ -167,23 +167,37 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
 def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
     tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
-    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr,
-    one_minus_a, a_over_v, zl2, w_total, scale, inv_cap, softcap, rcap,
+    m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, loss_ptr, lse_ptr, zp_ptr, den_ptr,
+    one_minus_a, a_over_v, zl, zl2, w_total, scale, inv_cap, softcap, rcap,
     BLOCK: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
     HINTS: tl.constexpr, PREFETCH: tl.constexpr,
     SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
     ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
 ):
-    # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each)
+    # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
+    # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
+    # ROW_OUT = True: the loss itself out (loss row, lse, z-loss part, argmax; the loss rows
+    # and z-loss parts already multiplied by the reduction factor c), g = c [t != ignore] and
+    # w_t computed here; c = 1 (SCALE_MODE 0), 1 / den if den > 0 else 0 (1: "mean"), or
+    # read (2: a normalizer). This saves the ~20 small launches of the row terms and the row
+    # loss around the kernel, which at V = 32000 cost more host time than the kernel runs.
     pid = tl.program_id(0)
+    if SCALE_MODE == 1:
+        den = tl.load(den_ptr).to(tl.float32)
+        c = tl.where(den > 0.0, 1.0 / den, 0.0)
+    elif SCALE_MODE == 2:
+        c = tl.load(den_ptr).to(tl.float32)
+    else:
+        c = 1.0
     NT: tl.constexpr = BLOCK // R
     lane = tl.arange(0, NT)
     offs = lane[:, None] * R + tl.arange(0, R)[None, :]
-    if HAS_W:
+    if HAS_W and SMOOTH:
         wsum = tl.load(wsum_ptr).to(tl.float32)
     else:
-        wsum = w_total
+        wsum = w_total  # V (W is only used with smoothing)
     for row in range(pid, N, P):
         xb = _row_ptr(x_ptr, row, T, sxb, sxt)
         tv = tl.load(tgt_ptr + row).to(tl.int64)
@@ -197,56 +211,89 @@ def _fused_rows_kernel(
                                 HAS_W, NEED_AM, COL64X, FAST)
         sh = tl.where(m == float("-inf"), 0.0, m)
         lse = sh + tl.log(ss)
-        tl.store(m_ptr + row, m)
-        tl.store(s_ptr + row, ss)
-        tl.store(zt_ptr + row, zt)
-        tl.store(sz_ptr + row, szs)
-        tl.store(am_ptr + row, am.to(tl.int64))
-
-        g = tl.load(g_ptr + row)
-        wt = tl.load(wt_ptr + row)
-        # c_p = c_t + rest, rest = (a / V) W + 2 zl lse
-        rest = a_over_v * wsum
-        if ZLOSS:
-            rest += zl2 * lse
-        gct = g * (one_minus_a * wt)
-        crest = g * rest
-        gsm = g * a_over_v
-        if not SOFTCAP:
-            if SCALE:
-                crest = crest * scale
-                gsm = gsm * scale
-                gct = gct * scale
-        coef = gct + crest
-        # rows without upstream gradient are written as zeros, not read
-        vend = tl.where(g != 0.0, V, 0)
-        ob = _row_ptr(o_ptr, row, T, sob, sot)
-        _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, crest, gsm, gct,
-               tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
-               STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST)
+        if NEED_AM or not ROW_OUT:
+            tl.store(am_ptr + row, am.to(tl.int64))
+        if ROW_OUT:
+            valid = tv != ignore_index
+            if HAS_W:
+                wt = tl.load(w_ptr + tsafe, mask=has, other=0.0).to(tl.float32)
+                wt = tl.where(valid, wt, 0.0)
+            else:
+                wt = tl.where(valid, 1.0, 0.0)
+            g = tl.where(valid, c, 0.0)
+            # the spec's row loss (spec.row_loss), times c
+            lr = (lse - zt) * (one_minus_a * wt)
+            if SMOOTH:
+                lr += a_over_v * (wsum * lse - szs)
+            if ZLOSS:
+                zp = tl.where(valid, zl * lse * lse, 0.0)
+                lr += zp
+                tl.store(zp_ptr + row, zp * c)
+            # where, not a product: a NaN logit on an ignored row must not leak
+            tl.store(loss_ptr + row, tl.where(valid, lr, 0.0) * c)
+            tl.store(lse_ptr + row, lse)
+        else:
+            tl.store(m_ptr + row, m)
+            tl.store(s_ptr + row, ss)
+            tl.store(zt_ptr + row, zt)
+            tl.store(sz_ptr + row, szs)
+            g = tl.load(g_ptr + row)
+            wt = tl.load(wt_ptr + row)
+        if NEED_GRAD:
+            # c_p = c_t + rest, rest = (a / V) W + 2 zl lse
+            rest = a_over_v * wsum
+            if ZLOSS:
+                rest += zl2 * lse
+            gct = g * (one_minus_a * wt)
+            crest = g * rest
+            gsm = g * a_over_v
+            if not SOFTCAP:
+                if SCALE:
+                    crest = crest * scale
+                    gsm = gsm * scale
+                    gct = gct * scale
+            coef = gct + crest
+            # rows without upstream gradient are written as zeros, not read
+            vend = tl.where(g != 0.0, V, 0)
+            ob = _row_ptr(o_ptr, row, T, sob, sot)
+            _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, crest, gsm, gct,
+                   tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
+                   STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST)
 
 
 def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, programs: int,
-           block: int, num_warps: int, stages: int, reverse: bool, hints: int, prefetch: bool,
+           block: int, num_warps: int, stages: int, reverse: bool, hints: int, prefetch: int,
            maxnreg, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
-           flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher):
+           flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
+           row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
-    allocated by the caller: see ce.tr_fused)."""
+    allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
+
+    row_out: None (statistics m, s, zt, sz, am out; g0 and w_t given per row) or the tuple
+    (loss, lse, zpart) of [N] fp32 outputs (g0, w_t, m, s, zt, sz unused; ``den`` the 0-d
+    denominator (scale_mode 1) or factor (scale_mode 2))."""
     B, T, V = x3.shape
     n = B * T
     r = max(1, 16 // x3.element_size())
     a = float(label_smoothing)
+    anyf = am if row_out is None else row_out[1]  # a placeholder for unused pointers
+    if row_out is None:
+        loss_p = lse_p = zp_p = anyf
+    else:
+        loss_p, lse_p, zp_p = row_out
+        g0 = w_t = m = s = zt = sz = anyf
     launcher(_fused_rows_kernel)[(programs,)](
         x3, x3.stride(0), x3.stride(1), x3.stride(2),
         out, out.stride(0), out.stride(1), out.stride(2), T, V, n, programs,
-        target, ignore_index, weight if weight is not None else g0,
-        w_total if w_total is not None else g0, g0, w_t,
-        m, s, zt, sz, am,
-        1.0 - a, a / vocab_size, 2.0 * float(z_loss), float(vocab_size),
+        target, ignore_index, weight if weight is not None else anyf,
+        w_total if w_total is not None else anyf, g0, w_t,
+        m, s, zt, sz, am, loss_p, lse_p, zp_p, den if den is not None else anyf,
+        1.0 - a, a / vocab_size, float(z_loss), 2.0 * float(z_loss), float(vocab_size),
         flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
         BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
         PREFETCH=prefetch, SOFTCAP=flags["SOFTCAP"], SCALE=flags["SCALE"], SMOOTH=a > 0.0,
         HAS_W=weight is not None, ZLOSS=z_loss > 0.0, NEED_AM=need_am, COL64X=col64x,
-        COL64O=col64o, FAST=fast, num_warps=num_warps,
+        COL64O=col64o, FAST=fast, NEED_GRAD=need_grad, ROW_OUT=row_out is not None,
+        SCALE_MODE=scale_mode, num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
