@@ -72,7 +72,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         t = target.reshape(-1)
         v_local = x3.shape[-1]
         eager = plan.need_grad and getattr(be, "eager_grad", False)
-        if plan.group is None and hasattr(be, "fused_loss") and (eager or not plan.need_grad):
+        if hasattr(be, "fused_loss") and (eager or not plan.need_grad):
             return CrossEntropyFunction._forward_one_kernel(ctx, logits, x3, target, t, weight,
                                                             plan, eager)
         wl = _weight_local(weight, plan, v_local)
@@ -124,14 +124,27 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward_one_kernel(ctx, logits, x3, target, t, weight, plan, eager):
-        """Backends with ``fused_loss`` (Triton, unsharded): row terms, row losses and (eager)
-        the gradient come out of one kernel; only the reductions of its outputs remain."""
-        opts = plan.opts
+        """Backends with ``fused_loss`` (Triton): row terms, row losses and (eager) the
+        gradient come out of one kernel (after one all-gather of the shard statistics under
+        vocabulary parallelism); only the reductions of its outputs remain."""
+        opts, be = plan.opts, plan.backend
         reduced = opts.reduction != "none" or plan.normalizer is not None
+        gathered = None
+        if plan.group is not None:
+            # vocabulary parallel: this shard's statistics, one all-gather, then the kernel
+            # folds them and writes this shard's gradient
+            from .distributed import gather_packed_stats
+
+            smooth = opts.label_smoothing > 0.0
+            stats = be.row_stats(x3, t, opts, vocab_start=plan.vocab_start,
+                                 weight_local=_weight_local(weight, plan, x3.shape[-1]),
+                                 need_sz=smooth, need_am=plan.need_aux)
+            gathered = gather_packed_stats(stats, plan.group, need_sz=smooth)
         gbuf = _grad_buffer(logits, plan) if eager else None
-        loss_rows, lse, zpart, am = plan.backend.fused_loss(
+        loss_rows, lse, zpart, am = be.fused_loss(
             x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
-            out=as_rows3d(gbuf) if eager else None, need_am=plan.need_aux)
+            out=as_rows3d(gbuf) if eager else None, need_am=plan.need_aux, gathered=gathered,
+            vocab_start=plan.vocab_start)
         if reduced:
             loss = loss_rows.sum()
             zl = zpart.sum() if zpart is not None else torch.zeros((), device=lse.device)

@@ -121,16 +121,7 @@ def allgather_stats(stats: RowStats, group, *, need_sz: bool = True) -> RowStats
     if world == 1:
         return stats
     entropy_mode = stats.sez is not None
-    if entropy_mode:
-        fields = [stats.m, stats.s, stats.sez]
-    else:
-        # int32 bit patterns inside fp32 words: a copy keeps every id exact
-        am_bits = stats.am.to(torch.int32).view(torch.float32)
-        fields = [stats.m, stats.s, stats.zt, am_bits]
-        if need_sz:
-            fields.append(stats.sz)
-    packed = torch.stack([f.float() if f.dtype != torch.float32 else f for f in fields])
-    out = _gather_on_comm_device(packed, group, world)  # [world, F, N]
+    out = gather_packed_stats(stats, group, need_sz=need_sz)  # [world, F, N]
     m_all, s_all = out[:, 0], out[:, 1]
     m, factor = _fold_max(m_all)
     s = (s_all * factor).sum(dim=0)
@@ -143,6 +134,23 @@ def allgather_stats(stats: RowStats, group, *, need_sz: bool = True) -> RowStats
     am_all = out[:, 3].contiguous().view(torch.int32).long()
     sz = out[:, 4].sum(dim=0) if need_sz else torch.zeros_like(m)
     return RowStats(m, s, zt, sz, _fold_argmax(m_all, m, am_all), None)
+
+
+def gather_packed_stats(stats: RowStats, group, *, need_sz: bool = True) -> torch.Tensor:
+    """Every rank's statistics, packed, through one all-gather: [world, F, N] fp32 with the
+    fields (m, s, sez) for entropy (``stats.sez`` set), else (m, s, z_t, argmax as int32 bit
+    patterns, [sz if need_sz]). The fold is :func:`allgather_stats`' (or a kernel's)."""
+    world = dist.get_world_size(group)
+    if stats.sez is not None:
+        fields = [stats.m, stats.s, stats.sez]
+    else:
+        # int32 bit patterns inside fp32 words: a copy keeps every id exact
+        am_bits = stats.am.to(torch.int32).view(torch.float32)
+        fields = [stats.m, stats.s, stats.zt, am_bits]
+        if need_sz:
+            fields.append(stats.sz)
+    packed = torch.stack([f.float() if f.dtype != torch.float32 else f for f in fields])
+    return _gather_on_comm_device(packed, group, world).contiguous()
 
 
 def _fold_max(m_all: torch.Tensor):

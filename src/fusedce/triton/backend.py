@@ -159,7 +159,7 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
 
 def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_size: int,
                weight: Optional[torch.Tensor], normalizer, out: Optional[torch.Tensor],
-               need_am: bool):
+               need_am: bool, gathered: Optional[torch.Tensor] = None, vocab_start: int = 0):
     """The loss rows of the whole vocabulary in one kernel and, when ``out`` is given, their
     gradient (for an upstream gradient of 1 on the reduced loss, or of 1 per row with
     reduction="none") written into it; the row terms and row loss are computed in the kernel,
@@ -170,6 +170,9 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
         weight: class weights [V] or None. normalizer: None, a number or a 0-d tensor.
         out: [B, T, V] gradient destination (may be ``x3``) or None (no gradient).
         need_am: also return the argmax (for accuracy).
+        gathered: vocabulary parallel: the all-gathered shard statistics [W, F, B*T]
+            (``distributed.gather_packed_stats``); x3 is then this rank's shard, whose first
+            column is ``vocab_start``, and weight the whole class-weight vector.
     Returns:
         (loss, lse, zpart, am): loss [B*T] fp32 row losses times the reduction factor c (so
         that the reduced loss is their sum), lse [B*T], zpart [B*T] (times c) or None without
@@ -199,7 +202,12 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
     args = (x3, t, w, w_total, den)
     tail = (int(opts.ignore_index), int(vocab_size), float(opts.label_smoothing),
             float(opts.z_loss), float(opts.logit_scale), opts.softcap, bool(need_am), mode)
-    if out is None:
+    if gathered is not None:
+        buf = out if out is not None else x3.new_empty((1, 1, 1))
+        loss, lse, zp, am = _call("tr_fused_loss_tp")(
+            x3, t, gathered.float().contiguous(), w, w_total, den, buf, int(vocab_start),
+            *tail, out is not None)
+    elif out is None:
         loss, lse, zp, am = _call("tr_loss_rows")(*args, *tail)
     else:
         loss, lse, zp, am = _call("tr_fused_loss")(*args, out, *tail)

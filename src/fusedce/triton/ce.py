@@ -629,7 +629,8 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
 
 
 def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
-                label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am, scale_mode):
+                label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am, scale_mode,
+                gathered=None, vocab_start=0):
     B, T, V = x3.shape
     n = B * T
     dev = x3.device
@@ -643,8 +644,9 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad)
     from . import fused_rows
 
+    w_local = None if weight is None else weight[vocab_start:vocab_start + V]
     fused_rows.launch(
-        x3, out, target, None, None, weight, w_total, None, None, None, None,
+        x3, out, target, None, None, w_local, w_total, None, None, None, None,
         am if need_am else lse, programs=P,
         block=min(cfg.block, triton.next_power_of_2(max(V, 16))), num_warps=cfg.num_warps,
         stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
@@ -653,7 +655,8 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
         fast=not INTERPRET, launcher=_launcher,
         row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
-        scale_mode=scale_mode, den=den)
+        scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
+        weight_global=weight)
     return loss, lse, zp, am
 
 
@@ -689,6 +692,24 @@ def tr_loss_rows(
                        scale_mode)
 
 
+@_op("fusedce::tr_fused_loss_tp", mutates_args=("out",))
+def tr_fused_loss_tp(
+    x3: torch.Tensor, target: torch.Tensor, gathered: torch.Tensor, weight: Optional[torch.Tensor],
+    w_total: Optional[torch.Tensor], den: Optional[torch.Tensor], out: torch.Tensor,
+    vocab_start: int, ignore_index: int, vocab_size: int, label_smoothing: float,
+    z_loss: float, logit_scale: float, softcap: Optional[float], need_am: bool,
+    scale_mode: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tr_fused_loss for a vocabulary shard x3 [B, T, V_local] (columns [vocab_start,
+    vocab_start + V_local) of a vocab_size vocabulary) from the all-gathered shard
+    statistics ``gathered`` [W, NF, B*T] (m, s, z_t, argmax bits, sz): the whole-vocabulary
+    loss rows, lse, z-loss parts and argmax, and (need_grad) this shard's gradient in
+    ``out``. weight: the whole class-weight vector [vocab_size] or None."""
+    return _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
+                       label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am,
+                       scale_mode, gathered=gathered, vocab_start=vocab_start)
+
+
 def _launch_scale(buf3: torch.Tensor, factor: torch.Tensor, per_row: bool) -> None:
     B, T, V = buf3.shape
     n = B * T
@@ -722,5 +743,6 @@ def tr_scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
 __all__ = [
     "RowsConfig", "StatsConfig", "fused_config", "stats_config", "set_override",
     "tr_row_stats", "tr_grad", "tr_entropy_grad", "tr_fused", "tr_fused_loss", "tr_loss_rows",
+    "tr_fused_loss_tp",
     "tr_scale_", "tr_scale_rows_",
 ]

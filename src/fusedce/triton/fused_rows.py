@@ -164,17 +164,46 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
 
 
 @triton.jit
+def _fold_gathered(gat_ptr, row, N, W, NF: tl.constexpr):
+    """(m, s, sz, argmax, z_t) of a row from the W shards' statistics gat [W, NF, N]: the
+    maximum, s rescaled to it (a shard whose maximum is -inf adds 0), sums of z_t and sz,
+    the smallest id among the shards that hold the maximum (shard 0's if none does)."""
+    m = tl.load(gat_ptr + row)
+    for k in range(1, W):
+        m = tl.maximum(m, tl.load(gat_ptr + k * NF * N + row))
+    s = 0.0
+    zt = 0.0
+    sz = 0.0
+    am0 = tl.load(gat_ptr.to(tl.pointer_type(tl.int32)) + 3 * N + row)
+    am = 2147483647
+    for k in range(0, W):
+        base = gat_ptr + k * NF * N + row
+        mk = tl.load(base)
+        sk = tl.load(base + N)
+        f = tl.where(mk == float("-inf"), 0.0, tl.exp(mk - m))
+        s += sk * f
+        zt += tl.load(base + 2 * N)
+        if NF > 4:
+            sz += tl.load(base + 4 * N)
+        amk = tl.load(gat_ptr.to(tl.pointer_type(tl.int32)) + k * NF * N + 3 * N + row)
+        am = tl.where(mk == m, tl.minimum(am, amk), am)
+    am = tl.where(am == 2147483647, am0, am)
+    return m, s, sz, am, zt
+
+
+@triton.jit
 def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
     tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
     m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, loss_ptr, lse_ptr, zp_ptr, den_ptr,
+    gat_ptr, W, vocab_start, VG, wg_ptr,
     one_minus_a, a_over_v, zl, zl2, w_total, scale, inv_cap, softcap, rcap,
     BLOCK: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
     HINTS: tl.constexpr, PREFETCH: tl.constexpr,
     SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
     ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
-    SCALE_MODE: tl.constexpr,
+    SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -183,6 +212,10 @@ def _fused_rows_kernel(
     # w_t computed here; c = 1 (SCALE_MODE 0), 1 / den if den > 0 else 0 (1: "mean"), or
     # read (2: a normalizer). This saves the ~20 small launches of the row terms and the row
     # loss around the kernel, which at V = 32000 cost more host time than the kernel runs.
+    # GATHERED (vocabulary parallel, with ROW_OUT): no pass 1; the row statistics of the W
+    # shards, all-gathered as gat [W, NF, N] (m, s, z_t, argmax bits, sz), are folded here
+    # (the spec's combine), and pass 2 writes this rank's columns [vocab_start,
+    # vocab_start + V) of the gradient of the whole-vocabulary (VG) loss.
     pid = tl.program_id(0)
     if SCALE_MODE == 1:
         den = tl.load(den_ptr).to(tl.float32)
@@ -201,14 +234,18 @@ def _fused_rows_kernel(
     for row in range(pid, N, P):
         xb = _row_ptr(x_ptr, row, T, sxb, sxt)
         tv = tl.load(tgt_ptr + row).to(tl.int64)
-        has = (tv != ignore_index) & (tv >= 0) & (tv < V)
-        tsafe = tl.where(has, tv, 0)
-        # read before pass 2 overwrites it (in place)
-        xt = tl.load(xb + tsafe * sxv, mask=has, other=0.0)
-        zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
-        m, ss, szs, am = _pass1(xb, 0, V, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
-                                BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE, SMOOTH,
-                                HAS_W, NEED_AM, COL64X, FAST)
+        tloc = tv - vocab_start
+        has = (tv != ignore_index) & (tloc >= 0) & (tloc < V)
+        tsafe = tl.where(has, tloc, 0)
+        if GATHERED:
+            m, ss, szs, am, zt = _fold_gathered(gat_ptr, row, N, W, NF)
+        else:
+            # read before pass 2 overwrites it (in place)
+            xt = tl.load(xb + tsafe * sxv, mask=has, other=0.0)
+            zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
+            m, ss, szs, am = _pass1(xb, 0, V, offs, lane, w_ptr, sxv, scale, inv_cap,
+                                    softcap, BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE,
+                                    SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
         sh = tl.where(m == float("-inf"), 0.0, m)
         lse = sh + tl.log(ss)
         if NEED_AM or not ROW_OUT:
@@ -216,8 +253,10 @@ def _fused_rows_kernel(
         if ROW_OUT:
             valid = tv != ignore_index
             if HAS_W:
-                wt = tl.load(w_ptr + tsafe, mask=has, other=0.0).to(tl.float32)
-                wt = tl.where(valid, wt, 0.0)
+                # the class weight of the global target (wg: the whole weight vector)
+                inrange = valid & (tv >= 0) & (tv < VG)
+                wt = tl.load(wg_ptr + tl.where(inrange, tv, 0), mask=inrange,
+                             other=0.0).to(tl.float32)
             else:
                 wt = tl.where(valid, 1.0, 0.0)
             g = tl.where(valid, c, 0.0)
@@ -265,13 +304,16 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
            block: int, num_warps: int, stages: int, reverse: bool, hints: int, prefetch: int,
            maxnreg, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
            flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
-           row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None):
+           row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None,
+           gathered=None, vocab_start: int = 0, weight_global=None):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
     allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
 
     row_out: None (statistics m, s, zt, sz, am out; g0 and w_t given per row) or the tuple
     (loss, lse, zpart) of [N] fp32 outputs (g0, w_t, m, s, zt, sz unused; ``den`` the 0-d
-    denominator (scale_mode 1) or factor (scale_mode 2))."""
+    denominator (scale_mode 1) or factor (scale_mode 2)). gathered: [W, NF, N] fp32 shard
+    statistics (vocabulary parallel, with row_out; then ``weight`` is this rank's slice and
+    ``weight_global`` the whole vector)."""
     B, T, V = x3.shape
     n = B * T
     r = max(1, 16 // x3.element_size())
@@ -288,12 +330,17 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         target, ignore_index, weight if weight is not None else anyf,
         w_total if w_total is not None else anyf, g0, w_t,
         m, s, zt, sz, am, loss_p, lse_p, zp_p, den if den is not None else anyf,
+        gathered if gathered is not None else anyf,
+        gathered.shape[0] if gathered is not None else 1, int(vocab_start), int(vocab_size),
+        weight_global if weight_global is not None else (
+            weight if weight is not None else anyf),
         1.0 - a, a / vocab_size, float(z_loss), 2.0 * float(z_loss), float(vocab_size),
         flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
         BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
         PREFETCH=prefetch, SOFTCAP=flags["SOFTCAP"], SCALE=flags["SCALE"], SMOOTH=a > 0.0,
         HAS_W=weight is not None, ZLOSS=z_loss > 0.0, NEED_AM=need_am, COL64X=col64x,
         COL64O=col64o, FAST=fast, NEED_GRAD=need_grad, ROW_OUT=row_out is not None,
-        SCALE_MODE=scale_mode, num_warps=num_warps,
+        SCALE_MODE=scale_mode, GATHERED=gathered is not None,
+        NF=gathered.shape[1] if gathered is not None else 4, num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
