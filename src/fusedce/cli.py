@@ -167,6 +167,9 @@ def cmd_bench(args) -> int:
     if group is not None:
         import torch.distributed as dist
 
+        # rank 0 writes the report while the others would already tear the group down; a
+        # gloo group destroyed under a peer still using it can abort the process at exit
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
