@@ -61,6 +61,19 @@ def _grad_buffer(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
         logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+def _accuracy(plan: Plan, am, t: torch.Tensor, valid: torch.Tensor, device) -> torch.Tensor:
+    if plan.need_aux:
+        return spec.accuracy(am, t, valid)
+    return torch.zeros((), device=device)
+
+
+def _keep(ctx, plan: Plan, reduced: bool, eager: bool, logits: torch.Tensor) -> None:
+    ctx.plan = plan
+    ctx.reduced = reduced
+    ctx.eager = eager
+    ctx.logits_shape = logits.shape
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """loss, lse, z_loss part, accuracy = CE(logits, target); only loss is differentiable."""
 
@@ -104,15 +117,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss = loss_rows.view(target.shape)
             zl = zpart.view(target.shape)
-        if plan.need_aux:
-            acc = spec.accuracy(stats.am, t, terms.valid)
-        else:
-            acc = torch.zeros((), device=lse.device)
-
-        ctx.plan = plan
-        ctx.reduced = reduced
-        ctx.eager = eager
-        ctx.logits_shape = logits.shape
+        acc = _accuracy(plan, stats.am, t, terms.valid, lse.device)
+        _keep(ctx, plan, reduced, eager, logits)
         if eager:
             ctx.save_for_backward(gbuf)
         elif plan.need_grad:
@@ -152,14 +158,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = loss_rows.view(target.shape)
             zl = zpart.view(target.shape) if zpart is not None else torch.zeros(
                 target.shape, device=lse.device)
-        if plan.need_aux:
-            acc = spec.accuracy(am, t, t != opts.ignore_index)
-        else:
-            acc = torch.zeros((), device=lse.device)
-        ctx.plan = plan
-        ctx.reduced = reduced
-        ctx.eager = eager
-        ctx.logits_shape = logits.shape
+        acc = _accuracy(plan, am, t, t != opts.ignore_index, lse.device)
+        _keep(ctx, plan, reduced, eager, logits)
         if eager:
             ctx.save_for_backward(gbuf)
         lse_out = lse.view(target.shape)

@@ -105,6 +105,37 @@ def _col_off(cols, sv, COL64: tl.constexpr):
 
 
 @triton.jit
+def _chunk_stats(x, cols, end, c0, lane, m, s, sz, am, w_ptr, scale, inv_cap, softcap,
+                 R: tl.constexpr, SOFTCAP: tl.constexpr, SCALE: tl.constexpr,
+                 NEED_SZ: tl.constexpr, HAS_W: tl.constexpr, NEED_AM: tl.constexpr,
+                 FAST: tl.constexpr):
+    """Fold one [BLOCK / R, R] chunk x (masked lanes loaded as -inf) into the per-thread
+    running (m, s, sz, am); also returns z, e = exp(z - m_new) and alpha = exp(m - m_new)."""
+    mask = cols < end
+    z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+    if SOFTCAP:
+        z = tl.where(mask, z, float("-inf"))  # tanh(-inf) is -1, not -inf
+    if NEED_SZ:
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            sz += tl.sum(tl.where(mask, z * w, 0.0), axis=1)
+        else:
+            sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
+    if NEED_AM:
+        mc, ic = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        am = tl.where(mc > m, c0 + lane * R + ic, am)
+    else:
+        mc = tl.max(z, axis=1)
+    m_new = tl.maximum(m, mc)
+    # an all -inf piece has no finite shift: use 0 so that it adds exp(-inf) = 0
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new) * _LOG2E
+    e = _exp2(z * _LOG2E - shift[:, None], FAST)
+    alpha = _exp2(m * _LOG2E - shift, FAST)
+    s = s * alpha + tl.sum(e, axis=1)
+    return z, m_new, s, sz, am, e, alpha
+
+
+@triton.jit
 def _stats_kernel(
     x_ptr, sxb, sxt, sxv, T, V, S, seg_len,
     tgt_ptr, ignore_index, vocab_start, w_ptr,
@@ -156,29 +187,11 @@ def _stats_kernel(
             xn = tl.load(base + _col_off(cn, sxv, COL64), mask=cn < end, other=float("-inf"))
         else:
             x = tl.load(base + _col_off(cols, sxv, COL64), mask=mask, other=float("-inf"))
-        z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
-        if SOFTCAP:
-            z = tl.where(mask, z, float("-inf"))  # tanh(-inf) is -1, not -inf
-        if NEED_SZ:
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                sz += tl.sum(tl.where(mask, z * w, 0.0), axis=1)
-            else:
-                sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
-        if NEED_AM:
-            mc, ic = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            am = tl.where(mc > m, c0 + lane * R + ic, am)
-        else:
-            mc = tl.max(z, axis=1)
-        m_new = tl.maximum(m, mc)
-        # an all -inf piece has no finite shift: use 0 so that it adds exp(-inf) = 0
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * _LOG2E
-        e = _exp2(z * _LOG2E - shift[:, None], FAST)
-        alpha = _exp2(m * _LOG2E - shift, FAST)
-        s = s * alpha + tl.sum(e, axis=1)
+        z, m, s, sz, am, e, alpha = _chunk_stats(
+            x, cols, end, c0, lane, m, s, sz, am, w_ptr, scale, inv_cap, softcap, R, SOFTCAP,
+            SCALE, NEED_SZ, HAS_W, NEED_AM, FAST)
         if NEED_SEZ:
             sez = sez * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=1)
-        m = m_new
 
     # fold the threads: the same combine as for vocabulary pieces
     mm = tl.max(m, axis=0)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ce import _LOG2E, _col_off, _exp2, _row_ptr, _z_of
+from .ce import _LOG2E, _chunk_stats, _col_off, _exp2, _row_ptr, _z_of
 
 
 @triton.jit
@@ -74,27 +74,9 @@ def _pass1(xb, c0, cend, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
             xn = _load1(xb, cols + BLOCK, sxv, cend, HINTS, COL64X)
         else:
             x = _load1(xb, cols, sxv, cend, HINTS, COL64X)
-        z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
-        if SOFTCAP:
-            z = tl.where(cols < cend, z, float("-inf"))  # tanh(-inf) is -1, not -inf
-        if SMOOTH:
-            mask = cols < cend
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                sz += tl.sum(tl.where(mask, z * w, 0.0), axis=1)
-            else:
-                sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
-        if NEED_AM:
-            mc, ic = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            am = tl.where(mc > m, b0 + lane * R + ic, am)
-        else:
-            mc = tl.max(z, axis=1)
-        m_new = tl.maximum(m, mc)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new) * _LOG2E
-        e = _exp2(z * _LOG2E - shift[:, None], FAST)
-        alpha = _exp2(m * _LOG2E - shift, FAST)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        z, m, s, sz, am, e, alpha = _chunk_stats(
+            x, cols, cend, b0, lane, m, s, sz, am, w_ptr, scale, inv_cap, softcap, R, SOFTCAP,
+            SCALE, SMOOTH, HAS_W, NEED_AM, FAST)
     # fold the threads (the spec's combine); lanes hold interleaved columns, so the first
     # argmax is the smallest index among the lanes that reach the maximum
     mm = tl.max(m, axis=0)
