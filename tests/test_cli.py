@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedce.bench import measure, methods, runner, shapes
+from fusedce.bench import measure, memtarget, methods, runner, shapes
 from fusedce.cli import main
 
 MB = 2**20
@@ -107,15 +107,8 @@ def test_failures_are_recorded_and_sweep_continues():
 
 def test_cpu_peak_probe_on_known_allocations():
     a, b, c = 3 * MB, 1 * MB, 2 * MB
-
-    def step():
-        ta = torch.ones(a // 4)
-        tb = torch.ones(b // 4)
-        del ta
-        tc = torch.ones(c // 4)
-        return tb, tc
-
-    peak, net, (tb, tc) = measure.cpu_peak_bytes(step)
+    # a + b live, then b + c: the peak is the larger pair, the net what stays
+    peak, net, (tb, tc) = measure.cpu_peak_bytes(memtarget._known_step(a, b, c))
     assert peak == max(a + b, b + c)
     assert net == b + c
 
