@@ -31,10 +31,12 @@ DEFAULT = ("4096,8,3,1,1,1,1,1;4096,8,4,1,1,1,1,1;4096,8,4,1,1,1,0,1;4096,8,5,1,
 def parse(spec_s):
     out = []
     for item in spec_s.split(";"):
-        v = [int(v) for v in item.split(",")] + [0, 1][len(item.split(",")) - 6:]
-        b, w, p, st, rv, h, pf, pers = v[:8]
+        v = [int(v) for v in item.split(",")]
+        v += [0, 1, 1][len(v) - 6:]  # prefetch, persistent, tvec defaults
+        b, w, p, st, rv, h, pf, pers, tv = v[:9]
         out.append(ce.RowsConfig(block=b, num_warps=w, per_sm=p, stages=st, reverse=bool(rv),
-                                 hints=h, prefetch=bool(pf), persistent=bool(pers)))
+                                 hints=h, prefetch=bool(pf), persistent=bool(pers),
+                                 tvec=bool(tv)))
     return out
 
 

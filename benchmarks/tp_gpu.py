@@ -8,14 +8,17 @@ Floor (PERF.md), per rank: read the shard once and write its gradient once,
                                                 (bytes read + written per second),
 
 plus a few floats per token of communication (latency-bound). Measured per rank: the median
-step time over fixed iterations (the same count on every rank, since every step holds
-collectives; the slowest rank's median is reported) and the extra peak memory of one step
+step time over fixed iterations enqueued back to back (the same count on every rank, since
+every step holds collectives; the slowest rank's median is reported) and the extra peak memory of one step
 (max_memory_allocated during the step minus what was allocated before it, inputs included
 in the latter). Methods, all in one run:
 
   fusedce                 fce.cross_entropy(x, t, tp_group=g)  (validation off)
   fusedce inplace         ... inplace_backward=True (the gradient overwrites the logits)
   fusedce validated       ... with validation on (one more small all-gather, a host sync)
+  fusedce gather[_inpl.]  ... with FUSEDCE_TP_EXCHANGE=nccl: the shard statistics all-gathered
+                          between a statistics kernel and the fused kernel, instead of
+                          exchanged inside the fused kernel through symmetric memory
   megatron-core           megatron.core.tensor_parallel.vocab_parallel_cross_entropy
                           (after parallel_state.initialize_model_parallel)
   liger                   liger_kernel LigerVocabParallelCrossEntropy (0.8.5)
@@ -47,8 +50,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import fusedce as fce  # noqa: E402
 
 GB = 1e9
-ALL_METHODS = ("fusedce", "fusedce_inplace", "fusedce_validated", "megatron", "liger",
-               "pytorch")
+ALL_METHODS = ("local_inplace", "selfpeer_inplace", "fusedce", "fusedce_inplace", "fusedce_validated", "fusedce_gather",
+               "fusedce_gather_inplace", "megatron", "liger", "pytorch")
 
 
 def log0(*a):
@@ -79,20 +82,22 @@ def copy_bandwidth(device, nbytes: int = 4 << 30, reps: int = 10) -> float:
 
 
 def time_steps(step, iters: int, warmup: int, group) -> list:
-    """Per-step times (ms) over ``iters`` steps; every rank runs the same count."""
+    """Per-step times (ms) over ``iters`` steps enqueued back to back (as do_bench does: the
+    host runs ahead of the GPU, so its launch time is hidden whenever the GPU is the slower
+    side; a sync per step would add the host's time to every step); every rank runs the
+    same count."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     dist.barrier(group=group)
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(iters)]
+    for a, b in ev:
         a.record()
         step()
         b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in ev]
 
 
 def peak_extra(step, device) -> float:
@@ -137,14 +142,36 @@ def pytorch_vocab_parallel_ce(x, target, group, vocab_start):
     return (s.log() - zt).mean()
 
 
-def make_methods(names, group, tp_rank, v_local):
+def make_methods(names, group, tp_rank, v_local, solo=None):
     vocab_start = tp_rank * v_local
     methods = {}
 
-    def fusedce(inplace, validated):
+    def local(group1):
+        # this rank's shard as a whole vocabulary (targets folded into it): the unsharded
+        # kernel (group1 None) or the in-kernel exchange with a group of one (its own
+        # records only): what the shard costs without the other rank
         def f(x, t):
-            with fce.validation(validated):
-                return fce.cross_entropy(x, t, tp_group=group, inplace_backward=inplace)
+            with fce.validation(False):
+                return fce.cross_entropy(x, t % v_local, tp_group=group1, inplace_backward=True)
+        return f
+
+    if "local_inplace" in names:
+        methods["local_inplace"] = local(None)
+    if "selfpeer_inplace" in names and solo is not None:
+        methods["selfpeer_inplace"] = local(solo)
+
+    def fusedce(inplace, validated, exchange="auto"):
+        def f(x, t):
+            old = os.environ.get("FUSEDCE_TP_EXCHANGE")
+            os.environ["FUSEDCE_TP_EXCHANGE"] = exchange
+            try:
+                with fce.validation(validated):
+                    return fce.cross_entropy(x, t, tp_group=group, inplace_backward=inplace)
+            finally:
+                if old is None:
+                    os.environ.pop("FUSEDCE_TP_EXCHANGE")
+                else:
+                    os.environ["FUSEDCE_TP_EXCHANGE"] = old
         return f
 
     if "fusedce" in names:
@@ -153,6 +180,10 @@ def make_methods(names, group, tp_rank, v_local):
         methods["fusedce_inplace"] = fusedce(True, False)
     if "fusedce_validated" in names:
         methods["fusedce_validated"] = fusedce(False, True)
+    if "fusedce_gather" in names:
+        methods["fusedce_gather"] = fusedce(False, False, "nccl")
+    if "fusedce_gather_inplace" in names:
+        methods["fusedce_gather_inplace"] = fusedce(True, False, "nccl")
     if "megatron" in names:
         try:
             from megatron.core import parallel_state
@@ -206,6 +237,9 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--configs", default="",
+                    help="fused-kernel configs 'block,warps,per_sm,reverse;...': each adds "
+                         "fusedce_inplace@cfg and selfpeer_inplace@cfg")
     args = ap.parse_args()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
 
@@ -219,6 +253,7 @@ def main():
         raise SystemExit(f"world size {world} is not a multiple of --tp {tp}")
     groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, world, tp)]
     group = groups[rank // tp]
+    solos = [dist.new_group([r]) for r in range(world)]  # for selfpeer_inplace
     tp_rank = dist.get_rank(group)
     if "megatron" in names and not init_megatron(tp):
         names.remove("megatron")
@@ -232,21 +267,32 @@ def main():
             log0(f"skip V={V}: not divisible by TP={tp}")
             continue
         v_local = V // tp
-        methods = make_methods(names, group, tp_rank, v_local)
+        methods = make_methods(names, group, tp_rank, v_local, solos[rank])
+        for cfg in [c for c in args.configs.split(";") if c.strip()]:
+            base_methods = make_methods(["fusedce_inplace", "selfpeer_inplace"], group, tp_rank,
+                                        v_local, solos[rank])
+            for mname, mfn in base_methods.items():
+                methods[f"{mname}@{cfg}"] = _with_config(mfn, cfg)
         gen = torch.Generator(device="cpu").manual_seed(1234 + V)  # same targets on all ranks
         target = torch.randint(0, V, (args.n,), generator=gen).to(device)
         torch.manual_seed(100 + rank)
         base = torch.randn(args.n, v_local, device=device, dtype=torch.bfloat16) * 2.0
         floor_ms = 4.0 * args.n * v_local / bw * 1e3
         losses = {}
+        grads = {}  # the first method's gradient: every other one is compared with it
         for name, fn in methods.items():
             x = base.clone().requires_grad_(True)
             try:
                 loss = fn(x, target)  # a first call, also the cross-method loss check
                 losses[name] = float(loss.detach())
                 loss.backward()
+                g = x.grad if x.grad is not None else x  # in place: the logits hold it
+                if not grads:
+                    grads["ref"] = (name, g.detach().clone())
+                gdiff = (g.detach().float() - grads["ref"][1].float()).abs().max()
+                dist.all_reduce(gdiff, op=dist.ReduceOp.MAX, group=group)
                 x.grad = None
-                if name == "fusedce_inplace":
+                if name.endswith("_inplace"):
                     x = base.clone().requires_grad_(True)  # fresh logits: measure from them
 
                 def step(x=x, fn=fn):
@@ -263,7 +309,7 @@ def main():
                                     extra_gb=max(m[1] for m in meds) / GB,
                                     floor_ms=max(m[2] for m in meds),
                                     ratio=worst / max(m[2] for m in meds),
-                                    loss=losses[name]))
+                                    loss=losses[name], grad_diff=float(gdiff)))
             except Exception as exc:  # noqa: BLE001 - one method failing must not end the run
                 log0(f"{name} V={V} failed: {type(exc).__name__}: {exc}")
                 if rank == 0:
@@ -272,22 +318,23 @@ def main():
             finally:
                 del x
                 torch.cuda.empty_cache()
-        del base
+        del base, grads
         torch.cuda.empty_cache()
 
     if rank == 0:
+        _print_kernel_registers()
         ref = {r["V"]: r.get("loss") for r in results if r["method"] == "fusedce"}
         print(f"\nVocab-parallel CE, TP={tp}, N={args.n}, bf16, forward+backward per step "
               f"(slowest rank's median of {args.iters}); copy {bw / 1e12:.2f} TB/s")
         print(f"{'V':>7} {'method':<18} {'ms':>8} {'x floor':>8} {'floor ms':>9} "
-              f"{'extra GB':>9} {'loss - fusedce':>15}")
+              f"{'extra GB':>9} {'loss - fusedce':>15} {'max|dx - dx_1st|':>17}")
         for r in results:
             if "error" in r:
                 print(f"{r['V']:>7} {r['method']:<18} {'failed: ' + r['error'][:60]}")
                 continue
             d = r["loss"] - ref[r["V"]] if ref.get(r["V"]) is not None else float("nan")
             print(f"{r['V']:>7} {r['method']:<18} {r['ms']:8.3f} {r['ratio']:7.2f}x "
-                  f"{r['floor_ms']:9.3f} {r['extra_gb']:9.3f} {d:15.2e}")
+                  f"{r['floor_ms']:9.3f} {r['extra_gb']:9.3f} {d:15.2e} {r['grad_diff']:17.2e}")
         out = os.environ.get("OUT")
         if out:
             meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__,
@@ -298,6 +345,36 @@ def main():
                 json.dump(dict(meta=meta, results=results), f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _with_config(fn, cfg: str):
+    """fn with the fused kernel's table overridden by 'block,warps,per_sm,reverse'."""
+    from fusedce.triton import ce
+
+    b, w, p, r = (int(v) for v in cfg.split(","))
+    rc = ce.RowsConfig(block=b, num_warps=w, per_sm=p, prefetch=True, reverse=bool(r))
+
+    def f(x, t):
+        ce.set_override(fused=rc)
+        try:
+            return fn(x, t)
+        finally:
+            ce.set_override(fused=None)
+    return f
+
+
+def _print_kernel_registers():
+    """Registers and spills of every compiled variant of the fused rows kernel."""
+    try:
+        from fusedce.triton import fused_rows
+
+        caches = getattr(fused_rows._fused_rows_kernel, "device_caches", {})
+        for dev, entry in caches.items():
+            for key, k in entry[0].items():
+                print(f"fused_rows variant: warps {k.metadata.num_warps}, regs {k.n_regs}, "
+                      f"spills {k.n_spills}")
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        print(f"(kernel registers unavailable: {type(exc).__name__}: {exc})")
 
 
 def _triton_version():

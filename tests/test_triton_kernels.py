@@ -6,11 +6,11 @@ backend (the executable spec, itself checked against the oracle), with fresh ran
 poisoned outputs and dtype-aware normwise tolerances.
 
 Which paths run where:
-  * _fused_kernel with S = 1 (a row in one program) runs here; the cooperative S > 1 path
-    (programs spinning on each other) cannot run in the interpreter, which executes programs
-    one after another: there the backend falls back to _stats_kernel + _grad_kernel, which
-    test_fused_fallback_multi_segment covers; the S > 1 kernel itself is tested in
-    tests/test_gpu.py (marker gpu).
+  * the fused rows kernel (fused_rows.py) runs here in every mode; its PEER mode (the
+    vocabulary-parallel statistics exchanged between the ranks' kernels) one rank at a time,
+    with the other ranks' records written into its buffer beforehand
+    (test_fused_loss_peer_exchange); the exchange between GPUs runs in the NCCL suite
+    (tests/test_distributed.py with FUSEDCE_DIST_BACKEND=nccl).
   * _stats_kernel with several segments per row (+ _fold_kernel) and with prefetch runs here
     through the config override.
 """
@@ -384,6 +384,88 @@ def test_fused_kernel_matches_two_pass(dtype, case):
     assert torch.equal(st2.m, st.m) and torch.equal(st2.s, st.s) and (st2.am == -1).all()
 
 
+def _records(stats, epoch):
+    """Exchange-buffer records [N, 8] int64 of one shard's statistics (fusedce.triton.
+    fused_rows._publish_row): words (m, s, z_t, argmax, sz, 0, 0, 0), low 32 bits the value,
+    high 32 bits the epoch."""
+    def bits(f):
+        return f.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+
+    m, s, zt, sz, am = stats[:5]
+    rec = torch.zeros(m.numel(), 8, dtype=torch.int64, device=m.device)
+    rec[:, 0], rec[:, 1], rec[:, 2] = bits(m), bits(s), bits(zt)
+    rec[:, 3] = am.to(torch.int32).long() & 0xFFFFFFFF
+    rec[:, 4] = bits(sz)
+    return rec | (epoch << 32)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", ["plain", "all"])
+def test_fused_loss_peer_exchange(world, case):
+    """PEER mode of the fused kernel (vocabulary parallel, the shard statistics exchanged
+    inside the kernel through symmetric memory): one rank's kernel at a time, with the other
+    ranks' records already in its buffer (the interpreter runs one kernel at a time; the real
+    exchange between GPUs is in the NCCL suite). Its loss rows, lse, z-loss parts, argmax and
+    gradient slice equal the unsharded kernel's; the record it publishes to each other rank
+    is that shard's statistics, tagged with the epoch, in the epoch's parity half."""
+    V, n = 41, 8
+    bounds = [0, 9, 30, V] if world == 3 else [0, 17, V]
+    x = _x((2, 4), V, torch.float32)
+    t = _t((2, 4), V).reshape(-1)
+    t[3] = bounds[1]  # a target on a shard's first column
+    if case == "plain":
+        a, zl, cap, scale, w = 0.0, 0.0, None, 1.0, None
+    else:
+        a, zl, cap, scale = 0.1, 1e-3, 7.0, 1.3
+        w = torch.rand(V, device=DEV) + 0.5
+    w_total = w.sum() if (w is not None and a > 0) else None
+    den = (t != -100).sum()
+    ref_out = _poison(x.shape, torch.float32)
+    ref = ce.tr_fused_loss(x, t, w, w_total, den, ref_out, -100, V, a, zl, scale, cap, True, 1)
+    for epoch in (1, 2, 7):
+        par = epoch & 1
+        for r in range(world):
+            lo, hi = bounds[r], bounds[r + 1]
+            xch = torch.zeros(2, world, n + 3, 8, dtype=torch.int64, device=DEV)
+            others = [torch.zeros_like(xch) for _ in range(world)]
+            for q in range(world):
+                if q != r:
+                    ql, qh = bounds[q], bounds[q + 1]
+                    wl = w[ql:qh].contiguous() if (w is not None and a > 0) else None
+                    st = ce.tr_row_stats(x[:, :, ql:qh].contiguous(), t, wl, ql, -100, scale,
+                                         cap, a > 0, False, True)
+                    xch[par, q, :n] = _records(st, epoch)
+            peers = torch.tensor([xch.data_ptr() if q == r else others[q].data_ptr()
+                                  for q in range(world)], dtype=torch.int64, device=DEV)
+            xs = x[:, :, lo:hi].clone()
+            out = _poison(xs.shape, torch.float32)
+            got = ce.tr_fused_loss_peer(xs, t, xch, peers, r, world, epoch, w, w_total, den, out,
+                                        lo, -100, V, a, zl, scale, cap, True, 1, True)
+            for f, g_, e in zip(("loss", "lse", "zpart"), got[:3], ref[:3]):
+                if e.numel():
+                    assert_close_normwise(g_, e, 2e-6, f)
+            assert torch.equal(got[3], ref[3])
+            assert_close_normwise(out, ref_out[:, :, lo:hi], 2e-6, "grad slice")
+            wl = w[lo:hi].contiguous() if (w is not None and a > 0) else None
+            mine = _records(ce.tr_row_stats(xs, t, wl, lo, -100, scale, cap, a > 0, False, True),
+                            epoch)
+            for q in range(world):
+                if q != r:
+                    pub = others[q][par, r, :n]
+                    assert torch.equal(pub >> 32, torch.full_like(pub >> 32, epoch))
+                    # m, argmax exactly; s, sz to rounding (pass 1 chunks differ from the
+                    # statistics kernel's)
+                    assert torch.equal(pub[:, 3], mine[:, 3]) and torch.equal(pub[:, 0],
+                                                                               mine[:, 0])
+                    assert (others[q][1 - par] == 0).all()
+            # no gradient: the same rows, the logits untouched
+            xs2 = xs.clone()
+            got2 = ce.tr_fused_loss_peer(xs2, t, xch, peers, r, world, epoch, w, w_total, den,
+                                         xs2, lo, -100, V, a, zl, scale, cap, False, 1, False)
+            assert torch.equal(xs2, x[:, :, lo:hi]) and got2[3].numel() == 0
+            assert_close_normwise(got2[0], ref[0], 2e-6, "loss, no grad")
+
+
 @pytest.mark.parametrize("cfg", ["fallback", "reverse", "no_prefetch", "per_row_grid"])
 def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
     """The fused kernel's table variants (pass 2 forwards/backwards, prefetch on/off, one
@@ -410,6 +492,35 @@ def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
     ref, gref = _ref_grad(x, t, torch.tensor(1.0), **kw)
     assert_close_normwise(loss, ref, 1e-5, "loss")
     assert_close_normwise(x.grad, gref, 2e-5, "grad")
+
+
+@pytest.mark.parametrize("V", [1, 2, 300])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_rows_scalar_target_store_equals_vector_form(V, inplace):
+    """RowsConfig(tvec=False): the target column written by one scalar store after pass 2
+    (after a barrier) instead of inside its vector: the same bits, in place or not, with
+    every option (softcap's chain, smoothing with class weights, z-loss; V = 1 gives exact
+    zeros); rows with ignored targets untouched by it."""
+    x = _x((3, 2), V, torch.bfloat16)
+    t = _t((3, 2), V)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, weight=torch.rand(V, device=DEV) + 0.2,
+              softcap=5.0, inplace_backward=inplace)
+    grads = []
+    for tvec in (True, False):
+        ce.set_override(fused=ce.RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True,
+                                            reverse=True, tvec=tvec))
+        xi = x.clone().requires_grad_(True)
+        leaf = xi if not inplace else xi.clone()
+        loss = fce.cross_entropy(leaf, t, backend="triton", **kw)
+        loss.backward()
+        grads.append((loss.detach(), (xi.grad if not inplace else leaf).detach().clone()))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+    if V == 1:
+        kw0 = dict(label_smoothing=0.3)
+        xi = x.clone().requires_grad_(True)
+        fce.cross_entropy(xi, t, backend="triton", **kw0).backward()
+        assert torch.count_nonzero(xi.grad) == 0
 
 
 def test_scale_kernels_touch_nothing_at_one():

@@ -135,8 +135,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         vocabulary parallelism); only the reductions of its outputs remain."""
         opts, be = plan.opts, plan.backend
         reduced = opts.reduction != "none" or plan.normalizer is not None
-        gathered = None
-        if plan.group is not None:
+        gathered = peer = None
+        if plan.group is not None and getattr(be, "supports_peer", False):
+            # vocabulary parallel, ranks' kernels exchanging the row statistics themselves
+            from .peer import exchange_for
+
+            peer = exchange_for(plan.group, x3.device, t.numel())
+        if plan.group is not None and peer is None:
             # vocabulary parallel: this shard's statistics, one all-gather, then the kernel
             # folds them and writes this shard's gradient
             from .distributed import gather_packed_stats
@@ -150,7 +155,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss_rows, lse, zpart, am = be.fused_loss(
             x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
             out=as_rows3d(gbuf) if eager else None, need_am=plan.need_aux, gathered=gathered,
-            vocab_start=plan.vocab_start)
+            vocab_start=plan.vocab_start, **({"peer": peer} if peer is not None else {}))
         if reduced:
             loss = loss_rows.sum()
             zl = zpart.sum() if zpart is not None else torch.zeros((), device=lse.device)

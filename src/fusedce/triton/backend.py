@@ -30,6 +30,8 @@ from . import ce
 name = "triton"
 eager_grad = True
 supports_fused = True
+# fused_loss takes peer= (vocabulary parallel statistics exchanged inside the kernel)
+supports_peer = True
 # row_stats / fused take need_am=False to skip the argmax (it only feeds the accuracy)
 optional_argmax = True
 
@@ -159,7 +161,8 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
 
 def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_size: int,
                weight: Optional[torch.Tensor], normalizer, out: Optional[torch.Tensor],
-               need_am: bool, gathered: Optional[torch.Tensor] = None, vocab_start: int = 0):
+               need_am: bool, gathered: Optional[torch.Tensor] = None, vocab_start: int = 0,
+               peer=None):
     """The loss rows of the whole vocabulary in one kernel and, when ``out`` is given, their
     gradient (for an upstream gradient of 1 on the reduced loss, or of 1 per row with
     reduction="none") written into it; the row terms and row loss are computed in the kernel,
@@ -173,6 +176,8 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
         gathered: vocabulary parallel: the all-gathered shard statistics [W, F, B*T]
             (``distributed.gather_packed_stats``); x3 is then this rank's shard, whose first
             column is ``vocab_start``, and weight the whole class-weight vector.
+        peer: vocabulary parallel instead of ``gathered``: a :class:`fusedce.peer.PeerExchange`;
+            the kernel exchanges the shard statistics with the other ranks' kernels itself.
     Returns:
         (loss, lse, zpart, am): loss [B*T] fp32 row losses times the reduction factor c (so
         that the reduced loss is their sum), lse [B*T], zpart [B*T] (times c) or None without
@@ -202,7 +207,12 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
     args = (x3, t, w, w_total, den)
     tail = (int(opts.ignore_index), int(vocab_size), float(opts.label_smoothing),
             float(opts.z_loss), float(opts.logit_scale), opts.softcap, bool(need_am), mode)
-    if gathered is not None:
+    if peer is not None:
+        buf = out if out is not None else x3.new_empty((1, 1, 1))
+        loss, lse, zp, am = _call("tr_fused_loss_peer")(
+            x3, t, peer.xch, peer.peers, peer.rank, peer.world, peer.next_epoch(), w, w_total,
+            den, buf, int(vocab_start), *tail, out is not None)
+    elif gathered is not None:
         buf = out if out is not None else x3.new_empty((1, 1, 1))
         loss, lse, zp, am = _call("tr_fused_loss_tp")(
             x3, t, gathered.float().contiguous(), w, w_total, den, buf, int(vocab_start),

@@ -344,6 +344,9 @@ class RowsConfig:
     hints: int = 1
     prefetch: bool = False
     persistent: bool = True
+    # the target column's gradient: in pass 2's vector (True) or one scalar store per row
+    # after it (False: two FMAs, a compare and a select less per element)
+    tvec: bool = True
 
 
 @dataclass(frozen=True)
@@ -374,16 +377,20 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     H200 (notes/KERNELS.md, run 5): rows up to 96 KB take 4 programs of 8 warps per SM, 16 KB
     chunks prefetched, so that the rows in flight (4 x 132 x 64 KB at V = 32000 in bf16) stay
     in L2 for the second read; longer rows take 2 programs of 16 warps per SM with pass 2
-    walking backwards, which keeps the most recently read part of each row in L2."""
+    walking backwards, which keeps the most recently read part of each row in L2. The target
+    column is written by a scalar store after pass 2 (run 16: 1.28x -> 1.24x at V = 32000,
+    1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
         # small chunks: several per row, so the chunk loops, prefetch and tails are exercised
-        return RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True)
+        return RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True, tvec=False)
     per_chunk = 8192 // elem_size  # 8 KB of columns per 8 warps
     if V * elem_size <= 96 * 1024:
-        return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False)
-    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=True)
+        return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
+                          tvec=False)
+    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=True,
+                      tvec=False)
 
 
 def stats_config(V: int, elem_size: int) -> StatsConfig:
@@ -608,16 +615,20 @@ def tr_fused(
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
-        fast=not INTERPRET, launcher=_launcher)
+        fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec)
     return m, s, zt, sz, am
 
 
-def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool):
-    """(config, programs, maxnreg) of the fused rows kernel for this call."""
+def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool,
+               resident: bool = False):
+    """(config, programs, maxnreg) of the fused rows kernel for this call; ``resident``: a
+    persistent grid whose programs are all resident at once (they wait on other ranks')."""
     B, T, V = x3.shape
     n = B * T
     cfg = fused_config(V, x3.element_size())
-    if not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
+    if resident:
+        cfg = replace(cfg, persistent=True)
+    elif not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
         # statistics only: no second read, so no L2 budget; one program per row and no
         # register cap lets the hardware keep as many resident as fit (the statistics
         # kernel's setting, 0.95-1.02x of the 2-byte floor)
@@ -643,7 +654,7 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
 
 def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
                 label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am, scale_mode,
-                gathered=None, vocab_start=0):
+                gathered=None, vocab_start=0, peer=None):
     B, T, V = x3.shape
     n = B * T
     dev = x3.device
@@ -654,7 +665,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     am = torch.empty(n if need_am else 0, device=dev, dtype=torch.int64)
     if n == 0 or _skip(x3, out):
         return loss, lse, zp, am
-    cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad)
+    cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None)
     from . import fused_rows
 
     w_local = None if weight is None else weight[vocab_start:vocab_start + V]
@@ -669,7 +680,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         fast=not INTERPRET, launcher=_launcher,
         row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
-        weight_global=weight)
+        weight_global=weight, peer=peer, tvec=cfg.tvec)
     return loss, lse, zp, am
 
 
@@ -723,6 +734,31 @@ def tr_fused_loss_tp(
                        scale_mode, gathered=gathered, vocab_start=vocab_start)
 
 
+def tr_fused_loss_peer(
+    x3: torch.Tensor, target: torch.Tensor, xch: torch.Tensor, peers: torch.Tensor, rank: int,
+    world: int, epoch: int, weight: Optional[torch.Tensor], w_total: Optional[torch.Tensor],
+    den: Optional[torch.Tensor], out: torch.Tensor, vocab_start: int, ignore_index: int,
+    vocab_size: int, label_smoothing: float, z_loss: float, logit_scale: float,
+    softcap: Optional[float], need_am: bool, scale_mode: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tr_fused_loss_tp with the shard statistics exchanged inside the kernel, row by row,
+    through symmetric memory instead of gathered before it: ``xch`` is this rank's int64
+    exchange buffer [2, world, >= B*T, 8], ``peers`` the int64 addresses of the ``world``
+    ranks' buffers (rank order), ``epoch`` this call's number (1 <= epoch < 2**31, the same
+    on every rank, consecutive calls alternating in parity). Every rank of the group must
+    make the same call at the same time: the kernel waits for the others' rows. Eager only
+    (not registered with torch.library: the epoch changes with every call)."""
+    if xch.shape[2] < x3.shape[0] * x3.shape[1]:
+        raise ValueError("exchange buffer too small for the rows")
+    return _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
+                       label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am,
+                       scale_mode, vocab_start=vocab_start,
+                       peer=(xch, peers, int(rank), int(world), int(epoch)))
+
+
+RAW["tr_fused_loss_peer"] = tr_fused_loss_peer
+
+
 def _launch_scale(buf3: torch.Tensor, factor: torch.Tensor, per_row: bool) -> None:
     B, T, V = buf3.shape
     n = B * T
@@ -756,6 +792,6 @@ def tr_scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
 __all__ = [
     "RowsConfig", "StatsConfig", "fused_config", "stats_config", "set_override",
     "tr_row_stats", "tr_grad", "tr_entropy_grad", "tr_fused", "tr_fused_loss", "tr_loss_rows",
-    "tr_fused_loss_tp",
+    "tr_fused_loss_tp", "tr_fused_loss_peer",
     "tr_scale_", "tr_scale_rows_",
 ]

@@ -22,8 +22,15 @@ A chunk is a [BLOCK / R, R] tile whose R contiguous columns sit in one thread (1
 loads), so pass 1 keeps per-thread running statistics with in-thread reductions and folds
 the threads once per row, as the statistics kernel of ce.py does.
 
-The target column is corrected inside pass 2's vector (a compare with the column index), so
-no barrier or second store is needed, in place or not.
+The target column's gradient, gct (p_t - 1) + p_t crest with gct = g c_t and crest = g (c_p -
+c_t) (cancellation-free: exactly 0 at V = 1), is either computed inside pass 2's vector (a
+compare with the column index and two FMAs per element: TVEC) or, as the table does, stored
+once per row after pass 2 and a barrier, from z_t read before pass 2 (in place, the column is
+overwritten by then): the same bits, ~3% faster at V = 32000.
+
+Vocabulary parallel, the shard statistics of a row come from the other ranks either
+all-gathered before the kernel (GATHERED) or exchanged by the ranks' kernels themselves,
+row by row, through symmetric memory (PEER: _publish_row, _fold_row; see fusedce.peer).
 """
 
 from __future__ import annotations
@@ -98,8 +105,10 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
            BLOCK: tl.constexpr, HINTS: tl.constexpr, PREFETCH: tl.constexpr,
            STAGES: tl.constexpr, REVERSE: tl.constexpr, SOFTCAP: tl.constexpr,
            SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
-           COL64X: tl.constexpr, COL64O: tl.constexpr, FAST: tl.constexpr):
-    """dx of columns [c0, cend) of one row (reads below vend only: 0 = write zeros)."""
+           COL64X: tl.constexpr, COL64O: tl.constexpr, FAST: tl.constexpr,
+           TVEC: tl.constexpr):
+    """dx of columns [c0, cend) of one row (reads below vend only: 0 = write zeros); with
+    TVEC False the target column gets p c_p like the others (the caller rewrites it)."""
     nb = tl.cdiv(cend - c0, BLOCK)
     if REVERSE:
         step = -BLOCK
@@ -125,7 +134,10 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
         p = _exp2(z * _LOG2E - lse2, FAST)
         # coef = gct + crest; the target column as gct (p - 1) + p crest, which is exactly 0
         # where it should be (V = 1: p = 1) and cancels no large terms
-        d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, p * coef)
+        if TVEC:
+            d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, p * coef)
+        else:
+            d = p * coef
         if SMOOTH:
             if HAS_W:
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -174,18 +186,112 @@ def _fold_gathered(gat_ptr, row, N, W, NF: tl.constexpr):
 
 
 @triton.jit
+def _bits64(x):
+    # the fp32 bit pattern, zero-extended into the low half of an int64 word
+    return x.to(tl.int32, bitcast=True).to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
+def _word_f32(p):
+    return tl.load(p, volatile=True).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _publish_row(peers_ptr, row, NX, W, rank, epoch, m, s, zt, am, sz):
+    """Store this rank's statistics of one row into every rank's exchange buffer.
+
+    Each rank's exchange buffer is int64 [2, W, NX, 8], NX >= rows (symmetric memory: every
+    rank can store into every rank's buffer; peers_ptr holds their addresses). Rank r writes
+    its record of row i, words (m, s, z_t, argmax, sz, 0, 0, 0), into slot [epoch % 2, r, i] of
+    every other rank's buffer; each word carries the call's epoch in its high 32 bits and a fp32 / int32
+    value in its low 32, so a reader takes a word as soon as its tag matches: no flag, no
+    fence, no ordering between words. Two parities suffice: a rank finishes call e + 1 only
+    after every rank started it, i.e. after every rank read all of call e's records."""
+    k = tl.arange(0, 8)
+    rec = tl.where(k == 0, _bits64(m), tl.where(k == 1, _bits64(s), tl.where(
+        k == 2, _bits64(zt), tl.where(k == 3, am.to(tl.uint32).to(tl.int64), tl.where(
+            k == 4, _bits64(sz), 0)))))
+    ep = tl.full([], 0, tl.int64) + epoch  # (a plain int in the interpreter)
+    rec = rec | (ep << 32)
+    row64 = tl.full([], 0, tl.int64) + row
+    mine = (((ep & 1) * W + rank) * NX + row64) * 8
+    for q in range(0, W):
+        if q != rank:  # (its own record stays in registers: see _fold_row)
+            dst = tl.load(peers_ptr + q).to(tl.pointer_type(tl.int64))
+            tl.store(dst + mine + k, rec)
+
+
+@triton.jit
+def _await_record(base, ep):
+    """The five words of one record (see _publish_row), once all carry the tag ``ep``: scalar
+    volatile loads (L2; a cached line could hold another row's record from before it
+    arrived), issued together, reissued until every tag matches."""
+    w0 = tl.load(base, volatile=True)
+    w1 = tl.load(base + 1, volatile=True)
+    w2 = tl.load(base + 2, volatile=True)
+    w3 = tl.load(base + 3, volatile=True)
+    w4 = tl.load(base + 4, volatile=True)
+    while (((w0 >> 32) != ep) | ((w1 >> 32) != ep) | ((w2 >> 32) != ep) | ((w3 >> 32) != ep)
+           | ((w4 >> 32) != ep)):
+        w0 = tl.load(base, volatile=True)
+        w1 = tl.load(base + 1, volatile=True)
+        w2 = tl.load(base + 2, volatile=True)
+        w3 = tl.load(base + 3, volatile=True)
+        w4 = tl.load(base + 4, volatile=True)
+    return (w0.to(tl.int32).to(tl.float32, bitcast=True),
+            w1.to(tl.int32).to(tl.float32, bitcast=True),
+            w2.to(tl.int32).to(tl.float32, bitcast=True), w3.to(tl.int32),
+            w4.to(tl.int32).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _fold_row(xch_ptr, row, NX, W, rank, epoch, m, s, zt, am, sz):
+    """(m, s, sz, argmax, z_t) of one row over the W ranks, in rank order, from the records in
+    this rank's exchange buffer (see _publish_row; this rank's own from its registers, the
+    same bits it published), waiting for the ones not yet arrived. The fold is
+    _fold_gathered's, online: s rescaled as the maximum grows (exp(0) = 1 exactly, so for
+    W = 2 the result is the two-pass one); the argmax is the smallest id among the ranks that
+    hold the maximum. Every rank folds the same values in the same order: the same loss."""
+    ep = tl.full([], 0, tl.int64) + epoch
+    row64 = tl.full([], 0, tl.int64) + row
+    first = xch_ptr + ((ep & 1) * W * NX + row64) * 8
+    stride = (tl.full([], 0, tl.int64) + NX) * 8
+    mx = tl.full([], float("-inf"), tl.float32)
+    ss = 0.0
+    zs = 0.0
+    szs = 0.0
+    amm = 2147483647
+    for q in range(0, W):
+        if q == rank:
+            mk, sk, ztk, amk, szk = m, s, zt, am, sz
+        else:
+            mk, sk, ztk, amk, szk = _await_record(first + q * stride, ep)
+        mn = tl.maximum(mx, mk)
+        sh = tl.where(mn == float("-inf"), 0.0, mn)
+        fo = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - sh))
+        fk = tl.where(mk == float("-inf"), 0.0, tl.exp(mk - sh))
+        ss = ss * fo + sk * fk
+        amm = tl.where(mk > mx, amk, tl.where(mk == mx, tl.minimum(amm, amk), amm))
+        mx = mn
+        zs += ztk
+        szs += szk
+    return mx, ss, szs, amm, zs
+
+
+@triton.jit(do_not_specialize=["N", "epoch", "NX"])
 def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
     tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
     m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, loss_ptr, lse_ptr, zp_ptr, den_ptr,
-    gat_ptr, W, vocab_start, VG, wg_ptr,
+    gat_ptr, W, vocab_start, VG, wg_ptr, xch_ptr, peers_ptr, rank, epoch, NX,
     one_minus_a, a_over_v, zl, zl2, w_total, scale, inv_cap, softcap, rcap,
     BLOCK: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
     HINTS: tl.constexpr, PREFETCH: tl.constexpr,
     SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
     ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
-    SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr,
+    SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr, PEER: tl.constexpr,
+    TVEC: tl.constexpr,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -198,6 +304,11 @@ def _fused_rows_kernel(
     # shards, all-gathered as gat [W, NF, N] (m, s, z_t, argmax bits, sz), are folded here
     # (the spec's combine), and pass 2 writes this rank's columns [vocab_start,
     # vocab_start + V) of the gradient of the whole-vocabulary (VG) loss.
+    # PEER (vocabulary parallel, with ROW_OUT, instead of GATHERED): pass 1 on this shard,
+    # then the row's statistics are exchanged with the other ranks' programs of the same row
+    # through symmetric memory (_publish_row, _fold_row) and folded; pass 2 then re-reads the shard
+    # from L2, as in the unsharded kernel. The programs of the W ranks wait on each other
+    # row by row, so the grid must be persistent (every program resident).
     pid = tl.program_id(0)
     if SCALE_MODE == 1:
         den = tl.load(den_ptr).to(tl.float32)
@@ -228,6 +339,12 @@ def _fused_rows_kernel(
             m, ss, szs, am = _pass1(xb, 0, V, offs, lane, w_ptr, sxv, scale, inv_cap,
                                     softcap, BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE,
                                     SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
+            if PEER:
+                if NEED_AM:
+                    am = am + vocab_start
+                _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
+                m, ss, szs, am, zt = _fold_row(xch_ptr, row, NX, W, rank, epoch, m, ss, zt, am,
+                                               szs)
         sh = tl.where(m == float("-inf"), 0.0, m)
         lse = sh + tl.log(ss)
         if NEED_AM or not ROW_OUT:
@@ -279,7 +396,24 @@ def _fused_rows_kernel(
             ob = _row_ptr(o_ptr, row, T, sob, sot)
             _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, crest, gsm, gct,
                    tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
-                   STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST)
+                   STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST, TVEC)
+            if not TVEC:
+                # the target column, rewritten once the whole row is (the barrier orders it
+                # after the vector store of the same column by another thread): the same
+                # cancellation-free gct (p - 1) + p crest as in the vector, from z_t, which
+                # was read before pass 2 (in place, the column is gone by now)
+                pt = _exp2(zt * _LOG2E - lse * _LOG2E, FAST)
+                dt = gct * (pt - 1.0) + pt * crest
+                if SMOOTH:
+                    if HAS_W:
+                        dt -= gsm * tl.load(w_ptr + tsafe, mask=has, other=0.0).to(tl.float32)
+                    else:
+                        dt -= gsm
+                if SOFTCAP:
+                    rt = zt * rcap
+                    dt = dt * (scale * (1.0 - rt * rt))
+                tl.debug_barrier()
+                tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
 
 
 def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, programs: int,
@@ -287,7 +421,8 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
            maxnreg, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
            flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
            row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None,
-           gathered=None, vocab_start: int = 0, weight_global=None):
+           gathered=None, vocab_start: int = 0, weight_global=None, peer=None,
+           tvec: bool = True):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
     allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
 
@@ -295,7 +430,9 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     (loss, lse, zpart) of [N] fp32 outputs (g0, w_t, m, s, zt, sz unused; ``den`` the 0-d
     denominator (scale_mode 1) or factor (scale_mode 2)). gathered: [W, NF, N] fp32 shard
     statistics (vocabulary parallel, with row_out; then ``weight`` is this rank's slice and
-    ``weight_global`` the whole vector)."""
+    ``weight_global`` the whole vector). peer: (xch, peers, rank, world, epoch), the
+    symmetric-memory exchange of PEER mode (vocabulary parallel, with row_out, instead of
+    gathered; see _publish_row)."""
     B, T, V = x3.shape
     n = B * T
     r = max(1, 16 // x3.element_size())
@@ -313,9 +450,13 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         w_total if w_total is not None else anyf, g0, w_t,
         m, s, zt, sz, am, loss_p, lse_p, zp_p, den if den is not None else anyf,
         gathered if gathered is not None else anyf,
-        gathered.shape[0] if gathered is not None else 1, int(vocab_start), int(vocab_size),
+        gathered.shape[0] if gathered is not None else (peer[3] if peer is not None else 1),
+        int(vocab_start), int(vocab_size),
         weight_global if weight_global is not None else (
             weight if weight is not None else anyf),
+        peer[0] if peer is not None else anyf, peer[1] if peer is not None else anyf,
+        peer[2] if peer is not None else 0, peer[4] if peer is not None else 0,
+        peer[0].shape[2] if peer is not None else 1,
         1.0 - a, a / vocab_size, float(z_loss), 2.0 * float(z_loss), float(vocab_size),
         flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
         BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
@@ -323,6 +464,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         HAS_W=weight is not None, ZLOSS=z_loss > 0.0, NEED_AM=need_am, COL64X=col64x,
         COL64O=col64o, FAST=fast, NEED_GRAD=need_grad, ROW_OUT=row_out is not None,
         SCALE_MODE=scale_mode, GATHERED=gathered is not None,
-        NF=gathered.shape[1] if gathered is not None else 4, num_warps=num_warps,
+        NF=gathered.shape[1] if gathered is not None else 4, PEER=peer is not None, TVEC=tvec,
+        num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
