@@ -22,7 +22,7 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     echo "FUSEDCE_TP_EXCHANGE=$ex" | tee -a "$R/nccl_tests.log"
     FUSEDCE_DIST_BACKEND=nccl FUSEDCE_TP_EXCHANGE=$ex timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | grep -E "^E  |passed|failed" | tail -40 | tee -a "$R/nccl_tests.log"
   done
-  timeout 200 torchrun --nproc-per-node 2 benchmarks/tp_gpu.py 2>&1 | grep -v -i -E "warn|variant" | tail -22 | tee "$R/tp.log"
+  timeout 200 torchrun --nproc-per-node 2 benchmarks/tp_gpu.py 2>&1 | grep -v -i -E "warn|variant" | tail -28 | tee "$R/tp.log"
 fi
 timeout ${BENCH_CE_S:-240} python3 -m fusedce.cli bench --preset perf --op cross_entropy --out "$R/ce" --markdown "$R/ce/table.md" 2>&1 | tail -30 | tee "$R/bench_ce.log"
 timeout ${BENCH_LIN_S:-150} python3 -m fusedce.cli bench --preset perf --op linear_cross_entropy --no-plots --out "$R/lin" --markdown "$R/lin/table.md" 2>&1 | tail -20 | tee "$R/bench_lin.log"
