@@ -499,8 +499,8 @@ def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
 def test_fused_rows_scalar_target_store_equals_vector_form(V, inplace):
     """RowsConfig(tvec=False): the target column written by one scalar store after pass 2
     (after a barrier) instead of inside its vector: the same bits, in place or not, with
-    every option (softcap's chain, smoothing with class weights, z-loss; V = 1 gives exact
-    zeros); rows with ignored targets untouched by it."""
+    every option (softcap's chain, smoothing with class weights, z-loss); V = 1 gives zeros
+    (exact in the interpreter)."""
     x = _x((3, 2), V, torch.bfloat16)
     t = _t((3, 2), V)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, weight=torch.rand(V, device=DEV) + 0.2,
@@ -517,10 +517,13 @@ def test_fused_rows_scalar_target_store_equals_vector_form(V, inplace):
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.equal(grads[0][1], grads[1][1])
     if V == 1:
+        # p_t = 1: exactly in the interpreter; on a GPU ex2.approx and the FMA contraction of
+        # z log2(e) - lse log2(e) leave p_t within a few ulp of 1 (seen: |dx| <= 2.3e-8)
         kw0 = dict(label_smoothing=0.3)
         xi = x.clone().requires_grad_(True)
         fce.cross_entropy(xi, t, backend="triton", **kw0).backward()
-        assert torch.count_nonzero(xi.grad) == 0
+        bound = 0.0 if not xi.is_cuda else 1e-6
+        assert xi.grad.float().abs().max() <= bound
 
 
 def test_scale_kernels_touch_nothing_at_one():

@@ -394,15 +394,17 @@ def _fused_rows_kernel(
             # rows without upstream gradient are written as zeros, not read
             vend = tl.where(g != 0.0, V, 0)
             ob = _row_ptr(o_ptr, row, T, sob, sot)
-            _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse * _LOG2E, coef, crest, gsm, gct,
+            lse2 = lse * _LOG2E
+            _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
                    tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
                    STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST, TVEC)
             if not TVEC:
                 # the target column, rewritten once the whole row is (the barrier orders it
                 # after the vector store of the same column by another thread): the same
                 # cancellation-free gct (p - 1) + p crest as in the vector, from z_t, which
-                # was read before pass 2 (in place, the column is gone by now)
-                pt = _exp2(zt * _LOG2E - lse * _LOG2E, FAST)
+                # was read before pass 2 (in place, the column is gone by now); p_t as pass 2
+                # computes it (the same expression: the same contraction into an FMA)
+                pt = _exp2(zt * _LOG2E - lse2, FAST)
                 dt = gct * (pt - 1.0) + pt * crest
                 if SMOOTH:
                     if HAS_W:
