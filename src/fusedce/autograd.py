@@ -85,7 +85,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         t = target.reshape(-1)
         v_local = x3.shape[-1]
         eager = plan.need_grad and getattr(be, "eager_grad", False)
-        if hasattr(be, "fused_loss") and (eager or not plan.need_grad):
+        one_kernel = hasattr(be, "fused_loss") and getattr(be, "one_kernel", lambda: True)()
+        if one_kernel and (eager or not plan.need_grad):
             return CrossEntropyFunction._forward_one_kernel(ctx, logits, x3, target, t, weight,
                                                             plan, eager)
         wl = _weight_local(weight, plan, v_local)

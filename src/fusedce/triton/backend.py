@@ -11,8 +11,9 @@ for the upstream row gradient g0 in one pass over the logits; the backward then 
 it (``scale_`` reads the factor on the device and does nothing when it is 1; ``scale_rows_``
 skips rows whose factor is 1). Under no_grad only ``row_stats`` runs (one read).
 
-With FUSEDCE_TRITON_FUSED=0, ``fused`` runs ``row_stats`` + ``grad`` instead: the same
-results from two kernels (one more read of the logits).
+With FUSEDCE_TRITON_FUSED=0, ``fused`` runs ``row_stats`` + ``grad`` instead, and autograd
+skips ``fused_loss`` (``one_kernel``): the same results from two kernels (one more read of
+the logits).
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torc
 
 def _needs_fallback(x3: torch.Tensor) -> bool:
     return not _FUSED
+
+
+def one_kernel() -> bool:
+    """Whether autograd may take ``fused_loss`` (False with FUSEDCE_TRITON_FUSED=0: the
+    statistics + gradient kernels, with the row terms around them in PyTorch)."""
+    return _FUSED
 
 
 def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torch.Tensor,

@@ -378,7 +378,7 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     chunks prefetched, so that the rows in flight (4 x 132 x 64 KB at V = 32000 in bf16) stay
     in L2 for the second read; longer rows take 2 programs of 16 warps per SM with pass 2
     walking backwards, which keeps the most recently read part of each row in L2. The target
-    column is written by a scalar store after pass 2 (run 16: 1.28x -> 1.24x at V = 32000,
+    column is written by a scalar store after pass 2 (run 21: 1.28x -> 1.24x at V = 32000,
     1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
