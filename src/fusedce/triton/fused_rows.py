@@ -101,14 +101,15 @@ def _pass1(xb, c0, cend, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
 
 @triton.jit
 def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct, tcol,
-           scale, inv_cap, softcap, rcap,
+           scale, inv_cap, softcap, rcap, x0,
            BLOCK: tl.constexpr, HINTS: tl.constexpr, PREFETCH: tl.constexpr,
            STAGES: tl.constexpr, REVERSE: tl.constexpr, SOFTCAP: tl.constexpr,
            SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
            COL64X: tl.constexpr, COL64O: tl.constexpr, FAST: tl.constexpr,
-           TVEC: tl.constexpr):
+           TVEC: tl.constexpr, HAS_X0: tl.constexpr):
     """dx of columns [c0, cend) of one row (reads below vend only: 0 = write zeros); with
-    TVEC False the target column gets p c_p like the others (the caller rewrites it)."""
+    TVEC False the target column gets p c_p like the others (the caller rewrites it); with
+    HAS_X0 (and PREFETCH) the first chunk was loaded by the caller (x0)."""
     nb = tl.cdiv(cend - c0, BLOCK)
     if REVERSE:
         step = -BLOCK
@@ -117,7 +118,10 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
         step = BLOCK
         first = c0
     if PREFETCH:
-        xn = _load2(xb, first + offs, sxv, vend, HINTS, COL64X)
+        if HAS_X0:
+            xn = x0
+        else:
+            xn = _load2(xb, first + offs, sxv, vend, HINTS, COL64X)
     for b in tl.range(0, nb, num_stages=STAGES):
         b0 = tl.multiple_of(first + b * step, BLOCK)
         cols = b0 + offs
@@ -291,7 +295,7 @@ def _fused_rows_kernel(
     ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
     SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr, PEER: tl.constexpr,
-    TVEC: tl.constexpr,
+    TVEC: tl.constexpr, EARLY: tl.constexpr,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -325,6 +329,7 @@ def _fused_rows_kernel(
     else:
         wsum = w_total  # V (W is only used with smoothing)
     for row in range(pid, N, P):
+        x0 = c  # (pass 2's preloaded first chunk in EARLY mode; unused otherwise)
         xb = _row_ptr(x_ptr, row, T, sxb, sxt)
         tv = tl.load(tgt_ptr + row).to(tl.int64)
         tloc = tv - vocab_start
@@ -343,6 +348,15 @@ def _fused_rows_kernel(
                 if NEED_AM:
                     am = am + vocab_start
                 _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
+                if EARLY:
+                    # pass 2's first chunk (its bounds need only the target and c), loaded
+                    # while the other ranks' records are awaited
+                    vend0 = tl.where((tv != ignore_index) & (c != 0.0), V, 0)
+                    if REVERSE:
+                        x0 = _load2(xb, (tl.cdiv(V, BLOCK) - 1) * BLOCK + offs, sxv, vend0,
+                                    HINTS, COL64X)
+                    else:
+                        x0 = _load2(xb, offs, sxv, vend0, HINTS, COL64X)
                 m, ss, szs, am, zt = _fold_row(xch_ptr, row, NX, W, rank, epoch, m, ss, zt, am,
                                                szs)
         sh = tl.where(m == float("-inf"), 0.0, m)
@@ -396,8 +410,9 @@ def _fused_rows_kernel(
             ob = _row_ptr(o_ptr, row, T, sob, sot)
             lse2 = lse * _LOG2E
             _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
-                   tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, BLOCK, HINTS, PREFETCH,
-                   STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST, TVEC)
+                   tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK, HINTS,
+                   PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST,
+                   TVEC, EARLY)
             if not TVEC:
                 # the target column, rewritten once the whole row is (the barrier orders it
                 # after the vector store of the same column by another thread): the same
@@ -467,6 +482,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         COL64O=col64o, FAST=fast, NEED_GRAD=need_grad, ROW_OUT=row_out is not None,
         SCALE_MODE=scale_mode, GATHERED=gathered is not None,
         NF=gathered.shape[1] if gathered is not None else 4, PEER=peer is not None, TVEC=tvec,
+        EARLY=peer is not None and need_grad and bool(prefetch) and row_out is not None,
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
