@@ -132,8 +132,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def _forward_one_kernel(ctx, logits, x3, target, t, weight, plan, eager):
         """Backends with ``fused_loss`` (Triton): row terms, row losses and (eager) the
-        gradient come out of one kernel (after one all-gather of the shard statistics under
-        vocabulary parallelism); only the reductions of its outputs remain."""
+        gradient come out of one kernel; under vocabulary parallelism the ranks' kernels
+        exchange the shard statistics themselves (fusedce.peer) or, where that is not
+        available, after one all-gather of them. Only the reductions of its outputs remain."""
         opts, be = plan.opts, plan.backend
         reduced = opts.reduction != "none" or plan.normalizer is not None
         gathered = peer = None
