@@ -196,11 +196,6 @@ def _bits64(x):
 
 
 @triton.jit
-def _word_f32(p):
-    return tl.load(p, volatile=True).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _publish_row(peers_ptr, row, NX, W, rank, epoch, m, s, zt, am, sz):
     """Store this rank's statistics of one row into every rank's exchange buffer.
 
