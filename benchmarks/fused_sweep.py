@@ -3,7 +3,8 @@ N = 16384) against the 4-byte floor, the table's configuration first. Each confi
 checked against the torch backend (loss rows, sampled gradient rows) before it is timed.
 
 Usage: PYTHONPATH=src:tests python benchmarks/fused_sweep.py [--V 32000,128256,262144]
-       [--configs "block,warps,per_sm,stages,reverse,hints;..."]
+       [--configs "block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split];..."]
+Timed: the loss kernel autograd calls (backend.fused_loss, in place, gradient of the mean).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import fusedce as fce  # noqa: E402,I001
 from fusedce import spec  # noqa: E402
 from fusedce.triton import backend as tb, ce, fused_rows  # noqa: E402
 
-# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent]
+# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split]
 DEFAULT = ("4096,8,3,1,1,1,1,1;4096,8,4,1,1,1,1,1;4096,8,4,1,1,1,0,1;4096,8,5,1,1,1,0,1;"
            "2048,4,8,1,1,1,1,1;2048,4,6,1,1,1,1,1;4096,8,1,1,1,1,0,0;4096,8,1,1,1,1,1,0;"
            "2048,4,1,1,1,1,1,0;8192,16,2,1,1,1,1,1;4096,8,3,3,1,1,0,1;4096,8,4,1,0,1,1,1;"
@@ -32,11 +33,11 @@ def parse(spec_s):
     out = []
     for item in spec_s.split(";"):
         v = [int(v) for v in item.split(",")]
-        v += [0, 1, 1][len(v) - 6:]  # prefetch, persistent, tvec defaults
-        b, w, p, st, rv, h, pf, pers, tv = v[:9]
+        v += [0, 1, 1, 1][len(v) - 6:]  # prefetch, persistent, tvec, split defaults
+        b, w, p, st, rv, h, pf, pers, tv, sp = v[:10]
         out.append(ce.RowsConfig(block=b, num_warps=w, per_sm=p, stages=st, reverse=bool(rv),
                                  hints=h, prefetch=bool(pf), persistent=bool(pers),
-                                 tvec=bool(tv)))
+                                 tvec=bool(tv), split=sp))
     return out
 
 
@@ -74,8 +75,8 @@ def main():
                 x.copy_(x_src)
 
         def kernel():
-            tb.fused(x3, t, opts, g0=g0, terms=terms, vocab_size=V, out=x3,
-                     weight_local=None, need_am=False)
+            tb.fused_loss(x3, t, opts, vocab_size=V, weight=None, normalizer=None, out=x3,
+                          need_am=False)
 
         for c in cands:
             ce.set_override(fused=c)

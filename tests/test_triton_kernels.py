@@ -17,6 +17,8 @@ Which paths run where:
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,6 +30,7 @@ from oracle import assert_compiled_matches_eager, ref_cross_entropy, ref_entropy
 
 tb = pytest.importorskip("fusedce.triton.backend")
 ce = pytest.importorskip("fusedce.triton.ce")
+fused_rows = pytest.importorskip("fusedce.triton.fused_rows")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -592,3 +595,90 @@ def test_second_backward_through_eager_loss_raises():
     ref = x.detach().double().requires_grad_(True)
     torch.nn.functional.cross_entropy(ref, t).mul(2.0).backward()
     assert torch.allclose(first.double(), ref.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("case", ["plain", "all"])
+@pytest.mark.parametrize("api", ["loss", "stats"])
+def test_fused_rows_split_rows(split, case, api, monkeypatch):
+    """SPLIT mode: each row cut into ``split`` segments taken by cooperating programs that
+    exchange their segments' statistics (fused_rows, loc buffer). The interpreter runs one
+    program at a time, so a program cannot wait for its siblings' records: they are written
+    into the exchange buffer beforehand (tagged row + 1, slot [k % 2, group, part], the
+    ticket word 0), as the siblings would; each program still publishes its own. With every
+    option, the loss rows, lse, z-loss parts, argmax and the whole gradient (each program
+    writes its segment) equal the unsplit kernel's; the buffer then holds every part's
+    record."""
+    V, B, T = 200, 2, 3
+    n = B * T
+    groups = 3 if DEV == "cpu" else n  # the interpreter's grid (ce._rows_grid); <= 2 rows each
+    block = 32
+    segw = -(-(-(-V // split)) // block) * block
+    bounds = list(range(0, V, segw)) + [V]
+    parts = len(bounds) - 1
+    x = _x((B, T), V, torch.float32)
+    t = _t((B, T), V).reshape(-1)
+    t[1] = bounds[1]  # a target on a segment's first column
+    t[2] = bounds[1] - 1  # and one on a segment's last
+    if case == "plain":
+        a, zl, cap, scale, w = 0.0, 0.0, None, 1.0, None
+    else:
+        a, zl, cap, scale = 0.1, 1e-3, 7.0, 1.3
+        w = torch.rand(V, device=DEV) + 0.5
+    w_total = w.sum() if (w is not None and a > 0) else None
+    den = (t != -100).sum()
+    ref_out = _poison(x.shape, torch.float32)
+    base = ce.RowsConfig(block=block, num_warps=1, per_sm=1, prefetch=True, reverse=False,
+                         tvec=False)
+    ce.set_override(fused=base)
+    ref = ce.tr_fused_loss(x, t, w, w_total, den, ref_out, -100, V, a, zl, scale, cap, True, 1)
+    g0 = torch.rand(n, device=DEV) + 0.5
+    w_t = torch.ones(n, device=DEV)
+    wl_all = w.contiguous() if (w is not None and a > 0) else None
+    ref_s_out = _poison(x.shape, torch.float32)
+    ref_s = ce.tr_fused(x, t, g0, w_t, wl_all, w_total, ref_s_out, -100, V, a, zl, scale, cap,
+                        True)
+    # the records the siblings publish: each segment's statistics, argmax as a global id
+    recs = []
+    for q in range(parts):
+        lo, hi = bounds[q], bounds[q + 1]
+        wl = w[lo:hi].contiguous() if (w is not None and a > 0) else None
+        st = ce.tr_row_stats(x[:, :, lo:hi].contiguous(), t, wl, lo, -100, scale, cap, a > 0,
+                             False, True)
+        recs.append(_records(st, 0))
+    words = 1 + 2 * groups * parts * 8
+    buf = torch.zeros(words, dtype=torch.int64, device=DEV)
+    slots = buf[1:].view(2, groups, parts, 8)
+    for row in range(n):
+        k, g = divmod(row, groups)
+        for q in range(parts):
+            slots[k % 2, g, q] = recs[q][row] | ((row + 1) << 32)
+    monkeypatch.setattr(fused_rows, "split_buffer",
+                        lambda w_, d: buf if w_ == words else pytest.fail(str(w_)))
+    ce.set_override(fused=dataclasses.replace(base, split=split))
+    try:
+        out = _poison(x.shape, torch.float32)
+        if api == "loss":
+            got = ce.tr_fused_loss(x, t, w, w_total, den, out, -100, V, a, zl, scale, cap,
+                                   True, 1)
+            for f, g_, e in zip(("loss", "lse", "zpart"), got[:3], ref[:3]):
+                if e.numel():
+                    assert_close_normwise(g_, e, 2e-6, f)
+            assert torch.equal(got[3], ref[3])
+            assert_close_normwise(out, ref_out, 2e-6, "grad")
+        else:
+            got = ce.tr_fused(x, t, g0, w_t, wl_all, w_total, out, -100, V, a, zl, scale, cap,
+                              True)
+            for f, g_, e in zip(("m", "s", "zt", "sz"), got[:4], ref_s[:4]):
+                assert_close_normwise(g_, e, 2e-6, f)
+            assert torch.equal(got[4], ref_s[4])
+            assert_close_normwise(out, ref_s_out, 2e-6, "grad")
+        # every program took a ticket; every slot holds its part's record of its last row
+        assert int(buf[0]) == groups * parts
+        for row in range(max(0, n - 2 * groups), n):
+            k, g = divmod(row, groups)
+            assert ((slots[k % 2, g, :, :5] >> 32) == row + 1).all()
+            assert torch.equal(slots[k % 2, g, :, 3] & 0xFFFFFFFF,
+                               torch.stack([r_[row, 3] for r_ in recs]) & 0xFFFFFFFF)
+    finally:
+        ce.set_override(fused=None)

@@ -347,6 +347,10 @@ class RowsConfig:
     # the target column's gradient: in pass 2's vector (True) or one scalar store per row
     # after it (False: two FMAs, a compare and a select less per element)
     tvec: bool = True
+    # segments per row, each taken by one of ``split`` cooperating programs that exchange
+    # their statistics (fused_rows, SPLIT; with a gradient, not vocabulary parallel): the
+    # rows in flight, and so the L2 footprint of the second read, shrink split-fold
+    split: int = 1
 
 
 @dataclass(frozen=True)
@@ -615,7 +619,7 @@ def tr_fused(
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
-        fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec)
+        fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split)
     return m, s, zt, sz, am
 
 
@@ -639,7 +643,12 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
         # program twice the registers rather than spill
         cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
     maxnreg = None
-    if INTERPRET:
+    if need_grad and cfg.split > 1 and not resident:
+        # the cooperating programs: the launcher takes min(rows, P / split) groups of split
+        P = 3 * cfg.split if INTERPRET else cfg.per_sm * _sm_count(x3.device)
+        if not INTERPRET and not _is_traced(x3, out):
+            maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
+    elif INTERPRET:
         P = min(n, 3)
     elif not cfg.persistent:
         P = n
@@ -680,7 +689,8 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         fast=not INTERPRET, launcher=_launcher,
         row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
-        weight_global=weight, peer=peer, tvec=cfg.tvec)
+        weight_global=weight, peer=peer, tvec=cfg.tvec,
+        split=cfg.split if (need_grad and gathered is None and peer is None) else 1)
     return loss, lse, zp, am
 
 

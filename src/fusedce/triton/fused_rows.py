@@ -35,6 +35,7 @@ row by row, through symmetric memory (PEER: _publish_row, _fold_row; see fusedce
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -196,22 +197,29 @@ def _bits64(x):
 
 
 @triton.jit
+def _record(m, s, zt, am, sz, tag):
+    """A row's statistics as 8 int64 words (m, s, z_t, argmax, sz, 0, 0, 0), each carrying
+    ``tag`` in its high 32 bits and a fp32 / int32 value in its low 32 (see _publish_row)."""
+    k = tl.arange(0, 8)
+    rec = tl.where(k == 0, _bits64(m), tl.where(k == 1, _bits64(s), tl.where(
+        k == 2, _bits64(zt), tl.where(k == 3, am.to(tl.uint32).to(tl.int64), tl.where(
+            k == 4, _bits64(sz), 0)))))
+    return rec | ((tl.full([], 0, tl.int64) + tag) << 32)
+
+
+@triton.jit
 def _publish_row(peers_ptr, row, NX, W, rank, epoch, m, s, zt, am, sz):
     """Store this rank's statistics of one row into every rank's exchange buffer.
 
     Each rank's exchange buffer is int64 [2, W, NX, 8], NX >= rows (symmetric memory: every
     rank can store into every rank's buffer; peers_ptr holds their addresses). Rank r writes
-    its record of row i, words (m, s, z_t, argmax, sz, 0, 0, 0), into slot [epoch % 2, r, i] of
-    every other rank's buffer; each word carries the call's epoch in its high 32 bits and a fp32 / int32
-    value in its low 32, so a reader takes a word as soon as its tag matches: no flag, no
-    fence, no ordering between words. Two parities suffice: a rank finishes call e + 1 only
+    its record of row i (_record, tagged with the call's epoch) into slot [epoch % 2, r, i] of
+    every other rank's buffer, so a reader takes a word as soon as its tag matches: no flag,
+    no fence, no ordering between words. Two parities suffice: a rank finishes call e + 1 only
     after every rank started it, i.e. after every rank read all of call e's records."""
     k = tl.arange(0, 8)
-    rec = tl.where(k == 0, _bits64(m), tl.where(k == 1, _bits64(s), tl.where(
-        k == 2, _bits64(zt), tl.where(k == 3, am.to(tl.uint32).to(tl.int64), tl.where(
-            k == 4, _bits64(sz), 0)))))
+    rec = _record(m, s, zt, am, sz, epoch)
     ep = tl.full([], 0, tl.int64) + epoch  # (a plain int in the interpreter)
-    rec = rec | (ep << 32)
     row64 = tl.full([], 0, tl.int64) + row
     mine = (((ep & 1) * W + rank) * NX + row64) * 8
     for q in range(0, W):
@@ -244,17 +252,14 @@ def _await_record(base, ep):
 
 
 @triton.jit
-def _fold_row(xch_ptr, row, NX, W, rank, epoch, m, s, zt, am, sz):
-    """(m, s, sz, argmax, z_t) of one row over the W ranks, in rank order, from the records in
-    this rank's exchange buffer (see _publish_row; this rank's own from its registers, the
-    same bits it published), waiting for the ones not yet arrived. The fold is
-    _fold_gathered's, online: s rescaled as the maximum grows (exp(0) = 1 exactly, so for
-    W = 2 the result is the two-pass one); the argmax is the smallest id among the ranks that
-    hold the maximum. Every rank folds the same values in the same order: the same loss."""
-    ep = tl.full([], 0, tl.int64) + epoch
-    row64 = tl.full([], 0, tl.int64) + row
-    first = xch_ptr + ((ep & 1) * W * NX + row64) * 8
-    stride = (tl.full([], 0, tl.int64) + NX) * 8
+def _fold_row(first, stride, W, rank, tag, m, s, zt, am, sz):
+    """(m, s, sz, argmax, z_t) of one row over W parts, in part order, from the records at
+    ``first + q * stride`` (see _record; part ``rank``'s own from its registers, the same bits
+    it published), waiting for the ones not yet tagged ``tag``. The fold is _fold_gathered's,
+    online: s rescaled as the maximum grows (exp(0) = 1 exactly, so for W = 2 the result is
+    the two-pass one); the argmax is the smallest id among the parts that hold the maximum.
+    Every part folds the same values in the same order: the same loss."""
+    ep = tl.full([], 0, tl.int64) + tag
     mx = tl.full([], float("-inf"), tl.float32)
     ss = 0.0
     zs = 0.0
@@ -282,7 +287,7 @@ def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
     tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
     m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, loss_ptr, lse_ptr, zp_ptr, den_ptr,
-    gat_ptr, W, vocab_start, VG, wg_ptr, xch_ptr, peers_ptr, rank, epoch, NX,
+    gat_ptr, W, vocab_start, VG, wg_ptr, xch_ptr, peers_ptr, rank, epoch, NX, loc_ptr, SEGW,
     one_minus_a, a_over_v, zl, zl2, w_total, scale, inv_cap, softcap, rcap,
     BLOCK: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
     HINTS: tl.constexpr, PREFETCH: tl.constexpr,
@@ -290,7 +295,7 @@ def _fused_rows_kernel(
     ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
     SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr, PEER: tl.constexpr,
-    TVEC: tl.constexpr, EARLY: tl.constexpr,
+    TVEC: tl.constexpr, EARLY: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -308,7 +313,29 @@ def _fused_rows_kernel(
     # through symmetric memory (_publish_row, _fold_row) and folded; pass 2 then re-reads the shard
     # from L2, as in the unsharded kernel. The programs of the W ranks wait on each other
     # row by row, so the grid must be persistent (every program resident).
-    pid = tl.program_id(0)
+    # SPLIT > 1 (not with GATHERED or PEER): the row is cut into SPLIT segments of SEGW
+    # columns, each taken by one of SPLIT cooperating programs (a group), which exchange their
+    # segments' statistics as PEER ranks do, through loc [1 + 2 * (P / SPLIT) * SPLIT * 8]
+    # int64 (zeroed by the caller): word 0 is a ticket counter, then slot [k % 2, group,
+    # part] holds a part's record of its k-th row, tagged row + 1. Each segment is then short
+    # enough for its second read to hit L2 (the rows in flight shrink SPLIT-fold). Programs
+    # take their place (group, part) from the ticket in the order they start, so a group's
+    # members wait only on programs that are already running or come next.
+    if SPLIT > 1:
+        pid = tl.atomic_add(loc_ptr, 1)
+        part = pid % SPLIT
+        grp = pid // SPLIT
+        PG = P // SPLIT
+        c0 = part * SEGW
+        VL = tl.minimum(V - c0, SEGW)
+        w_ptr += c0
+    else:
+        pid = tl.program_id(0)
+        part = 0
+        grp = pid
+        PG = P
+        c0 = 0
+        VL = V
     if SCALE_MODE == 1:
         den = tl.load(den_ptr).to(tl.float32)
         c = tl.where(den > 0.0, 1.0 / den, 0.0)
@@ -323,12 +350,14 @@ def _fused_rows_kernel(
         wsum = tl.load(wsum_ptr).to(tl.float32)
     else:
         wsum = w_total  # V (W is only used with smoothing)
-    for row in range(pid, N, P):
+    for row in range(grp, N, PG):
         x0 = c  # (pass 2's preloaded first chunk in EARLY mode; unused otherwise)
         xb = _row_ptr(x_ptr, row, T, sxb, sxt)
+        if SPLIT > 1:
+            xb += _col_off(c0, sxv, COL64X)
         tv = tl.load(tgt_ptr + row).to(tl.int64)
-        tloc = tv - vocab_start
-        has = (tv != ignore_index) & (tloc >= 0) & (tloc < V)
+        tloc = tv - vocab_start - c0
+        has = (tv != ignore_index) & (tloc >= 0) & (tloc < VL)
         tsafe = tl.where(has, tloc, 0)
         if GATHERED:
             m, ss, szs, am, zt = _fold_gathered(gat_ptr, row, N, W, NF)
@@ -336,24 +365,37 @@ def _fused_rows_kernel(
             # read before pass 2 overwrites it (in place)
             xt = tl.load(xb + tsafe * sxv, mask=has, other=0.0)
             zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
-            m, ss, szs, am = _pass1(xb, 0, V, offs, lane, w_ptr, sxv, scale, inv_cap,
+            m, ss, szs, am = _pass1(xb, 0, VL, offs, lane, w_ptr, sxv, scale, inv_cap,
                                     softcap, BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE,
                                     SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
-            if PEER:
+            if PEER or SPLIT > 1:
                 if NEED_AM:
-                    am = am + vocab_start
-                _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
+                    am = am + (vocab_start + c0)
+                if PEER:
+                    _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
+                else:
+                    kk = (row - grp) // PG
+                    first = loc_ptr + 1 + ((kk % 2) * PG + grp) * (SPLIT * 8)
+                    tl.store(first + part * 8 + tl.arange(0, 8),
+                             _record(m, ss, zt, am, szs, row + 1))
                 if EARLY:
                     # pass 2's first chunk (its bounds need only the target and c), loaded
-                    # while the other ranks' records are awaited
-                    vend0 = tl.where((tv != ignore_index) & (c != 0.0), V, 0)
+                    # while the other parts' records are awaited
+                    vend0 = tl.where((tv != ignore_index) & (c != 0.0), VL, 0)
                     if REVERSE:
-                        x0 = _load2(xb, (tl.cdiv(V, BLOCK) - 1) * BLOCK + offs, sxv, vend0,
+                        x0 = _load2(xb, (tl.cdiv(VL, BLOCK) - 1) * BLOCK + offs, sxv, vend0,
                                     HINTS, COL64X)
                     else:
                         x0 = _load2(xb, offs, sxv, vend0, HINTS, COL64X)
-                m, ss, szs, am, zt = _fold_row(xch_ptr, row, NX, W, rank, epoch, m, ss, zt, am,
-                                               szs)
+                if PEER:
+                    ep = tl.full([], 0, tl.int64) + epoch
+                    first = xch_ptr + ((ep & 1) * W * NX + row) * 8
+                    stride = (tl.full([], 0, tl.int64) + NX) * 8
+                    m, ss, szs, am, zt = _fold_row(first, stride, W, rank, epoch, m, ss, zt,
+                                                   am, szs)
+                else:
+                    m, ss, szs, am, zt = _fold_row(first, 8, SPLIT, part, row + 1, m, ss, zt,
+                                                   am, szs)
         sh = tl.where(m == float("-inf"), 0.0, m)
         lse = sh + tl.log(ss)
         if NEED_AM or not ROW_OUT:
@@ -401,10 +443,12 @@ def _fused_rows_kernel(
                     gct = gct * scale
             coef = gct + crest
             # rows without upstream gradient are written as zeros, not read
-            vend = tl.where(g != 0.0, V, 0)
+            vend = tl.where(g != 0.0, VL, 0)
             ob = _row_ptr(o_ptr, row, T, sob, sot)
+            if SPLIT > 1:
+                ob += _col_off(c0, sov, COL64O)
             lse2 = lse * _LOG2E
-            _pass2(xb, ob, 0, V, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
+            _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
                    tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK, HINTS,
                    PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST,
                    TVEC, EARLY)
@@ -428,13 +472,19 @@ def _fused_rows_kernel(
                 tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
 
 
+def split_buffer(words: int, device) -> torch.Tensor:
+    """The zeroed int64 exchange buffer of SPLIT mode (a fresh one per call: an allocation
+    and a memset, so the call stays capturable in a CUDA graph and needs no state)."""
+    return torch.zeros(words, device=device, dtype=torch.int64)
+
+
 def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, programs: int,
            block: int, num_warps: int, stages: int, reverse: bool, hints: int, prefetch: int,
            maxnreg, ignore_index: int, vocab_size: int, label_smoothing: float, z_loss: float,
            flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
            row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None,
            gathered=None, vocab_start: int = 0, weight_global=None, peer=None,
-           tvec: bool = True):
+           tvec: bool = True, split: int = 1):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
     allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
 
@@ -444,10 +494,24 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     statistics (vocabulary parallel, with row_out; then ``weight`` is this rank's slice and
     ``weight_global`` the whole vector). peer: (xch, peers, rank, world, epoch), the
     symmetric-memory exchange of PEER mode (vocabulary parallel, with row_out, instead of
-    gathered; see _publish_row)."""
+    gathered; see _publish_row). split: segments per row (SPLIT), each taken by one of
+    ``split`` cooperating programs (neither with gathered nor peer); ``programs`` is then
+    the number of programs that can be resident at once, and the grid min(rows, programs //
+    split) groups of ``split``."""
     B, T, V = x3.shape
     n = B * T
     r = max(1, 16 // x3.element_size())
+    split = max(1, min(int(split), triton.cdiv(V, block), int(programs)))
+    if split > 1:
+        if gathered is not None or peer is not None:
+            raise ValueError("split: not with gathered / peer")
+        segw = triton.cdiv(triton.cdiv(V, split), block) * block
+        split = triton.cdiv(V, segw)  # (no empty segment)
+        programs = min(n, programs // split) * split
+    if split > 1:
+        loc = split_buffer(1 + 2 * programs * 8, x3.device)
+    else:
+        segw, loc = V, None
     a = float(label_smoothing)
     anyf = am if row_out is None else row_out[1]  # a placeholder for unused pointers
     if row_out is None:
@@ -468,7 +532,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
             weight if weight is not None else anyf),
         peer[0] if peer is not None else anyf, peer[1] if peer is not None else anyf,
         peer[2] if peer is not None else 0, peer[4] if peer is not None else 0,
-        peer[0].shape[2] if peer is not None else 1,
+        peer[0].shape[2] if peer is not None else 1, loc if loc is not None else anyf, segw,
         1.0 - a, a / vocab_size, float(z_loss), 2.0 * float(z_loss), float(vocab_size),
         flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
         BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
@@ -477,7 +541,9 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         COL64O=col64o, FAST=fast, NEED_GRAD=need_grad, ROW_OUT=row_out is not None,
         SCALE_MODE=scale_mode, GATHERED=gathered is not None,
         NF=gathered.shape[1] if gathered is not None else 4, PEER=peer is not None, TVEC=tvec,
-        EARLY=peer is not None and need_grad and bool(prefetch) and row_out is not None,
+        EARLY=((peer is not None or split > 1) and need_grad and bool(prefetch)
+               and row_out is not None),
+        SPLIT=split,
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
