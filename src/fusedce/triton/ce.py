@@ -351,6 +351,8 @@ class RowsConfig:
     # their statistics (fused_rows, SPLIT; with a gradient, not vocabulary parallel): the
     # rows in flight, and so the L2 footprint of the second read, shrink split-fold
     split: int = 1
+    # (PEER / SPLIT) pass 2's first chunk loaded while the other parts' records are awaited
+    early: bool = True
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,10 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     in L2 for the second read; longer rows take 2 programs of 16 warps per SM with pass 2
     walking backwards, which keeps the most recently read part of each row in L2. The target
     column is written by a scalar store after pass 2 (run 21: 1.28x -> 1.24x at V = 32000,
-    1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144)."""
+    1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144). Rows over 384 KB are cut into
+    segments of at most 128 KB, each taken by one of a group of cooperating programs
+    (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a row,
+    more than it saves on shorter rows: 1.53-1.74x at 128256)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
@@ -393,8 +398,11 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     if V * elem_size <= 96 * 1024:
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
                           tvec=False)
-    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=True,
-                      tvec=False)
+    if V * elem_size <= 384 * 1024:
+        return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True,
+                          reverse=True, tvec=False)
+    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=False,
+                      tvec=False, split=min(8, -(-V * elem_size // (128 * 1024))))
 
 
 def stats_config(V: int, elem_size: int) -> StatsConfig:
@@ -619,17 +627,22 @@ def tr_fused(
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
-        fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split)
+        fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split,
+        early=cfg.early)
     return m, s, zt, sz, am
 
 
 def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool,
-               resident: bool = False):
+               resident: bool = False, splittable: bool = True):
     """(config, programs, maxnreg) of the fused rows kernel for this call; ``resident``: a
-    persistent grid whose programs are all resident at once (they wait on other ranks')."""
+    persistent grid whose programs are all resident at once (they wait on other ranks');
+    ``splittable``: SPLIT mode is possible (not vocabulary parallel)."""
     B, T, V = x3.shape
     n = B * T
     cfg = fused_config(V, x3.element_size())
+    if cfg.split > 1 and (resident or not splittable or not need_grad):
+        # the long-row entry without cooperating programs
+        cfg = replace(cfg, split=1, reverse=True)
     if resident:
         cfg = replace(cfg, persistent=True)
     elif not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
@@ -643,7 +656,7 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
         # program twice the registers rather than spill
         cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
     maxnreg = None
-    if need_grad and cfg.split > 1 and not resident:
+    if cfg.split > 1:
         # the cooperating programs: the launcher takes min(rows, P / split) groups of split
         P = 3 * cfg.split if INTERPRET else cfg.per_sm * _sm_count(x3.device)
         if not INTERPRET and not _is_traced(x3, out):
@@ -674,7 +687,8 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     am = torch.empty(n if need_am else 0, device=dev, dtype=torch.int64)
     if n == 0 or _skip(x3, out):
         return loss, lse, zp, am
-    cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None)
+    cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None,
+                                 gathered is None and peer is None)
     from . import fused_rows
 
     w_local = None if weight is None else weight[vocab_start:vocab_start + V]
@@ -690,7 +704,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
         weight_global=weight, peer=peer, tvec=cfg.tvec,
-        split=cfg.split if (need_grad and gathered is None and peer is None) else 1)
+        split=cfg.split, early=cfg.early)
     return loss, lse, zp, am
 
 

@@ -282,6 +282,46 @@ def _fold_row(first, stride, W, rank, tag, m, s, zt, am, sz):
     return mx, ss, szs, amm, zs
 
 
+@triton.jit
+def _fold_group(first, PARTS: tl.constexpr, P2: tl.constexpr, part, tag, m, s, zt, am, sz):
+    """_fold_row for the PARTS programs of a SPLIT group: the records of all parts at
+    ``first + q * 8`` (tagged ``tag``), polled together (one load of the [PARTS, 8] tile per
+    round trip; awaited one by one they would cost PARTS - 1 round trips per row), this
+    part's own from its registers; then folded as vectors (the same reductions, so the same
+    bits, in every part): m = max, s rescaled to it, the smallest argmax among the parts
+    holding it, sums of z_t and sz. P2: PARTS rounded up to a power of two."""
+    q = tl.arange(0, P2)[:, None]
+    k = tl.arange(0, 8)[None, :]
+    ep = tl.full([], 0, tl.int64) + tag
+    ptrs = first + q * 8 + k
+    real = (q < PARTS) & (k < 5)
+    w = tl.load(ptrs, mask=real, other=0, volatile=True)
+    need = real & (q != part)
+    while tl.max(tl.where(need & ((w >> 32) != ep), 1, 0)) > 0:
+        w = tl.load(ptrs, mask=real, other=0, volatile=True)
+    lo = w.to(tl.int32)
+    f = lo.to(tl.float32, bitcast=True)
+    mk = tl.sum(tl.where(k == 0, f, 0.0), axis=1)
+    sk = tl.sum(tl.where(k == 1, f, 0.0), axis=1)
+    ztk = tl.sum(tl.where(k == 2, f, 0.0), axis=1)
+    amk = tl.sum(tl.where(k == 3, lo, 0), axis=1)
+    szk = tl.sum(tl.where(k == 4, f, 0.0), axis=1)
+    qv = tl.arange(0, P2)
+    mine = qv == part
+    mk = tl.where(qv < PARTS, mk, float("-inf"))
+    amk = tl.where(qv < PARTS, amk, 2147483647)
+    mk = tl.where(mine, m, mk)
+    sk = tl.where(mine, s, sk)
+    ztk = tl.where(mine, zt, ztk)
+    amk = tl.where(mine, am, amk)
+    szk = tl.where(mine, sz, szk)
+    mx = tl.max(mk, axis=0)
+    sh = tl.where(mx == float("-inf"), 0.0, mx)
+    fk = tl.where(mk == float("-inf"), 0.0, tl.exp(mk - sh))
+    amm = tl.min(tl.where(mk == mx, amk, 2147483647), axis=0)
+    return mx, tl.sum(sk * fk, axis=0), tl.sum(szk, axis=0), amm, tl.sum(ztk, axis=0)
+
+
 @triton.jit(do_not_specialize=["N", "epoch", "NX"])
 def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
@@ -295,7 +335,7 @@ def _fused_rows_kernel(
     ZLOSS: tl.constexpr, NEED_AM: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
     SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr, PEER: tl.constexpr,
-    TVEC: tl.constexpr, EARLY: tl.constexpr, SPLIT: tl.constexpr,
+    TVEC: tl.constexpr, EARLY: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -322,7 +362,7 @@ def _fused_rows_kernel(
     # take their place (group, part) from the ticket in the order they start, so a group's
     # members wait only on programs that are already running or come next.
     if SPLIT > 1:
-        pid = tl.atomic_add(loc_ptr, 1)
+        pid = tl.atomic_add(loc_ptr, 1).to(tl.int32)
         part = pid % SPLIT
         grp = pid // SPLIT
         PG = P // SPLIT
@@ -370,7 +410,7 @@ def _fused_rows_kernel(
                                     SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
             if PEER or SPLIT > 1:
                 if NEED_AM:
-                    am = am + (vocab_start + c0)
+                    am = (am + c0 + vocab_start).to(tl.int32)
                 if PEER:
                     _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
                 else:
@@ -394,8 +434,8 @@ def _fused_rows_kernel(
                     m, ss, szs, am, zt = _fold_row(first, stride, W, rank, epoch, m, ss, zt,
                                                    am, szs)
                 else:
-                    m, ss, szs, am, zt = _fold_row(first, 8, SPLIT, part, row + 1, m, ss, zt,
-                                                   am, szs)
+                    m, ss, szs, am, zt = _fold_group(first, SPLIT, SPLIT_P2, part, row + 1, m,
+                                                     ss, zt, am, szs)
         sh = tl.where(m == float("-inf"), 0.0, m)
         lse = sh + tl.log(ss)
         if NEED_AM or not ROW_OUT:
@@ -484,7 +524,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
            flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
            row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None,
            gathered=None, vocab_start: int = 0, weight_global=None, peer=None,
-           tvec: bool = True, split: int = 1):
+           tvec: bool = True, split: int = 1, early: bool = True):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
     allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
 
@@ -541,9 +581,9 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         COL64O=col64o, FAST=fast, NEED_GRAD=need_grad, ROW_OUT=row_out is not None,
         SCALE_MODE=scale_mode, GATHERED=gathered is not None,
         NF=gathered.shape[1] if gathered is not None else 4, PEER=peer is not None, TVEC=tvec,
-        EARLY=((peer is not None or split > 1) and need_grad and bool(prefetch)
+        EARLY=((peer is not None or split > 1) and need_grad and bool(prefetch) and early
                and row_out is not None),
-        SPLIT=split,
+        SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
