@@ -133,7 +133,7 @@ def test_no_grad_and_entropy_large_vocab():
     assert_close_normwise(xg.grad, xr.grad, 2 * tol(torch.bfloat16), "entropy grad")
 
 
-@pytest.mark.parametrize("V", [32000, 128256])
+@pytest.mark.parametrize("V", [32000, 128256, 262144])  # 262144: SPLIT (cooperating programs)
 def test_run_to_run_bitwise_determinism(V):
     x, t = _data(2048, V)
     outs = []
@@ -147,8 +147,9 @@ def test_run_to_run_bitwise_determinism(V):
             assert torch.equal(a, b)
 
 
-def test_cuda_graph_capture_and_replay():
-    V, n = 128256, 512
+@pytest.mark.parametrize("V", [128256, 262144])
+def test_cuda_graph_capture_and_replay(V):
+    n = 512
     x, t = _data(n, V)
     static_x = x.clone().requires_grad_(True)
     static_t = t.clone()
@@ -178,8 +179,9 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(static_x.grad, xe.grad)
 
 
-def test_torch_compile_fullgraph_inductor():
-    V, n = 128256, 256
+@pytest.mark.parametrize("V", [128256, 262144])
+def test_torch_compile_fullgraph_inductor(V):
+    n = 256
     x, t = _data(n, V)
 
     def f(x, t):
@@ -188,8 +190,9 @@ def test_torch_compile_fullgraph_inductor():
     assert_compiled_matches_eager(f, x, t, 3.0)
 
 
-def test_inplace_extra_memory_is_o_n():
-    V, n = 128256, 4096
+@pytest.mark.parametrize("V", [128256, 262144])
+def test_inplace_extra_memory_is_o_n(V):
+    n = 4096
     x, t = _data(n, V)
     xg = x.requires_grad_(True)
     torch.cuda.synchronize()
