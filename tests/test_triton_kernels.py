@@ -702,3 +702,28 @@ def test_rows_grid_split_only_where_programs_can_cooperate():
         assert cfg.split == 1
     finally:
         ce.set_override(fused=None)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_dynamic_shapes_recompile(inplace):
+    """One compiled function called with new N and V (dynamo then recompiles with symbolic
+    sizes): the loss and gradient still match the oracle. Before the [B, T, V] views got
+    unit strides on size-1 dims, inductor's re-tracing of the functionalised ops failed on
+    the (1, s, V) views (pytorch/pytorch#181735)."""
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def f(x, t):
+        return fce.cross_entropy(x, t, backend="triton", inplace_backward=inplace, **kw)
+
+    cf = torch.compile(f, fullgraph=True, backend="inductor")
+    with fce.validation(False):
+        for shape, V in (((16,), 40), ((24,), 40), ((2, 12), 56), ((20,), 72)):
+            x0 = _x(shape, V, torch.float32)
+            t = _t(shape, V)
+            leaf = x0.clone().requires_grad_(True)
+            x = leaf.clone() if inplace else leaf
+            loss = cf(x, t)
+            loss.backward()
+            ref, gref = _ref_grad(x0, t, torch.tensor(1.0), **kw)
+            assert_close_normwise(loss, ref, 1e-5, f"loss {shape} {V}")
+            assert_close_normwise(leaf.grad, gref, 2e-5, f"grad {shape} {V}")
