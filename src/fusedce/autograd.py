@@ -179,7 +179,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad_loss is None:
             return None, None, None, None
         if ctx.eager:
-            if getattr(ctx, "consumed", False) and not torch.compiler.is_compiling():
+            if getattr(ctx, "consumed", False):
                 # the buffer was scaled in place and handed to autograd: a second pass would
                 # scale it again and corrupt the first result
                 raise RuntimeError("fusedce computed this loss's gradient in the forward; "

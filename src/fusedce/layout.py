@@ -14,25 +14,7 @@ import torch
 
 
 def as_rows3d(x: torch.Tensor) -> torch.Tensor:
-    """A [B, T, V] view of ``x`` [..., V] (a copy only when no such view exists); the
-    stride of a dim of size 1 is 1 (see :func:`_unit_strides`)."""
-    return _unit_strides(_rows3d(x))
-
-
-def _unit_strides(x3: torch.Tensor) -> torch.Tensor:
-    """``x3`` with stride 1 on its dims of size 1 (they index nothing). Under torch.compile
-    with dynamic shapes, a mutated op argument of shape (1, s, V) whose leading stride is
-    the symbol s * V trips inductor's re-tracing of the functionalised op (0 * stride
-    simplifies differently in its two traces: pytorch/pytorch#181735); a constant stride
-    avoids it. Eager, it is a free view."""
-    B, T, _ = x3.shape
-    if (B == 1 and x3.stride(0) != 1) or (T == 1 and x3.stride(1) != 1):
-        return x3.as_strided(x3.shape, (1 if B == 1 else x3.stride(0),
-                                        1 if T == 1 else x3.stride(1), x3.stride(2)))
-    return x3
-
-
-def _rows3d(x: torch.Tensor) -> torch.Tensor:
+    """A [B, T, V] view of ``x`` [..., V] (a copy only when no such view exists)."""
     if x.dim() == 1:
         return x.view(1, 1, -1)
     if x.dim() == 2:
