@@ -402,6 +402,18 @@ def _records(stats, epoch):
     return rec | (epoch << 32)
 
 
+def _exchange_case(case, t, V):
+    """Options of the exchange tests: (smoothing, z-loss, softcap, scale, class weights,
+    their sum, mean denominator); "plain" has none, "all" every one."""
+    if case == "plain":
+        a, zl, cap, scale, w = 0.0, 0.0, None, 1.0, None
+    else:
+        a, zl, cap, scale = 0.1, 1e-3, 7.0, 1.3
+        w = torch.rand(V, device=DEV) + 0.5
+    w_total = w.sum() if (w is not None and a > 0) else None
+    return a, zl, cap, scale, w, w_total, (t != -100).sum()
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", ["plain", "all"])
 def test_fused_loss_peer_exchange(world, case):
@@ -416,13 +428,7 @@ def test_fused_loss_peer_exchange(world, case):
     x = _x((2, 4), V, torch.float32)
     t = _t((2, 4), V).reshape(-1)
     t[3] = bounds[1]  # a target on a shard's first column
-    if case == "plain":
-        a, zl, cap, scale, w = 0.0, 0.0, None, 1.0, None
-    else:
-        a, zl, cap, scale = 0.1, 1e-3, 7.0, 1.3
-        w = torch.rand(V, device=DEV) + 0.5
-    w_total = w.sum() if (w is not None and a > 0) else None
-    den = (t != -100).sum()
+    a, zl, cap, scale, w, w_total, den = _exchange_case(case, t, V)
     ref_out = _poison(x.shape, torch.float32)
     ref = ce.tr_fused_loss(x, t, w, w_total, den, ref_out, -100, V, a, zl, scale, cap, True, 1)
     for epoch in (1, 2, 7):
@@ -620,13 +626,7 @@ def test_fused_rows_split_rows(split, case, api, monkeypatch):
     t = _t((B, T), V).reshape(-1)
     t[1] = bounds[1]  # a target on a segment's first column
     t[2] = bounds[1] - 1  # and one on a segment's last
-    if case == "plain":
-        a, zl, cap, scale, w = 0.0, 0.0, None, 1.0, None
-    else:
-        a, zl, cap, scale = 0.1, 1e-3, 7.0, 1.3
-        w = torch.rand(V, device=DEV) + 0.5
-    w_total = w.sum() if (w is not None and a > 0) else None
-    den = (t != -100).sum()
+    a, zl, cap, scale, w, w_total, den = _exchange_case(case, t, V)
     ref_out = _poison(x.shape, torch.float32)
     base = ce.RowsConfig(block=block, num_warps=1, per_sm=1, prefetch=True, reverse=False,
                          tvec=False)
