@@ -56,9 +56,16 @@ def _init_distributed(device_arg: str):
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    global _OWN_GROUP
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _OWN_GROUP = True
     return dist.group.WORLD, device, dist.get_rank(), dist.get_world_size()
+
+
+# whether the bench created the process group (then it also tears it down and ends the
+# process; a caller's group is left alone)
+_OWN_GROUP = False
 
 
 def _bench_parser(sub) -> None:
@@ -164,13 +171,19 @@ def cmd_bench(args) -> int:
                                        plots=not args.no_plots, markdown_path=args.markdown)
         print(f"{len(results)} measurements in {info.wall_s:.1f} s"
               + (f"; wrote {', '.join(written)}" if written else ""))
-    if group is not None:
+    if group is not None and _OWN_GROUP:
         import torch.distributed as dist
 
         # rank 0 writes the report while the others would already tear the group down; a
         # gloo group destroyed under a peer still using it can abort the process at exit
         dist.barrier()
         dist.destroy_process_group()
+        # under load a gloo rank can still abort at interpreter exit, after all of the above
+        # ("terminate called without an active exception" from a C++ static destructor: no
+        # Python frame left); the work is done and written, so leave without destructors
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
