@@ -57,8 +57,6 @@ def main():
         x_src, t = cg.make_data(N, V, seed=3)
         floor4 = 4 * N * V / (bw * 1e12) * 1e3
         opts = spec.LossOptions()
-        terms = spec.row_terms(t, opts, V, None)
-        g0 = terms.valid.float() * spec.row_scale(terms, opts, None)
         x = x_src.clone()
         x3 = x.unsqueeze(0)
         # reference: the torch backend, reduction none with random upstream gradients

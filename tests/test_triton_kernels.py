@@ -619,7 +619,8 @@ def test_fused_rows_split_rows(split, case, api, monkeypatch):
     n = B * T
     groups = 3 if DEV == "cpu" else n  # the interpreter's grid (ce._rows_grid); <= 2 rows each
     block = 32
-    segw = -(-(-(-V // split)) // block) * block
+    per = -(-V // split)  # ceil(V / split), then up to whole blocks (as fused_rows.launch)
+    segw = -(-per // block) * block
     bounds = list(range(0, V, segw)) + [V]
     parts = len(bounds) - 1
     x = _x((B, T), V, torch.float32)
