@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce as fce
-from fusedce import torch_backend
+from fusedce import spec, torch_backend
 from oracle import (assert_close_normwise, ref_cross_entropy, ref_entropy, ref_logprobs, tol)
 
 
@@ -185,7 +185,7 @@ def test_odd_vocab_sizes_triton():
 
 
 def test_torch_backend_chunk_boundaries(monkeypatch):
-    monkeypatch.setattr(torch_backend, "default_chunk_rows", lambda V: 3)
+    monkeypatch.setattr(torch_backend, "default_chunk_rows", lambda V, budget=None: 3)
     for shape in ((10,), (4, 5)):
         _check("torch", torch.float32, shape=shape, V=13, label_smoothing=0.1, z_loss=1e-3)
     # the shifted view takes the per-batch chunking path
@@ -433,3 +433,32 @@ def test_torch_compile_fullgraph_cpu():
     ref.backward()
     assert_close_normwise(loss, ref, 1e-5, "compiled loss")
     assert_close_normwise(x.grad, xr.grad, 1e-5, "compiled grad")
+
+
+@pytest.mark.parametrize("need_am", [True, False])
+def test_torch_backend_row_stats_fast_path(need_am):
+    """row_stats takes s from the fused log_softmax (its maximum is -log s) and skips the
+    argmax unless asked: m is the row maximum, m + log s the fp64 logsumexp, am the first
+    argmax or -1; masked (-inf) columns add nothing and an all -inf row gives m = -inf,
+    s = 0 (lse = -inf); chunk boundaries change nothing."""
+    V = 37
+    x = torch.randn(2, 5, V) * 4
+    x[0, 1, :10] = float("-inf")
+    x[1, 2] = float("-inf")
+    x[1, 3, 5] = x[1, 3].max() + 1.0  # a clear maximum
+    t = torch.randint(0, V, (10,))
+    opts = spec.LossOptions()
+    for rows in (None, 3):
+        st = torch_backend.row_stats(x, t, opts, need_am=need_am, chunk_rows=rows)
+        flat = x.reshape(10, V)
+        mx = flat.max(dim=-1)
+        assert torch.equal(st.m, mx.values)
+        ref = torch.logsumexp(flat.double(), dim=-1)
+        lse = spec.lse_of(st)
+        fin = torch.isfinite(ref)
+        assert_close_normwise(lse[fin], ref[fin], 1e-6, "lse")
+        assert st.s[7] == 0 and lse[7] == float("-inf")
+        if need_am:
+            assert torch.equal(st.am[fin], mx.indices[fin])
+        else:
+            assert (st.am == -1).all()
