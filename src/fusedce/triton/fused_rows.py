@@ -31,6 +31,11 @@ overwritten by then): the same bits, ~3% faster at V = 32000.
 Vocabulary parallel, the shard statistics of a row come from the other ranks either
 all-gathered before the kernel (GATHERED) or exchanged by the ranks' kernels themselves,
 row by row, through symmetric memory (PEER: _publish_row, _fold_row; see fusedce.peer).
+
+Rows too long for their second read to stay in L2 (over 384 KB) are cut into S segments,
+each taken by one program of a group of S that exchange their segments' statistics the same
+way, in one zeroed buffer per call (SPLIT: _record, _fold_group): the rows in flight shrink
+S-fold, at the price of ~3 us of exchange per row (notes/KERNELS.md, session 4).
 """
 
 from __future__ import annotations
