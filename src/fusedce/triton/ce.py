@@ -655,22 +655,20 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
         # more live values per element (z for the softcap chain, class weights): give each
         # program twice the registers rather than spill
         cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
-    maxnreg = None
     if cfg.split > 1:
         # the cooperating programs: the launcher takes min(rows, P / split) groups of split
         P = 3 * cfg.split if INTERPRET else cfg.per_sm * _sm_count(x3.device)
-        if not INTERPRET and not _is_traced(x3, out):
-            maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
     elif INTERPRET:
         P = min(n, 3)
     elif not cfg.persistent:
         P = n
     else:
         P = min(n, cfg.per_sm * _sm_count(x3.device))
-        if not _is_traced(x3, out):
-            # under torch.compile the launch carries no register cap (it is only a hint
-            # for occupancy here: nothing waits on another program)
-            maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
+    maxnreg = None
+    if cfg.persistent and not INTERPRET and not _is_traced(x3, out):
+        # under torch.compile the launch carries no register cap (it is only a hint for
+        # occupancy: programs that wait on others take their places from a ticket)
+        maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
     return cfg, P, maxnreg
 
 
