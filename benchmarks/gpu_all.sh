@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 R=${OUT:-/tmp/out}/run; mkdir -p "$R"
 nvidia-smi -L | tee "$R/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$R/device.txt"
-timeout ${GPU_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | tail -4 | tee "$R/gpu_tests.log"
+FUSEDCE_VERIFY_LAUNCH=1 timeout ${GPU_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | tail -4 | tee "$R/gpu_tests.log"
 timeout 90 python3 benchmarks/host_profile.py 2>&1 | grep -E "^==|Self CPU time total|cudaLaunchKernel|cuLaunchKernelEx" | tee "$R/host_profile.log"
 timeout ${CE_GPU_S:-150} python3 benchmarks/ce_gpu.py 2>&1 | grep -v -i warn | tail -40 | tee "$R/ce_gpu.log"
 if [ -n "$FUSED_SWEEP" ]; then
@@ -20,7 +20,7 @@ fi
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   for ex in symm nccl; do  # the in-kernel exchange, then the all-gather path
     echo "FUSEDCE_TP_EXCHANGE=$ex" | tee -a "$R/nccl_tests.log"
-    FUSEDCE_DIST_BACKEND=nccl FUSEDCE_TP_EXCHANGE=$ex timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | grep -E "^E  |passed|failed" | tail -40 | tee -a "$R/nccl_tests.log"
+    FUSEDCE_VERIFY_LAUNCH=1 FUSEDCE_DIST_BACKEND=nccl FUSEDCE_TP_EXCHANGE=$ex timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | grep -E "^E  |passed|failed" | tail -40 | tee -a "$R/nccl_tests.log"
   done
   timeout 200 torchrun --nproc-per-node 2 benchmarks/tp_gpu.py 2>&1 | grep -v -i -E "warn|variant" | tail -28 | tee "$R/tp.log"
 fi

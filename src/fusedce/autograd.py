@@ -61,9 +61,12 @@ def _grad_buffer(logits: torch.Tensor, plan: Plan) -> torch.Tensor:
         logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _accuracy(plan: Plan, am, t: torch.Tensor, valid: torch.Tensor, device) -> torch.Tensor:
+def _accuracy(plan: Plan, am, t: torch.Tensor, valid: Optional[torch.Tensor],
+              device) -> torch.Tensor:
+    """The accuracy output (valid: the valid-row mask, or None to derive it from t only when
+    the accuracy is wanted: each small op is a launch, and host time per launch matters)."""
     if plan.need_aux:
-        return spec.accuracy(am, t, valid)
+        return spec.accuracy(am, t, valid if valid is not None else t != plan.opts.ignore_index)
     return torch.zeros((), device=device)
 
 
@@ -80,6 +83,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                 plan: Plan):
+        # lse, z-loss and accuracy are not differentiable: no zero gradients for them (three
+        # fills per backward otherwise)
+        ctx.set_materialize_grads(False)
         opts, be = plan.opts, plan.backend
         x3 = as_rows3d(logits)
         t = target.reshape(-1)
@@ -165,7 +171,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = loss_rows.view(target.shape)
             zl = zpart.view(target.shape) if zpart is not None else torch.zeros(
                 target.shape, device=lse.device)
-        acc = _accuracy(plan, am, t, t != opts.ignore_index, lse.device)
+        acc = _accuracy(plan, am, t, None, lse.device)
         _keep(ctx, plan, reduced, eager, logits)
         if eager:
             ctx.save_for_backward(gbuf)

@@ -228,6 +228,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 target: torch.Tensor, class_weight: Optional[torch.Tensor], plan: LinearPlan):
+        ctx.set_materialize_grads(False)  # lse, z-loss, accuracy: no zero gradients
         with torch.autocast(hidden.device.type, enabled=False):
             return LinearCrossEntropyFunction._forward(ctx, hidden, weight, bias, target,
                                                        class_weight, plan)

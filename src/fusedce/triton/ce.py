@@ -444,10 +444,24 @@ def _is_traced(*ts) -> bool:
     return any(isinstance(t, torch.Tensor) and is_fake(t) for t in ts)
 
 
+try:  # torch >= 2.6
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_on
+except ImportError:  # pragma: no cover - older torch
+    _wrap_on = None
+# FUSEDCE_FAST_LAUNCH=0: every eager launch through JITFunction.run (see triton/launch.py)
+_FAST = os.environ.get("FUSEDCE_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no")
+
+
 def _launcher(kernel):
-    """The kernel as torch.compile can capture it (wrap_triton), or itself in the interpreter."""
+    """The kernel as torch.compile can capture it (wrap_triton); in eager calls that switched
+    wrap_triton off (fusedce.triton.backend._call) its cached compiled variants launched
+    directly (fusedce.triton.launch); itself in the interpreter."""
     if INTERPRET:
         return kernel
+    if _FAST and _wrap_on is not None and not _wrap_on():
+        from .launch import fast
+
+        return fast(kernel)
     return torch.library.wrap_triton(kernel)
 
 

@@ -1,0 +1,151 @@
+"""Eager launches of compiled Triton kernels without JITFunction.run's per-call work.
+
+``kernel[grid](*args, **constexprs)`` re-derives the kernel's specialisation from every
+argument on each call (a generated binder over ~60 arguments, a cache key over the result,
+option parsing), which costs ~70-90 us of host time per launch on the GPU hosts we measured
+(benchmarks/host_split.py), against ~17 us for the compiled kernel's own launcher. A loss call
+that is already host-bound at V = 32000 spends that on every step.
+
+Here the first launch of a specialisation goes through ``kernel[grid]`` (which compiles and
+caches it) and the resulting CompiledKernel is kept under a key that is at least as fine as
+Triton's specialisation: per tensor argument its dtype and whether its address is 16-byte
+aligned, per int its equality to 1, divisibility by 16 and integer width, per anything else
+its value or type, plus the constexpr keywords, the launch options and the device. Later
+launches with the same key call the compiled launcher directly. A finer key only costs more
+cache entries; a coarser one would launch a kernel specialised for other arguments, so with
+FUSEDCE_VERIFY_LAUNCH=1 (set by the GPU tests) every fast launch also asks Triton's binder
+for its own key and checks that it names the same compiled kernel.
+
+Used only on GPUs, in eager mode (torch.compile traces the kernels through wrap_triton and
+the interpreter runs them itself), and only while no Triton launch hooks are installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_VERIFY = os.environ.get("FUSEDCE_VERIFY_LAUNCH", "0").strip().lower() not in ("0", "", "false")
+_I32 = 2**31
+_U64 = 2**63
+
+
+def _int_key(v: int):
+    return (v == 1, (v & 15) == 0, -_I32 <= v < _I32, v >= _U64)
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, (a.data_ptr() & 15) == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return _int_key(a)
+    if isinstance(a, float):
+        return float
+    return ("v", a)
+
+
+_RT: list = []
+
+
+def _runtime():
+    """(triton.knobs.runtime, triton's driver), imported once."""
+    if not _RT:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        _RT.extend((knobs.runtime, driver))
+    return _RT
+
+
+def _hooked() -> bool:
+    rt = _runtime()[0]
+    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+
+
+def _debug() -> bool:
+    return bool(_runtime()[0].debug)
+
+
+def _device():
+    return _runtime()[1].active.get_current_device()
+
+
+def _stream(device):
+    return _runtime()[1].active.get_current_stream(device)
+
+
+class FastLauncher:
+    """``FastLauncher(kernel)[grid](*args, **kw)`` launches like ``kernel[grid](...)``."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.cache: dict = {}
+        self.broken = False
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launch(grid, args, kw)
+
+    def _slow(self, grid, args, kw):
+        return self.kernel[grid](*args, **kw)
+
+    def _remember(self, key, compiled, device, args, kw) -> None:
+        """Cache ``compiled`` under ``key`` with the values of the parameters after the
+        positional ones (constexprs: fixed for the key, which holds the keywords)."""
+        try:
+            bound, _, _ = self.kernel.device_caches[device][4](*args, **kw)
+            names = list(bound.keys())[len(args):]
+            tail = tuple(kw[n] if n in kw else bound[n] for n in names)
+            entry = (compiled, compiled.function, compiled.packed_metadata, compiled.run, tail)
+        except Exception:  # noqa: BLE001 - a Triton whose internals differ: the regular path
+            self.broken = True
+            return
+        self.cache[key] = entry
+
+    def launch(self, grid, args, kw):
+        if self.broken or _hooked():
+            return self._slow(grid, args, kw)
+        device = _device()
+        key = (device, _debug(), tuple(map(_arg_key, args)), tuple(kw.items()))
+        hit = self.cache.get(key)
+        if hit is None:
+            compiled = self._slow(grid, args, kw)
+            self._remember(key, compiled, device, args, kw)
+            return compiled
+        compiled, fn, meta, run, tail = hit
+        if _VERIFY:
+            self._verify(args, kw, compiled, device)
+        g = tuple(grid) + (1, 1)
+        run(g[0], g[1], g[2], _stream(device), fn, meta, None, None, None, *args, *tail)
+        return compiled
+
+    def _verify(self, args, kw, compiled, device):
+        from triton import knobs
+        from triton.runtime.jit import compute_cache_key
+
+        global VERIFIED
+        kernel_cache, key_cache, _, _, binder = self.kernel.device_caches[device]
+        kw2 = dict(kw)
+        kw2["debug"] = kw.get("debug", self.kernel.debug) or knobs.runtime.debug
+        kw2["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        _, spec, options = binder(*args, **kw2)
+        theirs = kernel_cache.get(compute_cache_key(key_cache, spec, options))
+        if theirs is not compiled:
+            raise RuntimeError(f"fusedce fast launch: {self.kernel.fn.__name__} would run a "
+                               "kernel compiled for other arguments than Triton would pick")
+        VERIFIED += 1
+
+
+# fast launches checked against Triton's own choice (FUSEDCE_VERIFY_LAUNCH=1)
+VERIFIED = 0
+_LAUNCHERS: dict = {}
+
+
+def fast(kernel) -> FastLauncher:
+    """The fast launcher of ``kernel`` (one per kernel, holding its compiled variants)."""
+    f = _LAUNCHERS.get(kernel)
+    if f is None:
+        f = _LAUNCHERS[kernel] = FastLauncher(kernel)
+    return f
