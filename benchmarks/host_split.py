@@ -183,6 +183,9 @@ def main():
         del x
         torch.cuda.empty_cache()
 
+    from fusedce.triton import launch
+
+    print("fast launcher:", launch.stats(), "hooks:", launch._hooked())
     print("\n== host time per call (us), GPU time per call (us)")
     print(f"{'V':>7} {'what':<40} {'host us':>9} {'gpu us':>9}")
     for V, name, h, g in rows:

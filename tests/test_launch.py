@@ -51,6 +51,7 @@ class _Kernel:
 @pytest.fixture
 def fake_runtime(monkeypatch):
     state = {"hooked": False}
+    monkeypatch.setattr(launch, "_VERIFY", False)  # (the stand-in has no Triton caches)
     monkeypatch.setattr(launch, "_hooked", lambda: state["hooked"])
     monkeypatch.setattr(launch, "_debug", lambda: False)
     monkeypatch.setattr(launch, "_device", lambda: 0)
@@ -142,3 +143,16 @@ def test_launcher_picks_fast_only_in_eager_gpu_calls(monkeypatch):
     monkeypatch.setattr(ce, "_FAST", True)
     # wrap_triton on (torch.compile, the registered ops): never the fast path
     assert not isinstance(ce._launcher(kernel), launch.FastLauncher)
+
+
+def test_empty_hook_chains_are_inactive():
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not launch._active(None)
+    assert not launch._active(Chain([]))
+    assert launch._active(Chain([print]))
+    assert launch._active(print)
+    # whatever this Triton keeps there by default is inactive
+    assert not launch._hooked()

@@ -31,20 +31,17 @@ _I32 = 2**31
 _U64 = 2**63
 
 
-def _int_key(v: int):
-    return (v == 1, (v & 15) == 0, -_I32 <= v < _I32, v >= _U64)
-
-
-def _arg_key(a):
-    if isinstance(a, torch.Tensor):
+def _arg_key(a, _tensor=torch.Tensor, _int=int, _float=float):
+    c = a.__class__
+    if c is _tensor:
         return (a.dtype, (a.data_ptr() & 15) == 0)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return _int_key(a)
-    if isinstance(a, float):
-        return float
-    return ("v", a)
+    if c is _int:
+        return (a == 1, (a & 15) == 0, -_I32 <= a < _I32, a >= _U64)
+    if c is _float:
+        return _float
+    if isinstance(a, _tensor):  # subclasses (parameters)
+        return (a.dtype, (a.data_ptr() & 15) == 0)
+    return ("v", a)  # bools (their own key: not ints here), None, strings
 
 
 _RT: list = []
@@ -60,9 +57,18 @@ def _runtime():
     return _RT
 
 
+def _active(hook) -> bool:
+    """Whether a launch hook would do anything: Triton >= 3.4 keeps a HookChain there (never
+    None; active when it holds calls), older ones None or a callable."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return not isinstance(calls, list) or len(calls) > 0
+
+
 def _hooked() -> bool:
     rt = _runtime()[0]
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    return _active(rt.launch_enter_hook) or _active(rt.launch_exit_hook)
 
 
 def _debug() -> bool:
@@ -84,6 +90,8 @@ class FastLauncher:
         self.kernel = kernel
         self.cache: dict = {}
         self.broken = False
+        self.hits = 0
+        self.why = ""  # why the fast path is off (broken), for stats()
 
     def __getitem__(self, grid):
         return lambda *args, **kw: self.launch(grid, args, kw)
@@ -99,8 +107,8 @@ class FastLauncher:
             names = list(bound.keys())[len(args):]
             tail = tuple(kw[n] if n in kw else bound[n] for n in names)
             entry = (compiled, compiled.function, compiled.packed_metadata, compiled.run, tail)
-        except Exception:  # noqa: BLE001 - a Triton whose internals differ: the regular path
-            self.broken = True
+        except Exception as e:  # noqa: BLE001 - a Triton whose internals differ: the regular path
+            self.broken, self.why = True, f"{type(e).__name__}: {e}"
             return
         self.cache[key] = entry
 
@@ -115,6 +123,7 @@ class FastLauncher:
             self._remember(key, compiled, device, args, kw)
             return compiled
         compiled, fn, meta, run, tail = hit
+        self.hits += 1
         if _VERIFY:
             self._verify(args, kw, compiled, device)
         g = tuple(grid) + (1, 1)
@@ -141,6 +150,12 @@ class FastLauncher:
 # fast launches checked against Triton's own choice (FUSEDCE_VERIFY_LAUNCH=1)
 VERIFIED = 0
 _LAUNCHERS: dict = {}
+
+
+def stats() -> dict:
+    """Per kernel name: (compiled variants cached, fast launches, why the path is off or "")."""
+    return {f.kernel.fn.__name__ if hasattr(f.kernel, "fn") else repr(f.kernel):
+            (len(f.cache), f.hits, f.why) for f in _LAUNCHERS.values()}
 
 
 def fast(kernel) -> FastLauncher:
