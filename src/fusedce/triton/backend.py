@@ -62,6 +62,14 @@ def _call(name: str):
     return run
 
 
+def _k(x3: torch.Tensor) -> torch.Tensor:
+    """What the ops get for a [B, T, V] view: with B = 1 the [T, V] tensor itself (the kernels
+    read it as B = 1). Under torch.compile with symbolic sizes Inductor cannot rebuild the
+    functionalised mutation of a (1, s, V) view whose leading stride is the symbol s * V
+    (pytorch/pytorch#181735); a [T, V] view keeps both the mutation and the strides plain."""
+    return x3[0] if x3.dim() == 3 and x3.shape[0] == 1 else x3
+
+
 def _vec(t: torch.Tensor, n: int) -> torch.Tensor:
     t = t.float()
     if t.dim() == 0:
@@ -91,7 +99,7 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     if need_sz and weight_local is not None:
         w = weight_local.float().contiguous()
     m, s, zt, sz, am, sez = _call("tr_row_stats")(
-        x3, _ids(target), w, int(vocab_start), int(opts.ignore_index), float(opts.logit_scale),
+        _k(x3), _ids(target), w, int(vocab_start), int(opts.ignore_index), float(opts.logit_scale),
         opts.softcap, bool(need_sz), bool(need_sez), bool(need_am))
     return RowStats(m, s, zt, sz, am, sez if need_sez else None)
 
@@ -106,7 +114,7 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     if opts.label_smoothing > 0.0 and weight_local is not None:
         w = weight_local.float().contiguous()
     _call("tr_grad")(
-        x3, _ids(target), _vec(lse, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n), out, w,
+        _k(x3), _ids(target), _vec(lse, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n), _k(out), w,
         int(vocab_start), int(vocab_size), int(opts.ignore_index), float(opts.label_smoothing),
         float(opts.logit_scale), opts.softcap)
 
@@ -115,8 +123,8 @@ def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torc
                  opts: LossOptions, *, out: torch.Tensor) -> None:
     """Write dH/dx * g into ``out`` [B, T, V] (may be ``x3``); lse, ent, g are [B*T] fp32."""
     n = x3.shape[0] * x3.shape[1]
-    _call("tr_entropy_grad")(x3, _vec(lse, n), _vec(ent, n), _vec(g, n), out,
-                                      float(opts.logit_scale), opts.softcap)
+    _call("tr_entropy_grad")(_k(x3), _vec(lse, n), _vec(ent, n), _vec(g, n), _k(out),
+                             float(opts.logit_scale), opts.softcap)
 
 
 def _needs_fallback(x3: torch.Tensor) -> bool:
@@ -160,7 +168,7 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
     if w is not None and isinstance(terms.total_weight, torch.Tensor):
         w_total = terms.total_weight.float().reshape(())
     m, s, zt, sz, am = _call("tr_fused")(
-        x3, t, _vec(g0, n), _vec(terms.w_t, n), w, w_total, out, int(opts.ignore_index),
+        _k(x3), t, _vec(g0, n), _vec(terms.w_t, n), w, w_total, _k(out), int(opts.ignore_index),
         int(vocab_size), float(opts.label_smoothing), float(opts.z_loss),
         float(opts.logit_scale), opts.softcap, bool(need_am))
     return RowStats(m, s, zt, sz, am)
@@ -211,38 +219,42 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
         mode, den = 0, None
     if w is not None and opts.label_smoothing > 0.0:
         w_total = w.sum()
-    args = (x3, t, w, w_total, den)
+    xk = _k(x3)
+    args = (xk, t, w, w_total, den)
     tail = (int(opts.ignore_index), int(vocab_size), float(opts.label_smoothing),
             float(opts.z_loss), float(opts.logit_scale), opts.softcap, bool(need_am), mode)
     if peer is not None:
-        buf = out if out is not None else x3.new_empty((1, 1, 1))
+        buf = _k(out) if out is not None else x3.new_empty((1, 1, 1))
         loss, lse, zp, am = _call("tr_fused_loss_peer")(
-            x3, t, peer.xch, peer.peers, peer.rank, peer.world, peer.next_epoch(), w, w_total,
+            xk, t, peer.xch, peer.peers, peer.rank, peer.world, peer.next_epoch(), w, w_total,
             den, buf, int(vocab_start), *tail, out is not None)
     elif gathered is not None:
-        buf = out if out is not None else x3.new_empty((1, 1, 1))
+        buf = _k(out) if out is not None else x3.new_empty((1, 1, 1))
         loss, lse, zp, am = _call("tr_fused_loss_tp")(
-            x3, t, gathered.float().contiguous(), w, w_total, den, buf, int(vocab_start),
+            xk, t, gathered.float().contiguous(), w, w_total, den, buf, int(vocab_start),
             *tail, out is not None)
     elif out is None:
         loss, lse, zp, am = _call("tr_loss_rows")(*args, *tail)
     else:
-        loss, lse, zp, am = _call("tr_fused_loss")(*args, out, *tail)
+        loss, lse, zp, am = _call("tr_fused_loss")(*args, _k(out), *tail)
     return loss, lse, (zp if opts.z_loss > 0.0 else None), (am if need_am else None)
 
 
 def scale_(buf: torch.Tensor, factor0d: torch.Tensor) -> None:
     """buf *= factor (0-d); a device-side no-op when the factor is 1 (no host sync)."""
     f = factor0d.float().reshape(())
+    if buf.dim() == 2:
+        _call("tr_scale_")(buf, f)
+        return
     x3 = as_rows3d(buf)
     if buf.dim() > 3 and x3._base is None:
         # no [B, T, V] view of this layout exists: scale it as it is
         buf.mul_(f.to(buf.dtype))
         return
-    _call("tr_scale_")(x3, f)
+    _call("tr_scale_")(_k(x3), f)
 
 
 def scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
     """buf3[b, t, :] *= factor[b * T + t]; rows whose factor is 1 are not touched."""
     n = buf3.shape[0] * buf3.shape[1]
-    _call("tr_scale_rows_")(buf3, _vec(factor, n))
+    _call("tr_scale_rows_")(_k(buf3), _vec(factor, n))

@@ -465,6 +465,23 @@ def _launcher(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+def _dims3(x: torch.Tensor):
+    """(B, T, V) of the kernels' row layout of x: [B, T, V], or [T, V] as B = 1 (the backend
+    hands 2-D tensors to the ops where it can: see fusedce.triton.backend._k)."""
+    if x.dim() == 2:
+        return 1, x.shape[0], x.shape[1]
+    return x.shape[0], x.shape[1], x.shape[2]
+
+
+def _strides3(x: torch.Tensor):
+    """(stride_b, stride_t, stride_v) of x in the same layout; a 2-D x has stride_b = 0 (never
+    used: B = 1), a multiple of 16 like the strides it stands for, so that Triton's
+    alignment specialisation of the row addresses is the same as for the 3-D view."""
+    if x.dim() == 2:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def _col64(V: int, sv: int) -> bool:
     return (V - 1) * abs(sv) >= 2**31 - 1
 
@@ -515,7 +532,7 @@ def tr_row_stats(
     """Statistics (m, s, zt, sz, am, sez) of every row of x3 [B, T, V_local] (sez empty
     unless need_sez; am = -1 unless need_am); target [B*T] global ids; weight [V_local] fp32
     or None."""
-    B, T, V = x3.shape
+    B, T, V = _dims3(x3)
     n = B * T
     dev = x3.device
     f32 = torch.float32
@@ -541,13 +558,13 @@ def tr_row_stats(
     w = weight if weight is not None else outs[0]
     r = max(1, 16 // x3.element_size())
     _launcher(_stats_kernel)[(n * S,)](
-        x3, x3.stride(0), x3.stride(1), x3.stride(2), T, V, S, seg_len,
+        x3, *_strides3(x3), T, V, S, seg_len,
         target, ignore_index, vocab_start, w,
         fl["scale"], fl["inv_cap"], fl["softcap"],
         dst[0], dst[1], dst[2], dst[3], dst[4], dst[5] if need_sez else outs[0],
         BLOCK=max(cfg.block, r), R=r, SOFTCAP=fl["SOFTCAP"], SCALE=fl["SCALE"],
         NEED_SZ=need_sz, HAS_W=weight is not None, NEED_SEZ=need_sez, NEED_AM=need_am,
-        COL64=_col64(V, x3.stride(2)), PREFETCH=cfg.prefetch, FAST=not INTERPRET,
+        COL64=_col64(V, x3.stride(-1)), PREFETCH=cfg.prefetch, FAST=not INTERPRET,
         num_warps=cfg.num_warps,
     )
     if S > 1:
@@ -563,7 +580,7 @@ def tr_row_stats(
 
 def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, ignore_index,
                  a_over_v, logit_scale, softcap, smooth, entropy):
-    B, T, V = x3.shape
+    B, T, V = _dims3(x3)
     n = B * T
     if n == 0 or V == 0:
         return
@@ -571,16 +588,16 @@ def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, igno
     fl = _opts_flags(logit_scale, softcap)
     dummy = lse
     _launcher(_grad_kernel)[(n, triton.cdiv(V, block))](
-        x3, x3.stride(0), x3.stride(1), x3.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2), T, V,
+        x3, *_strides3(x3),
+        out, *_strides3(out), T, V,
         target if target is not None else dummy, ignore_index, vocab_start,
         weight if weight is not None else dummy,
         lse, g, cp if cp is not None else dummy, ct if ct is not None else dummy,
         ent if ent is not None else dummy,
         a_over_v, fl["scale"], fl["inv_cap"], fl["softcap"], fl["rcap"],
         BLOCK=block, SOFTCAP=fl["SOFTCAP"], SCALE=fl["SCALE"], SMOOTH=smooth,
-        HAS_W=weight is not None, ENTROPY=entropy, COL64X=_col64(V, x3.stride(2)),
-        COL64O=_col64(V, out.stride(2)), num_warps=max(1, min(8, block // 512)),
+        HAS_W=weight is not None, ENTROPY=entropy, COL64X=_col64(V, x3.stride(-1)),
+        COL64O=_col64(V, out.stride(-1)), num_warps=max(1, min(8, block // 512)),
     )
 
 
@@ -623,7 +640,7 @@ def tr_fused(
     out = dx for the upstream row gradient g0 [B*T]; w_t [B*T] target weights; weight [V]
     fp32 class weights and w_total (0-d, their sum) or None. ``out`` may be ``x3``; am = -1
     unless need_am."""
-    B, T, V = x3.shape
+    B, T, V = _dims3(x3)
     n = B * T
     dev = x3.device
     f32 = torch.float32
@@ -640,7 +657,7 @@ def tr_fused(
         stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
-        need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
+        need_am=need_am, col64x=_col64(V, x3.stride(-1)), col64o=_col64(V, out.stride(-1)),
         fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split,
         early=cfg.early)
     return m, s, zt, sz, am
@@ -651,7 +668,7 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
     """(config, programs, maxnreg) of the fused rows kernel for this call; ``resident``: a
     persistent grid whose programs are all resident at once (they wait on other ranks');
     ``splittable``: SPLIT mode is possible (not vocabulary parallel)."""
-    B, T, V = x3.shape
+    B, T, V = _dims3(x3)
     n = B * T
     cfg = fused_config(V, x3.element_size())
     if cfg.split > 1 and (resident or not splittable or not need_grad):
@@ -689,7 +706,7 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
 def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
                 label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am, scale_mode,
                 gathered=None, vocab_start=0, peer=None):
-    B, T, V = x3.shape
+    B, T, V = _dims3(x3)
     n = B * T
     dev = x3.device
     f32 = torch.float32
@@ -711,7 +728,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
-        need_am=need_am, col64x=_col64(V, x3.stride(2)), col64o=_col64(V, out.stride(2)),
+        need_am=need_am, col64x=_col64(V, x3.stride(-1)), col64o=_col64(V, out.stride(-1)),
         fast=not INTERPRET, launcher=_launcher,
         row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
@@ -784,7 +801,7 @@ def tr_fused_loss_peer(
     on every rank, consecutive calls alternating in parity). Every rank of the group must
     make the same call at the same time: the kernel waits for the others' rows. Eager only
     (not registered with torch.library: the epoch changes with every call)."""
-    if xch.shape[2] < x3.shape[0] * x3.shape[1]:
+    if xch.shape[2] < _dims3(x3)[0] * _dims3(x3)[1]:
         raise ValueError("exchange buffer too small for the rows")
     return _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
                        label_smoothing, z_loss, logit_scale, softcap, need_grad, need_am,
@@ -796,15 +813,15 @@ RAW["tr_fused_loss_peer"] = tr_fused_loss_peer
 
 
 def _launch_scale(buf3: torch.Tensor, factor: torch.Tensor, per_row: bool) -> None:
-    B, T, V = buf3.shape
+    B, T, V = _dims3(buf3)
     n = B * T
     if n == 0 or V == 0:
         return
     block = min(4096, triton.next_power_of_2(max(V, 16)))
     P = min(n, 8 * _sm_count(buf3.device)) if not INTERPRET else min(n, 3)
     _launcher(_scale_kernel)[(P,)](
-        buf3, buf3.stride(0), buf3.stride(1), buf3.stride(2), T, V, n, factor, P,
-        BLOCK=block, PER_ROW=per_row, COL64=_col64(V, buf3.stride(2)),
+        buf3, *_strides3(buf3), T, V, n, factor, P,
+        BLOCK=block, PER_ROW=per_row, COL64=_col64(V, buf3.stride(-1)),
         num_warps=max(1, min(8, block // 512)),
     )
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ce import _LOG2E, _chunk_stats, _col_off, _exp2, _row_ptr, _z_of
+from .ce import _LOG2E, _chunk_stats, _col_off, _dims3, _exp2, _row_ptr, _strides3, _z_of
 
 
 @triton.jit
@@ -543,7 +543,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     ``split`` cooperating programs (neither with gathered nor peer); ``programs`` is then
     the number of programs that can be resident at once, and the grid min(rows, programs //
     split) groups of ``split``."""
-    B, T, V = x3.shape
+    B, T, V = _dims3(x3)
     n = B * T
     r = max(1, 16 // x3.element_size())
     split = max(1, min(int(split), triton.cdiv(V, block), int(programs)))
@@ -565,8 +565,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         loss_p, lse_p, zp_p = row_out
         g0 = w_t = m = s = zt = sz = anyf
     launcher(_fused_rows_kernel)[(programs,)](
-        x3, x3.stride(0), x3.stride(1), x3.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2), T, V, n, programs,
+        x3, *_strides3(x3), out, *_strides3(out), T, V, n, programs,
         target, ignore_index, weight if weight is not None else anyf,
         w_total if w_total is not None else anyf, g0, w_t,
         m, s, zt, sz, am, loss_p, lse_p, zp_p, den if den is not None else anyf,
