@@ -16,6 +16,16 @@ from torch.profiler import ProfilerActivity, profile
 import fusedce as fce
 
 
+def profile_table(fn, calls: int = 5, rows: int = 25) -> str:
+    """torch.profiler's table of ``calls`` calls of fn, by self CPU time."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
+                                     max_name_column_width=48)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--V", type=int, default=32000)
@@ -45,12 +55,7 @@ def main():
         torch.cuda.synchronize()
         gpu = (time.perf_counter() - t0) / args.calls * 1e3
         print(f"== {name}: host {host:.3f} ms/call, host+drain {gpu:.3f} ms/call")
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22,
-                                        max_name_column_width=48))
+        print(profile_table(fn, rows=22))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,26 @@ import cProfile
 import pstats
 import time
 
+import os
+import sys
+
 import torch
 
 import fusedce as fce
 from fusedce.triton import ce
+
+sys.path.insert(0, os.path.dirname(__file__))
+from host_profile import profile_table  # noqa: E402
+
+
+def cprofile_table(fn, calls: int, rows: int = 22) -> None:
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(rows)
 
 
 def host_us(fn, iters=100, reps=5):
@@ -157,30 +173,11 @@ def main():
             rows.append((V, name, host_us(f), float("nan")))
 
         if V == args.V[0]:
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(200):
-                fwd()
-            pr.disable()
-            torch.cuda.synchronize()
-            print(f"== cProfile, no_grad call, V={V}, 200 calls")
-            pstats.Stats(pr).sort_stats("tottime").print_stats(22)
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(200):
-                fb_inplace()
-            pr.disable()
-            torch.cuda.synchronize()
-            print(f"== cProfile, fb in place, V={V}, 200 calls")
-            pstats.Stats(pr).sort_stats("tottime").print_stats(22)
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fb_inplace()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
-                                            max_name_column_width=48))
-        del x
+            for title, f in (("no_grad call", fwd), ("fb in place", fb_inplace)):
+                print(f"== cProfile, {title}, V={V}, 200 calls")
+                cprofile_table(f, 200)
+            print(profile_table(fb_inplace))
+        x = None  # (the closures above are done with it)
         torch.cuda.empty_cache()
 
     from fusedce.triton import launch
