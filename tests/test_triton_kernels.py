@@ -733,3 +733,57 @@ def test_torch_compile_recompile_over_new_shapes(inplace, dynamic):
             ref, gref = _ref_grad(x0, t, torch.tensor(1.0), **kw)
             assert_close_normwise(loss, ref, 1e-5, f"loss {shape} {V}")
             assert_close_normwise(leaf.grad, gref, 2e-5, f"grad {shape} {V}")
+
+
+@pytest.mark.parametrize("case", ["loss_rows", "fused_loss", "fused_loss_zloss", "tr_fused",
+                                  "row_stats", "row_stats_segments"])
+def test_traced_launches_pass_no_tensor_twice(case, monkeypatch):
+    """While torch.compile traces (fake tensors), every pointer a kernel does not use gets its
+    own placeholder: functionalisation clones each argument it takes to be mutated on its
+    own and copies every clone back, so an output also passed as a placeholder could come
+    back with the placeholder's content (pytorch/pytorch#196657). In eager calls the
+    placeholders stay one shared tensor (no allocations)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = []
+
+    class Rec:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(a)
+
+    monkeypatch.setattr(ce, "INTERPRET", False)
+    monkeypatch.setattr(ce, "_launcher", lambda kernel: Rec(kernel))
+    monkeypatch.setattr(ce, "_sm_count", lambda device: 4)
+    n, V = 12, 300 if case != "row_stats_segments" else 20000
+
+    def run():
+        x3 = torch.randn(1, n, V)
+        t = torch.randint(0, V, (n,))
+        den = torch.ones((), dtype=torch.int64)
+        if case == "loss_rows":
+            ce._fused_loss(x3[0], t, None, None, den, x3[0], -100, V, 0.1, 0.0, 1.0, None,
+                           False, False, 1)
+        elif case.startswith("fused_loss"):
+            z = 1e-3 if case.endswith("zloss") else 0.0
+            ce._fused_loss(x3[0], t, None, None, den, torch.empty(n, V), -100, V, 0.1, z, 1.0,
+                           None, True, False, 1)
+        elif case == "tr_fused":
+            ce.RAW["tr_fused"](x3, t, torch.ones(n), torch.ones(n), None, None,
+                               torch.empty(1, n, V), -100, V, 0.0, 0.0, 1.0, None, False)
+        else:
+            ce.RAW["tr_row_stats"](x3, t, None, 0, -100, 1.0, None, False, False, False)
+
+    with FakeTensorMode():
+        run()
+    assert calls
+    for args in calls:
+        ts = [a for a in args if isinstance(a, torch.Tensor)]
+        # (in place, x and out are one storage by the caller's choice; not here)
+        assert len({id(a) for a in ts}) == len(ts), case
+    calls.clear()
+    run()  # eager: the placeholders are shared
+    per_call = [[id(a) for a in args if isinstance(a, torch.Tensor)] for args in calls]
+    assert any(len(set(c)) < len(c) for c in per_call)

@@ -482,6 +482,16 @@ def _strides3(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _placeholder(t: torch.Tensor, traced: bool) -> torch.Tensor:
+    """A tensor for a pointer the kernel does not use: ``t`` itself in eager calls (no
+    allocation); while torch.compile traces, a fresh one-element tensor. Functionalisation
+    clones each argument it takes to be mutated on its own and copies every clone back, so an
+    output also passed as a placeholder could come back with the placeholder's (unwritten)
+    clone if Triton's mutation analysis fell back to "every argument is mutated"
+    (pytorch/pytorch#196657)."""
+    return t.new_empty(1) if traced else t
+
+
 def _col64(V: int, sv: int) -> bool:
     return (V - 1) * abs(sv) >= 2**31 - 1
 
@@ -555,13 +565,15 @@ def tr_row_stats(
         dst += [torch.empty(n * S, device=dev, dtype=torch.int64),
                 torch.empty(n * S if need_sez else 0, device=dev, dtype=f32)]
     fl = _opts_flags(logit_scale, softcap)
-    w = weight if weight is not None else outs[0]
+    traced = not INTERPRET and _is_traced(x3)
+    w = weight if weight is not None else _placeholder(outs[0], traced)
     r = max(1, 16 // x3.element_size())
     _launcher(_stats_kernel)[(n * S,)](
         x3, *_strides3(x3), T, V, S, seg_len,
         target, ignore_index, vocab_start, w,
         fl["scale"], fl["inv_cap"], fl["softcap"],
-        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5] if need_sez else outs[0],
+        dst[0], dst[1], dst[2], dst[3], dst[4],
+        dst[5] if need_sez else _placeholder(outs[0], traced),
         BLOCK=max(cfg.block, r), R=r, SOFTCAP=fl["SOFTCAP"], SCALE=fl["SCALE"],
         NEED_SZ=need_sz, HAS_W=weight is not None, NEED_SEZ=need_sez, NEED_AM=need_am,
         COL64=_col64(V, x3.stride(-1)), PREFETCH=cfg.prefetch, FAST=not INTERPRET,
@@ -571,8 +583,10 @@ def tr_row_stats(
         rows = 64
         sp2 = triton.next_power_of_2(S)
         _launcher(_fold_kernel)[(triton.cdiv(n, rows),)](
-            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5] if need_sez else dst[0],
-            outs[0], outs[1], outs[2], outs[3], am, sez if need_sez else outs[0],
+            dst[0], dst[1], dst[2], dst[3], dst[4],
+            dst[5] if need_sez else _placeholder(dst[0], traced),
+            outs[0], outs[1], outs[2], outs[3], am,
+            sez if need_sez else _placeholder(outs[0], traced),
             n, S, ROWS=rows, SP2=sp2, NEED_SEZ=need_sez, num_warps=4,
         )
     return outs[0], outs[1], outs[2], outs[3], am, sez
@@ -659,7 +673,7 @@ def tr_fused(
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(-1)), col64o=_col64(V, out.stride(-1)),
         fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split,
-        early=cfg.early)
+        early=cfg.early, traced=not INTERPRET and _is_traced(x3, out))
     return m, s, zt, sz, am
 
 
@@ -716,6 +730,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     am = torch.empty(n if need_am else 0, device=dev, dtype=torch.int64)
     if n == 0 or _skip(x3, out):
         return loss, lse, zp, am
+    traced = not INTERPRET and _is_traced(x3, out)
     cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None,
                                  gathered is None and peer is None)
     from . import fused_rows
@@ -723,15 +738,17 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     w_local = None if weight is None else weight[vocab_start:vocab_start + V]
     fused_rows.launch(
         x3, out, target, None, None, w_local, w_total, None, None, None, None,
-        am if need_am else lse, programs=P,
+        am if need_am else _placeholder(lse, traced), programs=P,
         block=min(cfg.block, triton.next_power_of_2(max(V, 16))), num_warps=cfg.num_warps,
         stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(-1)), col64o=_col64(V, out.stride(-1)),
         fast=not INTERPRET, launcher=_launcher,
-        row_out=(loss, lse, zp if z_loss > 0.0 else lse), need_grad=need_grad,
+        row_out=(loss, lse, zp if z_loss > 0.0 else _placeholder(lse, traced)),
+        need_grad=need_grad,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
+        traced=traced,
         weight_global=weight, peer=peer, tvec=cfg.tvec,
         split=cfg.split, early=cfg.early)
     return loss, lse, zp, am

@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ce import _LOG2E, _chunk_stats, _col_off, _dims3, _exp2, _row_ptr, _strides3, _z_of
+from .ce import (_LOG2E, _chunk_stats, _col_off, _dims3, _exp2, _placeholder, _row_ptr,
+                 _strides3, _z_of)
 
 
 @triton.jit
@@ -529,7 +530,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
            flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
            row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None,
            gathered=None, vocab_start: int = 0, weight_global=None, peer=None,
-           tvec: bool = True, split: int = 1, early: bool = True):
+           tvec: bool = True, split: int = 1, early: bool = True, traced: bool = False):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
     allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
 
@@ -558,25 +559,27 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     else:
         segw, loc = V, None
     a = float(label_smoothing)
-    anyf = am if row_out is None else row_out[1]  # a placeholder for unused pointers
+    anyf = am if row_out is None else row_out[1]
+
+    def ph(t=None):
+        # a pointer the kernel does not use (see ce._placeholder: distinct ones while traced)
+        return t if t is not None else _placeholder(anyf, traced)
+
     if row_out is None:
-        loss_p = lse_p = zp_p = anyf
+        loss_p, lse_p, zp_p = ph(), ph(), ph()
     else:
         loss_p, lse_p, zp_p = row_out
-        g0 = w_t = m = s = zt = sz = anyf
+        g0, w_t, m, s, zt, sz = ph(), ph(), ph(), ph(), ph(), ph()
     launcher(_fused_rows_kernel)[(programs,)](
         x3, *_strides3(x3), out, *_strides3(out), T, V, n, programs,
-        target, ignore_index, weight if weight is not None else anyf,
-        w_total if w_total is not None else anyf, g0, w_t,
-        m, s, zt, sz, am, loss_p, lse_p, zp_p, den if den is not None else anyf,
-        gathered if gathered is not None else anyf,
+        target, ignore_index, ph(weight), ph(w_total), g0, w_t,
+        m, s, zt, sz, am, loss_p, lse_p, zp_p, ph(den), ph(gathered),
         gathered.shape[0] if gathered is not None else (peer[3] if peer is not None else 1),
         int(vocab_start), int(vocab_size),
-        weight_global if weight_global is not None else (
-            weight if weight is not None else anyf),
-        peer[0] if peer is not None else anyf, peer[1] if peer is not None else anyf,
+        ph(weight_global if weight_global is not None else weight),
+        ph(peer[0] if peer is not None else None), ph(peer[1] if peer is not None else None),
         peer[2] if peer is not None else 0, peer[4] if peer is not None else 0,
-        peer[0].shape[2] if peer is not None else 1, loc if loc is not None else anyf, segw,
+        peer[0].shape[2] if peer is not None else 1, ph(loc), segw,
         1.0 - a, a / vocab_size, float(z_loss), 2.0 * float(z_loss), float(vocab_size),
         flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
         BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
