@@ -269,3 +269,24 @@ def test_fast_launch_matches_triton_dispatch(monkeypatch):
                 for a, b in zip(outs[0], o):
                     assert torch.equal(a, b)
     assert launch.VERIFIED > before, (launch.stats(), launch._hooked())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_logits_on_another_gpu_than_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the logits' device
+    (forward, gradient, no_grad) and give the torch backend's results."""
+    with torch.cuda.device(0):
+        x, t = _data(256, 32000)
+        x, t = x.to("cuda:1"), t.to("cuda:1")
+        xa = x.clone().requires_grad_(True)
+        la = fce.cross_entropy(xa, t, backend="triton")
+        la.backward()
+        xb = x.clone().requires_grad_(True)
+        lb = fce.cross_entropy(xb, t, backend="torch")
+        lb.backward()
+        with torch.no_grad():
+            lf = fce.cross_entropy(x, t, backend="triton")
+    assert la.device == xa.grad.device == torch.device("cuda", 1)
+    assert_close_normwise(la, lb, 1e-5, "loss")
+    assert_close_normwise(lf, lb, 1e-5, "no_grad loss")
+    assert_close_normwise(xa.grad, xb.grad, 2 * tol(torch.bfloat16), "grad")

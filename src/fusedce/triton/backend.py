@@ -56,7 +56,13 @@ def _call(name: str):
     raw = ce.RAW[name]
 
     def run(*args):
+        # Triton launches on the current device's stream: make it the logits' device (a
+        # process driving several GPUs may call with tensors on another one)
+        dev = args[0].device
         with _wrap_enabled(False):
+            if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+                with torch.cuda.device(dev):
+                    return raw(*args)
             return raw(*args)
 
     return run
