@@ -135,14 +135,26 @@ def test_launcher_picks_fast_only_in_eager_gpu_calls(monkeypatch):
     from fusedce.triton import ce
 
     monkeypatch.setattr(ce, "INTERPRET", False)
+    monkeypatch.setattr(ce, "OPAQUE", False)  # the GPU default: triton_op ops
     kernel = ce._scale_kernel
     with set_wrap_triton_enabled(False):
         assert isinstance(ce._launcher(kernel), launch.FastLauncher)
         monkeypatch.setattr(ce, "_FAST", False)
         assert not isinstance(ce._launcher(kernel), launch.FastLauncher)
     monkeypatch.setattr(ce, "_FAST", True)
-    # wrap_triton on (torch.compile, the registered ops): never the fast path
+    # wrap_triton on (torch.compile tracing the triton_op ops): never the fast path
     assert not isinstance(ce._launcher(kernel), launch.FastLauncher)
+    # opaque ops (FUSEDCE_COMPILE_OPS=opaque): compiled graphs call fusedce's launches, so
+    # the fast path serves them too; tracing stops before any launch (_skip on fake tensors)
+    monkeypatch.setattr(ce, "OPAQUE", True)
+    assert isinstance(ce._launcher(kernel), launch.FastLauncher)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(4, 8)
+    assert ce._skip(fake) and not ce._skip(torch.empty(4, 8))
+    monkeypatch.setattr(ce, "OPAQUE", False)
+    assert not ce._skip(fake)
 
 
 def test_empty_hook_chains_are_inactive():

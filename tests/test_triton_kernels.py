@@ -755,6 +755,7 @@ def test_traced_launches_pass_no_tensor_twice(case, monkeypatch):
             return lambda *a, **kw: calls.append(a)
 
     monkeypatch.setattr(ce, "INTERPRET", False)
+    monkeypatch.setattr(ce, "OPAQUE", False)  # triton_op ops: tracing reaches the launches
     monkeypatch.setattr(ce, "_launcher", lambda kernel: Rec(kernel))
     monkeypatch.setattr(ce, "_sm_count", lambda device: 4)
     n, V = 12, 300 if case != "row_stats_segments" else 20000

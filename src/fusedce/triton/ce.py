@@ -458,10 +458,13 @@ def _launcher(kernel):
     directly (fusedce.triton.launch); itself in the interpreter."""
     if INTERPRET:
         return kernel
-    if _FAST and _wrap_on is not None and not _wrap_on():
+    if _FAST and (OPAQUE or (_wrap_on is not None and not _wrap_on())):
+        # (opaque ops never trace their kernels: _skip stops them on fake tensors)
         from .launch import fast
 
         return fast(kernel)
+    if OPAQUE:
+        return kernel
     return torch.library.wrap_triton(kernel)
 
 
@@ -504,13 +507,19 @@ def _opts_flags(logit_scale: float, softcap: Optional[float]):
 
 
 # ----------------------------------------------------------------------------- ops
-# Each op is the launcher; torch.library.triton_op makes it visible to torch.compile (whose
-# Inductor then calls the same Triton kernels) and gives it a fake implementation for free.
-# In the CPU interpreter, tracing with fake tensors must not launch: _skip() says so.
+# Each op is the launcher. On GPUs torch.library.triton_op makes its kernels visible to
+# torch.compile (Inductor then launches the same Triton kernels itself) and gives it a fake
+# implementation for free. Opaque ops (torch.library.custom_op; always in the CPU
+# interpreter, whose kernels cannot be traced, and on GPUs with FUSEDCE_COMPILE_OPS=opaque)
+# run fusedce's own launches inside compiled graphs; tracing with fake tensors must not
+# launch then: _skip() says so. The opaque form passes every recompile case on the CPU,
+# where the triton_op form fails on GPUs (notes/NEXT.md item 0); it is the candidate fix,
+# to be made the default once the GPU suite has run with it.
+OPAQUE = INTERPRET or os.environ.get("FUSEDCE_COMPILE_OPS", "triton_op").strip().lower() == "opaque"
 
 
 def _skip(*ts) -> bool:
-    return INTERPRET and _is_traced(*ts)
+    return OPAQUE and _is_traced(*ts)
 
 
 # the undecorated launchers, for eager calls (see fusedce.triton.backend._call)
@@ -519,12 +528,13 @@ RAW: dict = {}
 
 def _op(name: str, mutates_args):
     """Register ``fn`` as the op ``name``: a triton_op on GPUs (torch.compile traces into its
-    kernels); an opaque custom_op in the interpreter (whose kernels cannot be traced), with
-    ``fn`` itself as the fake implementation (it launches nothing on fake tensors)."""
+    kernels); an opaque custom_op in the interpreter (whose kernels cannot be traced) or with
+    FUSEDCE_COMPILE_OPS=opaque, with ``fn`` itself as the fake implementation (it launches
+    nothing on fake tensors)."""
 
     def dec(fn):
         RAW[name.split("::")[1]] = fn
-        if INTERPRET:
+        if OPAQUE:
             op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
             op.register_fake(fn)
             return op
