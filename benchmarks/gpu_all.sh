@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 R=${OUT:-/tmp/out}/run; mkdir -p "$R"
 nvidia-smi -L | tee "$R/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$R/device.txt"
-FUSEDCE_VERIFY_LAUNCH=1 timeout ${GPU_TESTS_S:-330} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_launch.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | grep -E "^(FAILED|XPASS|ERROR)|passed|failed" | tail -12 | tee "$R/gpu_tests.log"
+FUSEDCE_VERIFY_LAUNCH=1 timeout ${GPU_TESTS_S:-480} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_launch.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | grep -E "^(FAILED|XPASS|ERROR)|passed|failed" | tail -12 | tee "$R/gpu_tests.log"
 timeout 90 python3 benchmarks/host_profile.py 2>&1 | grep -E "^==|Self CPU time total|cudaLaunchKernel|cuLaunchKernelEx" | tee "$R/host_profile.log"
 timeout ${CE_GPU_S:-150} python3 benchmarks/ce_gpu.py 2>&1 | grep -v -i warn | tail -40 | tee "$R/ce_gpu.log"
 if [ -n "$FUSED_SWEEP" ]; then

@@ -199,8 +199,8 @@ _TRITON_OP_BUG = pytest.mark.xfail(strict=False, reason=(
     "See notes/NEXT.md item 0"))
 
 
-@pytest.mark.parametrize("ops", ["opaque", pytest.param("triton_op", marks=_TRITON_OP_BUG)])
-@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dynamic,ops", [(False, "opaque"), (True, "opaque"),
+                                         pytest.param(False, "triton_op", marks=_TRITON_OP_BUG)])
 def test_torch_compile_recompiles_over_new_shapes(dynamic, ops):
     """One compiled function over new N and V in bf16 (smoothing, z-loss, ignored rows; in
     place and not) equals eager each time: tests/gpu_compile_check.py in a subprocess, since
