@@ -688,10 +688,12 @@ def tr_fused(
 
 
 def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool,
-               resident: bool = False, splittable: bool = True):
+               resident: bool = False, splittable: bool = True,
+               traced: Optional[bool] = None):
     """(config, programs, maxnreg) of the fused rows kernel for this call; ``resident``: a
     persistent grid whose programs are all resident at once (they wait on other ranks');
-    ``splittable``: SPLIT mode is possible (not vocabulary parallel)."""
+    ``splittable``: SPLIT mode is possible (not vocabulary parallel); ``traced``: the
+    caller's _is_traced(x3, out), if it has it (one check per call on the hot path)."""
     B, T, V = _dims3(x3)
     n = B * T
     cfg = fused_config(V, x3.element_size())
@@ -720,7 +722,9 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
     else:
         P = min(n, cfg.per_sm * _sm_count(x3.device))
     maxnreg = None
-    if cfg.persistent and not INTERPRET and not _is_traced(x3, out):
+    if traced is None:
+        traced = _is_traced(x3, out)
+    if cfg.persistent and not INTERPRET and not traced:
         # under torch.compile the launch carries no register cap (it is only a hint for
         # occupancy: programs that wait on others take their places from a ticket)
         maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
@@ -742,7 +746,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         return loss, lse, zp, am
     traced = not INTERPRET and _is_traced(x3, out)
     cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None,
-                                 gathered is None and peer is None)
+                                 gathered is None and peer is None, traced=traced)
     from . import fused_rows
 
     w_local = None if weight is None else weight[vocab_start:vocab_start + V]
