@@ -3,7 +3,7 @@ smoothing, z-loss and ignored rows, with and without inplace_backward, against e
 Exits 1 on the first mismatch.
 
 Run by tests/test_gpu.py in a subprocess, because the way the ops are registered
-(FUSEDCE_COMPILE_OPS=triton_op, the default, or opaque) is fixed when fusedce is imported.
+(FUSEDCE_COMPILE_OPS=opaque, the default, or triton_op) is fixed when fusedce is imported.
 By hand:
     FUSEDCE_COMPILE_OPS=opaque PYTHONPATH=src:tests python tests/gpu_compile_check.py [dynamic]
 """

@@ -135,7 +135,7 @@ def test_launcher_picks_fast_only_in_eager_gpu_calls(monkeypatch):
     from fusedce.triton import ce
 
     monkeypatch.setattr(ce, "INTERPRET", False)
-    monkeypatch.setattr(ce, "OPAQUE", False)  # the GPU default: triton_op ops
+    monkeypatch.setattr(ce, "OPAQUE", False)  # FUSEDCE_COMPILE_OPS=triton_op
     kernel = ce._scale_kernel
     with set_wrap_triton_enabled(False):
         assert isinstance(ce._launcher(kernel), launch.FastLauncher)
@@ -144,7 +144,7 @@ def test_launcher_picks_fast_only_in_eager_gpu_calls(monkeypatch):
     monkeypatch.setattr(ce, "_FAST", True)
     # wrap_triton on (torch.compile tracing the triton_op ops): never the fast path
     assert not isinstance(ce._launcher(kernel), launch.FastLauncher)
-    # opaque ops (FUSEDCE_COMPILE_OPS=opaque): compiled graphs call fusedce's launches, so
+    # opaque ops (the default): compiled graphs call fusedce's launches, so
     # the fast path serves them too; tracing stops before any launch (_skip on fake tensors)
     monkeypatch.setattr(ce, "OPAQUE", True)
     assert isinstance(ce._launcher(kernel), launch.FastLauncher)

@@ -507,15 +507,15 @@ def _opts_flags(logit_scale: float, softcap: Optional[float]):
 
 
 # ----------------------------------------------------------------------------- ops
-# Each op is the launcher. On GPUs torch.library.triton_op makes its kernels visible to
-# torch.compile (Inductor then launches the same Triton kernels itself) and gives it a fake
-# implementation for free. Opaque ops (torch.library.custom_op; always in the CPU
-# interpreter, whose kernels cannot be traced, and on GPUs with FUSEDCE_COMPILE_OPS=opaque)
-# run fusedce's own launches inside compiled graphs; tracing with fake tensors must not
-# launch then: _skip() says so. The opaque form passes every recompile case on the CPU,
-# where the triton_op form fails on GPUs (notes/NEXT.md item 0); it is the candidate fix,
-# to be made the default once the GPU suite has run with it.
-OPAQUE = INTERPRET or os.environ.get("FUSEDCE_COMPILE_OPS", "triton_op").strip().lower() == "opaque"
+# Each op is the launcher, registered as an opaque custom op (torch.library.custom_op) by
+# default: compiled graphs call fusedce's own launches (fast launcher, register caps), and
+# tracing with fake tensors must not launch: _skip() says so. FUSEDCE_COMPILE_OPS=triton_op
+# (GPUs only; read at import) registers them with torch.library.triton_op instead, so that
+# Inductor sees and launches the Triton kernels itself. That form is wrong with torch 2.11
+# where V is not a multiple of 64 (run 40, notes/KERNELS.md): Inductor pads the row stride of
+# the saved gradient buffer, and the functional clone of a mutated view reads the padded
+# storage as if it were contiguous, so the backward scales the wrong elements.
+OPAQUE = INTERPRET or os.environ.get("FUSEDCE_COMPILE_OPS", "opaque").strip().lower() != "triton_op"
 
 
 def _skip(*ts) -> bool:
@@ -527,10 +527,9 @@ RAW: dict = {}
 
 
 def _op(name: str, mutates_args):
-    """Register ``fn`` as the op ``name``: a triton_op on GPUs (torch.compile traces into its
-    kernels); an opaque custom_op in the interpreter (whose kernels cannot be traced) or with
-    FUSEDCE_COMPILE_OPS=opaque, with ``fn`` itself as the fake implementation (it launches
-    nothing on fake tensors)."""
+    """Register ``fn`` as the op ``name``: an opaque custom_op with ``fn`` itself as the fake
+    implementation (it launches nothing on fake tensors), or with FUSEDCE_COMPILE_OPS=triton_op
+    on GPUs a triton_op (torch.compile traces into its kernels)."""
 
     def dec(fn):
         RAW[name.split("::")[1]] = fn

@@ -91,8 +91,14 @@ def _pass1(xb, c0, cend, offs, lane, w_ptr, sxv, scale, inv_cap, softcap,
         z, m, s, sz, am, e, alpha = _chunk_stats(
             x, cols, cend, b0, lane, m, s, sz, am, w_ptr, scale, inv_cap, softcap, R, SOFTCAP,
             SCALE, SMOOTH, HAS_W, NEED_AM, FAST)
-    # fold the threads (the spec's combine); lanes hold interleaved columns, so the first
-    # argmax is the smallest index among the lanes that reach the maximum
+    return _fold_threads(m, s, sz, am, lane, NEED_AM)
+
+
+@triton.jit
+def _fold_threads(m, s, sz, am, lane, NEED_AM: tl.constexpr):
+    """(m, s, sum w z, first argmax) of a row from the per-thread running values (the spec's
+    combine); lanes hold interleaved columns, so the first argmax is the smallest index
+    among the lanes that reach the maximum."""
     mm = tl.max(m, axis=0)
     sh = tl.where(mm == float("-inf"), 0.0, mm)
     f = tl.where(m == float("-inf"), 0.0, tl.exp(m - sh))
@@ -141,31 +147,42 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
             xn = _load2(xb, nb0 + offs, sxv, tl.where(nb0 >= c0, vend, nb0), HINTS, COL64X)
         else:
             x = _load2(xb, cols, sxv, vend, HINTS, COL64X)
-        z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
-        p = _exp2(z * _LOG2E - lse2, FAST)
-        # coef = gct + crest; the target column as gct (p - 1) + p crest, which is exactly 0
-        # where it should be (V = 1: p = 1) and cancels no large terms
-        if TVEC:
-            d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, p * coef)
+        _grad_chunk(x, cols, mask, ob, sov, w_ptr, lse2, coef, crest, gsm, gct, tcol, scale,
+                    inv_cap, softcap, rcap, HINTS, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64O, FAST,
+                    TVEC)
+
+
+@triton.jit
+def _grad_chunk(x, cols, mask, ob, sov, w_ptr, lse2, coef, crest, gsm, gct, tcol, scale,
+                inv_cap, softcap, rcap, HINTS: tl.constexpr, SOFTCAP: tl.constexpr,
+                SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
+                COL64O: tl.constexpr, FAST: tl.constexpr, TVEC: tl.constexpr):
+    """Store dx of one chunk x (columns cols, stored where mask) of a row into ob."""
+    z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
+    p = _exp2(z * _LOG2E - lse2, FAST)
+    # coef = gct + crest; the target column as gct (p - 1) + p crest, which is exactly 0
+    # where it should be (V = 1: p = 1) and cancels no large terms
+    if TVEC:
+        d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, p * coef)
+    else:
+        d = p * coef
+    if SMOOTH:
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            d -= gsm * w
         else:
-            d = p * coef
-        if SMOOTH:
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                d -= gsm * w
-            else:
-                d -= gsm
-        if SOFTCAP:
-            r = z * rcap
-            d = d * (scale * (1.0 - r * r))
-        if HINTS == 2:
-            tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
-                     cache_modifier=".cs")
-        elif HINTS:
-            tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
-                     eviction_policy="evict_first")
-        else:
-            tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask)
+            d -= gsm
+    if SOFTCAP:
+        r = z * rcap
+        d = d * (scale * (1.0 - r * r))
+    if HINTS == 2:
+        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+                 cache_modifier=".cs")
+    elif HINTS:
+        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
+    else:
+        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -328,6 +345,53 @@ def _fold_group(first, PARTS: tl.constexpr, P2: tl.constexpr, part, tag, m, s, z
     return mx, tl.sum(sk * fk, axis=0), tl.sum(szk, axis=0), amm, tl.sum(ztk, axis=0)
 
 
+@triton.jit
+def _row_loss_out(row, live, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG, one_minus_a,
+                  a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr, HAS_W: tl.constexpr,
+                  SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
+    """Store the row's loss (spec.row_loss) and z-loss part times c, and its lse (where
+    ``live``); returns its upstream gradient g = c [t != ignore] and target weight w_t."""
+    valid = tv != ignore_index
+    if HAS_W:
+        # the class weight of the global target (wg: the whole weight vector)
+        inrange = valid & (tv >= 0) & (tv < VG)
+        wt = tl.load(wg_ptr + tl.where(inrange, tv, 0), mask=inrange & live,
+                     other=0.0).to(tl.float32)
+    else:
+        wt = tl.where(valid, 1.0, 0.0)
+    g = tl.where(valid, c, 0.0)
+    lr = (lse - zt) * (one_minus_a * wt)
+    if SMOOTH:
+        lr += a_over_v * (wsum * lse - szs)
+    if ZLOSS:
+        zp = tl.where(valid, zl * lse * lse, 0.0)
+        lr += zp
+        tl.store(zp_ptr + row, zp * c, mask=live)
+    # where, not a product: a NaN logit on an ignored row must not leak
+    tl.store(loss_ptr + row, tl.where(valid, lr, 0.0) * c, mask=live)
+    tl.store(lse_ptr + row, lse, mask=live)
+    return g, wt
+
+
+@triton.jit
+def _grad_coefs(g, wt, lse, one_minus_a, a_over_v, wsum, zl2, scale, SOFTCAP: tl.constexpr,
+                SCALE: tl.constexpr, ZLOSS: tl.constexpr):
+    """(g c_t, g (c_p - c_t), g a / V) of a row, times the logit scale where it is a plain
+    factor: c_t = (1 - a) w_t, c_p - c_t = (a / V) W + 2 zl lse."""
+    rest = a_over_v * wsum
+    if ZLOSS:
+        rest += zl2 * lse
+    gct = g * (one_minus_a * wt)
+    crest = g * rest
+    gsm = g * a_over_v
+    if not SOFTCAP:
+        if SCALE:
+            crest = crest * scale
+            gsm = gsm * scale
+            gct = gct * scale
+    return gct, crest, gsm
+
+
 @triton.jit(do_not_specialize=["N", "epoch", "NX"])
 def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
@@ -447,26 +511,9 @@ def _fused_rows_kernel(
         if NEED_AM or not ROW_OUT:
             tl.store(am_ptr + row, am.to(tl.int64))
         if ROW_OUT:
-            valid = tv != ignore_index
-            if HAS_W:
-                # the class weight of the global target (wg: the whole weight vector)
-                inrange = valid & (tv >= 0) & (tv < VG)
-                wt = tl.load(wg_ptr + tl.where(inrange, tv, 0), mask=inrange,
-                             other=0.0).to(tl.float32)
-            else:
-                wt = tl.where(valid, 1.0, 0.0)
-            g = tl.where(valid, c, 0.0)
-            # the spec's row loss (spec.row_loss), times c
-            lr = (lse - zt) * (one_minus_a * wt)
-            if SMOOTH:
-                lr += a_over_v * (wsum * lse - szs)
-            if ZLOSS:
-                zp = tl.where(valid, zl * lse * lse, 0.0)
-                lr += zp
-                tl.store(zp_ptr + row, zp * c)
-            # where, not a product: a NaN logit on an ignored row must not leak
-            tl.store(loss_ptr + row, tl.where(valid, lr, 0.0) * c)
-            tl.store(lse_ptr + row, lse)
+            g, wt = _row_loss_out(row, True, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG,
+                                  one_minus_a, a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr,
+                                  HAS_W, SMOOTH, ZLOSS)
         else:
             tl.store(m_ptr + row, m)
             tl.store(s_ptr + row, ss)
@@ -475,18 +522,8 @@ def _fused_rows_kernel(
             g = tl.load(g_ptr + row)
             wt = tl.load(wt_ptr + row)
         if NEED_GRAD:
-            # c_p = c_t + rest, rest = (a / V) W + 2 zl lse
-            rest = a_over_v * wsum
-            if ZLOSS:
-                rest += zl2 * lse
-            gct = g * (one_minus_a * wt)
-            crest = g * rest
-            gsm = g * a_over_v
-            if not SOFTCAP:
-                if SCALE:
-                    crest = crest * scale
-                    gsm = gsm * scale
-                    gct = gct * scale
+            gct, crest, gsm = _grad_coefs(g, wt, lse, one_minus_a, a_over_v, wsum, zl2, scale,
+                                          SOFTCAP, SCALE, ZLOSS)
             coef = gct + crest
             # rows without upstream gradient are written as zeros, not read
             vend = tl.where(g != 0.0, VL, 0)
