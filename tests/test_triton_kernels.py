@@ -335,7 +335,12 @@ def test_stats_and_grad_kernels_on_a_vocab_shard():
     got = tb.row_stats(x3, t, opts, vocab_start=start, weight_local=wl, need_sz=True)
     for f in ("m", "s", "zt", "sz"):
         assert_close_normwise(getattr(got, f), getattr(ref, f), 2e-6, f)
-    assert torch.equal(got.am, ref.am)
+    # softcapped logits can tie to within a rounding (tanh saturates): any column that holds
+    # the maximum of the fp64 scores is a right argmax
+    z = 5.0 * torch.tanh(x.double().cpu() / 5.0)
+    picked = z.gather(1, (got.am.cpu() - start).view(-1, 1)).squeeze(1)
+    best = z.max(dim=1).values
+    assert ((best - picked) <= 1e-6 * best.abs().clamp_min(1.0)).all(), (got.am, ref.am)
     lse = torch.randn(7, device=DEV) + 6
     g = torch.randn(7, device=DEV)
     g[2] = 0.0
@@ -507,9 +512,11 @@ def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_fused_rows_scalar_target_store_equals_vector_form(V, inplace):
     """RowsConfig(tvec=False): the target column written by one scalar store after pass 2
-    (after a barrier) instead of inside its vector: the same bits, in place or not, with
-    every option (softcap's chain, smoothing with class weights, z-loss); V = 1 gives zeros
-    (exact in the interpreter)."""
+    (after a barrier) instead of inside its vector: the same bits in the interpreter, in
+    place or not, with every option (softcap's chain, smoothing with class weights, z-loss);
+    on a GPU within one rounding of the output dtype (the compiler may contract the scalar
+    and the vector form differently: run 41 saw one such draw); V = 1 gives zeros (exact in
+    the interpreter)."""
     x = _x((3, 2), V, torch.bfloat16)
     t = _t((3, 2), V)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, weight=torch.rand(V, device=DEV) + 0.2,
@@ -523,8 +530,13 @@ def test_fused_rows_scalar_target_store_equals_vector_form(V, inplace):
         loss = fce.cross_entropy(leaf, t, backend="triton", **kw)
         loss.backward()
         grads.append((loss.detach(), (xi.grad if not inplace else leaf).detach().clone()))
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert torch.equal(grads[0][1], grads[1][1])
+    if x.is_cuda:
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(grads[0][1].float(), grads[1][1].float(), rtol=2.0**-7,
+                                   atol=1e-30)
+    else:
+        assert torch.equal(grads[0][0], grads[1][0])
+        assert torch.equal(grads[0][1], grads[1][1])
     if V == 1:
         # p_t = 1: exactly in the interpreter; on a GPU ex2.approx and the FMA contraction of
         # z log2(e) - lse log2(e) leave p_t within a few ulp of 1 (seen: |dx| <= 2.3e-8)
