@@ -615,6 +615,38 @@ def test_second_backward_through_eager_loss_raises():
     assert torch.allclose(first.double(), ref.grad, atol=1e-6)
 
 
+def test_split_table_asks_for_at_most_four_parts(monkeypatch):
+    """Run 42 (H200): with 8 cooperating programs per row a few rows in a thousand got a
+    wrong loss; the table asks for at most fused_rows.MAX_SPLIT = 4 parts at any V and dtype
+    (longer rows take longer segments), and the launcher caps explicit requests too."""
+    monkeypatch.setattr(ce, "INTERPRET", False)  # the GPU table
+    assert fused_rows.MAX_SPLIT == 4
+    for es in (2, 4):
+        for V in (32000, 128256, 200000, 262144, 524288, 1 << 20):
+            cfg = ce.fused_config(V, es)
+            assert 1 <= cfg.split <= fused_rows.MAX_SPLIT, (V, es, cfg)
+            if V * es > 384 * 1024:
+                assert cfg.split == 4
+    seen = {}
+
+    def grab(kernel):
+        def launcher(grid):
+            return lambda *a, **kw: seen.update(split=kw["SPLIT"], grid=grid)
+        return type("L", (), {"__getitem__": lambda self, g: launcher(g)})()
+
+    x = torch.zeros(1, 4, 1024)
+    f32 = torch.float32
+    loss, lse, zp = (torch.empty(4, dtype=f32) for _ in range(3))
+    fused_rows.launch(x, x, torch.zeros(4, dtype=torch.int64), None, None, None, None, None,
+                      None, None, None, torch.empty(0), programs=64, block=64, num_warps=1,
+                      stages=1, reverse=False, hints=1, prefetch=True, maxnreg=None,
+                      ignore_index=-100, vocab_size=1024, label_smoothing=0.0, z_loss=0.0,
+                      flags=ce._opts_flags(1.0, None), need_am=False, col64x=False,
+                      col64o=False, fast=False, launcher=grab, row_out=(loss, lse, zp),
+                      scale_mode=0, split=8)
+    assert seen["split"] == 4 and seen["grid"] == (16,)
+
+
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("case", ["plain", "all"])
 @pytest.mark.parametrize("api", ["loss", "stats"])

@@ -555,6 +555,9 @@ def _fused_rows_kernel(
                 tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
 
 
+MAX_SPLIT = 4
+
+
 def split_buffer(words: int, device) -> torch.Tensor:
     """The zeroed int64 exchange buffer of SPLIT mode (a fresh one per call: an allocation
     and a memset, so the call stays capturable in a CUDA graph and needs no state)."""
@@ -584,7 +587,9 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     B, T, V = _dims3(x3)
     n = B * T
     r = max(1, 16 // x3.element_size())
-    split = max(1, min(int(split), triton.cdiv(V, block), int(programs)))
+    # at most 4 parts: with 8, a few rows in a thousand came out with a wrong loss on an H200
+    # (run 42: tests/test_gpu.py::test_split_rows_every_row; cause not found yet)
+    split = max(1, min(int(split), MAX_SPLIT, triton.cdiv(V, block), int(programs)))
     if split > 1:
         if gathered is not None or peer is not None:
             raise ValueError("split: not with gathered / peer")
