@@ -515,7 +515,7 @@ def test_fused_rows_scalar_target_store_equals_vector_form(V, inplace):
     (after a barrier) instead of inside its vector: the same bits in the interpreter, in
     place or not, with every option (softcap's chain, smoothing with class weights, z-loss);
     on a GPU within one rounding of the output dtype (the compiler may contract the scalar
-    and the vector form differently: run 41 saw one such draw); V = 1 gives zeros (exact in
+    and the vector form differently: run 42 saw one such draw); V = 1 gives zeros (exact in
     the interpreter)."""
     x = _x((3, 2), V, torch.bfloat16)
     t = _t((3, 2), V)
@@ -616,7 +616,7 @@ def test_second_backward_through_eager_loss_raises():
 
 
 def test_split_table_asks_for_at_most_four_parts(monkeypatch):
-    """Run 42 (H200): with 8 cooperating programs per row a few rows in a thousand got a
+    """Runs 42-43 (H200): with 8 cooperating programs per row a few rows in a thousand got a
     wrong loss; the table asks for at most fused_rows.MAX_SPLIT = 4 parts at any V and dtype
     (longer rows take longer segments), and the launcher caps explicit requests too."""
     monkeypatch.setattr(ce, "INTERPRET", False)  # the GPU table

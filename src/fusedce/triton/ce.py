@@ -386,7 +386,7 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     walking backwards, which keeps the most recently read part of each row in L2. The target
     column is written by a scalar store after pass 2 (run 21: 1.28x -> 1.24x at V = 32000,
     1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144). Rows over 384 KB are cut into
-    segments of 128 KB (up to 4 of them; longer rows, longer segments: run 42 found wrong
+    segments of 128 KB (up to 4 of them; longer rows, longer segments: runs 42-43 found wrong
     loss rows with 8), each taken by one of a group of cooperating programs
     (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a row,
     more than it saves on shorter rows: 1.53-1.74x at 128256)."""

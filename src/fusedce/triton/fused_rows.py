@@ -588,7 +588,8 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     n = B * T
     r = max(1, 16 // x3.element_size())
     # at most 4 parts: with 8, a few rows in a thousand came out with a wrong loss on an H200
-    # (run 42: tests/test_gpu.py::test_split_rows_every_row; cause not found yet)
+    # (runs 42-43, notes/KERNELS.md: tests/test_gpu.py::test_split_rows_every_row; cause not
+    # found yet)
     split = max(1, min(int(split), MAX_SPLIT, triton.cdiv(V, block), int(programs)))
     if split > 1:
         if gathered is not None or peer is not None:
