@@ -168,3 +168,16 @@ def test_empty_hook_chains_are_inactive():
     assert launch._active(print)
     # whatever this Triton keeps there by default is inactive
     assert not launch._hooked()
+
+
+def test_ops_are_opaque_unless_triton_op_is_asked_for():
+    """FUSEDCE_COMPILE_OPS: unset or "opaque" -> opaque custom ops (the default on GPUs since
+    run 40, where the triton_op form gave wrong gradients under Inductor); "triton_op" opts
+    back in on GPUs; the interpreter always takes opaque ops."""
+    from fusedce.triton import ce
+
+    for setting in (None, "", "opaque", " OPAQUE ", "other"):
+        assert ce._opaque_ops(setting, interpret=False)
+    for setting in ("triton_op", " Triton_Op "):
+        assert not ce._opaque_ops(setting, interpret=False)
+        assert ce._opaque_ops(setting, interpret=True)

@@ -517,7 +517,13 @@ def _opts_flags(logit_scale: float, softcap: Optional[float]):
 # where V is not a multiple of 64 (run 40, notes/KERNELS.md): Inductor pads the row stride of
 # the saved gradient buffer, and the functional clone of a mutated view reads the padded
 # storage as if it were contiguous, so the backward scales the wrong elements.
-OPAQUE = INTERPRET or os.environ.get("FUSEDCE_COMPILE_OPS", "opaque").strip().lower() != "triton_op"
+def _opaque_ops(setting: Optional[str], interpret: bool) -> bool:
+    """Whether the ops are registered as opaque custom ops: always in the interpreter, else
+    unless FUSEDCE_COMPILE_OPS is "triton_op" (unset or anything else: opaque)."""
+    return interpret or (setting or "opaque").strip().lower() != "triton_op"
+
+
+OPAQUE = _opaque_ops(os.environ.get("FUSEDCE_COMPILE_OPS"), INTERPRET)
 
 
 def _skip(*ts) -> bool:
