@@ -159,7 +159,7 @@ def test_split_rows_every_row(dtype, V, cfg):
     rows equal the torch backend's, for the table's part counts and swept configurations
     (block, warps, programs per SM, parts), in place and into a new buffer. With 8 parts
     (fp32 or bf16 rows over 512 KB, or asked for) run 43 found 10-20 wrong loss rows in
-    4096; the parts are now capped at 4 (fused_rows.MAX_SPLIT)."""
+    4096; the parts are now capped at 4 (ce.MAX_SPLIT)."""
     from fusedce.triton import ce
 
     n = 4096

@@ -617,14 +617,14 @@ def test_second_backward_through_eager_loss_raises():
 
 def test_split_table_asks_for_at_most_four_parts(monkeypatch):
     """Runs 42-43 (H200): with 8 cooperating programs per row a few rows in a thousand got a
-    wrong loss; the table asks for at most fused_rows.MAX_SPLIT = 4 parts at any V and dtype
+    wrong loss; the table asks for at most ce.MAX_SPLIT = 4 parts at any V and dtype
     (longer rows take longer segments), and the launcher caps explicit requests too."""
     monkeypatch.setattr(ce, "INTERPRET", False)  # the GPU table
-    assert fused_rows.MAX_SPLIT == 4
+    assert ce.MAX_SPLIT == fused_rows.MAX_SPLIT == 4
     for es in (2, 4):
         for V in (32000, 128256, 200000, 262144, 524288, 1 << 20):
             cfg = ce.fused_config(V, es)
-            assert 1 <= cfg.split <= fused_rows.MAX_SPLIT, (V, es, cfg)
+            assert 1 <= cfg.split <= ce.MAX_SPLIT, (V, es, cfg)
             if V * es > 384 * 1024:
                 assert cfg.split == 4
     seen = {}

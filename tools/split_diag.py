@@ -3,9 +3,10 @@ wrong loss rows in a thousand with 8 parts). On a GPU:
 
     PYTHONPATH=src:tests python tools/split_diag.py [--parts 8] [--V 262144] [--dtype fp32]
 
-raises fused_rows.MAX_SPLIT for the run, computes the loss rows (reduction "none") with the
-table's long-row configuration cut into --parts segments, and for every row that differs from
-the torch backend tests which single fault explains it (``explain``):
+raises the launcher's cap (fused_rows.MAX_SPLIT, imported from ce) for the run, computes the
+loss rows (reduction "none") with the table's long-row configuration cut into --parts
+segments, and for every row that differs from the torch backend tests which single fault
+explains it (``explain``):
   * z_t lost or counted twice (got - ref = -z_t or +z_t);
   * one part's record taken from another row of the same group (rows r +- k P_G, k = 1, 2:
     a slot read before it was rewritten, or after it was rewritten for a later row).

@@ -355,6 +355,12 @@ class RowsConfig:
     early: bool = True
 
 
+# At most 4 cooperating programs per row (SPLIT), in the table and at launch: with 8, a few
+# rows in a thousand got a wrong loss on an H200 (runs 42-43, notes/KERNELS.md; cause not
+# found yet). Longer rows take longer segments.
+MAX_SPLIT = 4
+
+
 @dataclass(frozen=True)
 class StatsConfig:
     """Launch parameters of _stats_kernel: BLOCK columns per chunk, warps, prefetch."""
@@ -386,8 +392,8 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     walking backwards, which keeps the most recently read part of each row in L2. The target
     column is written by a scalar store after pass 2 (run 21: 1.28x -> 1.24x at V = 32000,
     1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144). Rows over 384 KB are cut into
-    segments of 128 KB (up to 4 of them; longer rows, longer segments: runs 42-43 found wrong
-    loss rows with 8), each taken by one of a group of cooperating programs
+    segments of 128 KB (at most MAX_SPLIT of them), each taken by one of a group of cooperating
+    programs
     (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a row,
     more than it saves on shorter rows: 1.53-1.74x at 128256)."""
     if "fused" in _OVERRIDE:
@@ -402,9 +408,8 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     if V * elem_size <= 384 * 1024:
         return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True,
                           reverse=True, tvec=False)
-    # (at most 4 parts: fused_rows.MAX_SPLIT; longer rows take longer segments)
     return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=False,
-                      tvec=False, split=min(4, -(-V * elem_size // (128 * 1024))))
+                      tvec=False, split=min(MAX_SPLIT, -(-V * elem_size // (128 * 1024))))
 
 
 def stats_config(V: int, elem_size: int) -> StatsConfig:

@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ce import (_LOG2E, _chunk_stats, _col_off, _dims3, _exp2, _placeholder, _row_ptr,
-                 _strides3, _z_of)
+from .ce import (_LOG2E, MAX_SPLIT, _chunk_stats, _col_off, _dims3, _exp2, _placeholder,
+                 _row_ptr, _strides3, _z_of)
 
 
 @triton.jit
@@ -346,16 +346,16 @@ def _fold_group(first, PARTS: tl.constexpr, P2: tl.constexpr, part, tag, m, s, z
 
 
 @triton.jit
-def _row_loss_out(row, live, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG, one_minus_a,
-                  a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr, HAS_W: tl.constexpr,
+def _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG, one_minus_a, a_over_v,
+                  zl, wsum, loss_ptr, lse_ptr, zp_ptr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
-    """Store the row's loss (spec.row_loss) and z-loss part times c, and its lse (where
-    ``live``); returns its upstream gradient g = c [t != ignore] and target weight w_t."""
+    """Store the row's loss (spec.row_loss) and z-loss part times c, and its lse; returns its
+    upstream gradient g = c [t != ignore] and target weight w_t."""
     valid = tv != ignore_index
     if HAS_W:
         # the class weight of the global target (wg: the whole weight vector)
         inrange = valid & (tv >= 0) & (tv < VG)
-        wt = tl.load(wg_ptr + tl.where(inrange, tv, 0), mask=inrange & live,
+        wt = tl.load(wg_ptr + tl.where(inrange, tv, 0), mask=inrange,
                      other=0.0).to(tl.float32)
     else:
         wt = tl.where(valid, 1.0, 0.0)
@@ -366,10 +366,10 @@ def _row_loss_out(row, live, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG, one_
     if ZLOSS:
         zp = tl.where(valid, zl * lse * lse, 0.0)
         lr += zp
-        tl.store(zp_ptr + row, zp * c, mask=live)
+        tl.store(zp_ptr + row, zp * c)
     # where, not a product: a NaN logit on an ignored row must not leak
-    tl.store(loss_ptr + row, tl.where(valid, lr, 0.0) * c, mask=live)
-    tl.store(lse_ptr + row, lse, mask=live)
+    tl.store(loss_ptr + row, tl.where(valid, lr, 0.0) * c)
+    tl.store(lse_ptr + row, lse)
     return g, wt
 
 
@@ -511,7 +511,7 @@ def _fused_rows_kernel(
         if NEED_AM or not ROW_OUT:
             tl.store(am_ptr + row, am.to(tl.int64))
         if ROW_OUT:
-            g, wt = _row_loss_out(row, True, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG,
+            g, wt = _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG,
                                   one_minus_a, a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr,
                                   HAS_W, SMOOTH, ZLOSS)
         else:
@@ -555,9 +555,6 @@ def _fused_rows_kernel(
                 tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
 
 
-MAX_SPLIT = 4
-
-
 def split_buffer(words: int, device) -> torch.Tensor:
     """The zeroed int64 exchange buffer of SPLIT mode (a fresh one per call: an allocation
     and a memset, so the call stays capturable in a CUDA graph and needs no state)."""
@@ -587,9 +584,6 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     B, T, V = _dims3(x3)
     n = B * T
     r = max(1, 16 // x3.element_size())
-    # at most 4 parts: with 8, a few rows in a thousand came out with a wrong loss on an H200
-    # (runs 42-43, notes/KERNELS.md: tests/test_gpu.py::test_split_rows_every_row; cause not
-    # found yet)
     split = max(1, min(int(split), MAX_SPLIT, triton.cdiv(V, block), int(programs)))
     if split > 1:
         if gathered is not None or peer is not None:
