@@ -16,8 +16,10 @@ cache entries; a coarser one would launch a kernel specialised for other argumen
 FUSEDCE_VERIFY_LAUNCH=1 (set by the GPU tests) every fast launch also asks Triton's binder
 for its own key and checks that it names the same compiled kernel.
 
-Used only on GPUs, in eager mode (torch.compile traces the kernels through wrap_triton and
-the interpreter runs them itself), and only while no Triton launch hooks are installed.
+Used on GPUs only (the interpreter runs the kernels itself), in eager calls and inside
+compiled graphs, which call the opaque ops' launchers (with FUSEDCE_COMPILE_OPS=triton_op,
+torch.compile traces the kernels through wrap_triton instead), and only while no Triton
+launch hooks are installed.
 """
 
 from __future__ import annotations
