@@ -402,6 +402,36 @@ def test_distributed_logprob_single(backend, dtype):
         lp.sum().backward()
 
 
+def test_autograd_functions_differentiate_a_retained_graph_again():
+    """As the seeds' own Functions: with retain_graph=True a second backward through
+    DistributedLogprob (and TE's CrossEntropyFunction on the torch backend, whose gradient
+    is not precomputed) adds the same gradient again; without it the graph is released
+    (the standard error on a third pass); an in-place change to the output before the
+    backward does not trip autograd's saved-tensor check."""
+    B, S, V = 2, 5, 17
+    t = torch.randint(0, V, (B, S))
+    x = _logits((B, S), V).requires_grad_(True)
+    y = rl.DistributedLogprob.apply(x, t, 0, V, None, False)
+    g = torch.randn(B, S)
+    y.backward(g, retain_graph=True)
+    first = x.grad.clone()
+    y.backward(g)
+    assert torch.allclose(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(g)
+    x.grad = None
+    y = rl.DistributedLogprob.apply(x, t, 0, V, None, False)
+    y.mul_(2.0)  # the caller's output is its own storage
+    y.backward(g)
+    assert torch.allclose(x.grad, 2 * first)
+    xe = _logits((B, S), V).requires_grad_(True)
+    loss = te.CrossEntropyFunction.apply(xe, t, 0.1, True, None, -100, False)
+    loss.backward(retain_graph=True)
+    first = xe.grad.clone()
+    loss.backward()
+    assert torch.allclose(xe.grad, 2 * first)
+
+
 def test_from_parallel_logits_to_logprobs_shifts():
     B, S, V = 3, 7, 19
     x = _logits((B, S), V).requires_grad_(True)

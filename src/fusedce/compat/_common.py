@@ -22,7 +22,13 @@ import torch
 
 def inner_forward(ctx, x: torch.Tensor, need_grad: bool,
                   fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Run ``fn(x)`` through the core; keep its graph on ``ctx`` when ``need_grad``.
+    """Run ``fn(x)`` through the core; keep its graph for the backward when ``need_grad``.
+
+    The alias and the core's output are saved with ``ctx.save_for_backward``, not as ``ctx``
+    attributes: autograd then releases the private graph together with the outer one (a kept
+    loss tensor does not pin the core's gradient buffer), and keeps it while the caller
+    retains the outer graph, so that a retained graph can be differentiated again
+    (``retain_graph=True``, gradcheck), as the seeds' own Functions allow.
 
     Args:
         ctx: the autograd context of the outer Function.
@@ -30,31 +36,30 @@ def inner_forward(ctx, x: torch.Tensor, need_grad: bool,
         need_grad: whether the outer backward will need d fn / d x.
         fn: a core call taking the (aliased) input.
     Returns:
-        ``fn(x)``, detached (the outer Function re-attaches it).
+        ``fn(x)``, detached into its own storage (the outer Function re-attaches it; a
+        caller's in-place change to it must not look like a change to the saved output).
     """
+    ctx.fce_kept = bool(need_grad)
     if not need_grad:
-        ctx._fce_inner = None
         with torch.no_grad():
             return fn(x.detach())
     alias = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = fn(alias)
-    ctx._fce_inner = (alias, out)
-    return out.detach()
+    ctx.save_for_backward(alias, out)
+    return out.detach().clone()
 
 
 def inner_backward(ctx, grad: torch.Tensor, what: str) -> Optional[torch.Tensor]:
     """d fn / d x applied to ``grad``, through the graph kept by :func:`inner_forward`."""
-    inner = getattr(ctx, "_fce_inner", None)
-    if inner is None:
+    if not getattr(ctx, "fce_kept", False):
         raise RuntimeError(f"{what}: nothing was kept for backward (the forward ran with "
                            "inference_only=True or without an input that requires grad)")
-    alias, out = inner
-    # the graph is single-use: the core may scale its gradient buffer in place
-    ctx._fce_inner = None
+    alias, out = ctx.saved_tensors
     if not out.requires_grad:
         return None
-    (dx,) = torch.autograd.grad(out, alias, grad)
+    # retain_graph: the private graph lives exactly as long as the outer one (see above)
+    (dx,) = torch.autograd.grad(out, alias, grad, retain_graph=True)
     return dx
 
 
