@@ -695,6 +695,12 @@ def _tp_nemo_rl(rank, group, seed):
     ls = rl._compute_distributed_log_softmax(full2[..., rank * 4:(rank + 1) * 4], group)
     assert_close_normwise(ls, torch.log_softmax(full2.double(), -1)[..., rank * 4:(rank + 1) * 4],
                           1e-5, "log_softmax tp")
+    # group=None in a running multi-rank job is the default group, as torch.distributed (and
+    # the original's all-reduces) take it
+    ls0 = rl._compute_distributed_log_softmax(full2[..., rank * 4:(rank + 1) * 4], None)
+    assert torch.equal(ls0, ls)
+    lp0 = rl.DistributedLogprob.apply(shard.detach(), t, s, e, None, True)
+    assert torch.equal(lp0, inf.detach())
 
 
 TP_CASES = {"te": _tp_te, "automodel": _tp_automodel, "nemo_rl": _tp_nemo_rl}

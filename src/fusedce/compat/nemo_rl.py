@@ -18,8 +18,9 @@ Differences from NeMo RL (the signatures and results are the same):
 * Memory: the original keeps the fp32 softmax of the whole shard (B * S * V_local * 4
   bytes) for backward; here only per-row statistics (or, on the Triton backend, the
   gradient itself) are kept, and no fp32 copy of the logits is made.
-* ``group=None`` means one device holding the whole vocabulary (the original would reduce
-  over the default world group).
+* ``group=None`` means what torch.distributed means by it: the default (world) group once
+  the default process group is initialised with more than one rank, as in the original;
+  otherwise one device holding the whole vocabulary.
 * Shards may be uneven; ``vocab_end_index - vocab_start_index`` must equal V_local
   (checked), and the shards must tile [0, V) across the group (checked once per layout).
 * A target of -100 gives log-probability 0 and no gradient (as in the original, where it
@@ -73,8 +74,20 @@ def _shard_start(vocab_parallel_logits: torch.Tensor, vocab_start_index: int,
     return vocab_start_index
 
 
+def _group(group):
+    """``group``, or for None the default group where torch.distributed runs more than one
+    rank (the original's all-reduces take None as the world group); else None (one device)."""
+    if group is not None:
+        return group
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def _logprobs(x: torch.Tensor, target: torch.Tensor, vocab_start_index: int,
               vocab_end_index: int, group, inference_only: bool) -> torch.Tensor:
+    group = _group(group)
     start = _shard_start(x, vocab_start_index, vocab_end_index, group)
     return _fce.logprobs(x, target, ignore_index=_NO_TARGET, tp_group=group, vocab_start=start,
                          inference_only=inference_only)
@@ -119,7 +132,8 @@ def from_parallel_logits_to_logprobs(vocab_parallel_logits: torch.Tensor, target
         vocab_parallel_logits: [B, S, V_local] (columns [vocab_start_index, vocab_end_index)).
         target: [B, S] token ids, unshifted (position s is scored against target s + 1).
         vocab_start_index, vocab_end_index: this rank's vocabulary columns.
-        group: the process group the vocabulary is split over (None: one device).
+        group: the process group the vocabulary is split over (None: as in
+            _compute_distributed_log_softmax).
         inference_only: keep nothing for backward; the result has no graph.
     Returns:
         [B, S-1] fp32: out[b, s] = log p(target[b, s+1] | vocab_parallel_logits[b, s]).
@@ -140,10 +154,12 @@ def _compute_distributed_log_softmax(vocab_parallel_logits: torch.Tensor,
 
     Args:
         vocab_parallel_logits: [..., V_local] (rank r holding columns [r * V_local, ...)).
-        group: the process group the vocabulary is split over (None: one device).
+        group: the process group the vocabulary is split over (None: the default group
+            where torch.distributed runs more than one rank, else one device).
     Returns:
         [..., V_local] fp32, no gradient.
     """
+    group = _group(group)
     with torch.no_grad():
         x = vocab_parallel_logits
         # only the per-row lse is wanted: every row ignored, no loss terms computed
