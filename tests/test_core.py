@@ -382,8 +382,14 @@ def _poisoned():
     (dict(logits=torch.zeros(4, 10, dtype=torch.long)), TypeError, "logits"),
     (dict(weight=torch.ones(9)), ValueError, "weight"),
     (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=1.01), ValueError, "label_smoothing"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(label_smoothing=torch.tensor(0.1)), TypeError, "label_smoothing"),
+    (dict(ignore_index=2**64), ValueError, "ignore_index"),
+    (dict(normalizer=torch.tensor(0.0)), ValueError, "normalizer"),
+    (dict(normalizer=torch.tensor(-2.0)), ValueError, "normalizer"),
+    (dict(normalizer=torch.tensor(float("inf"))), ValueError, "normalizer"),
+    (dict(normalizer=torch.tensor(True)), TypeError, "normalizer"),
     (dict(z_loss=-1.0), ValueError, "z_loss"),
     (dict(softcap=0.0), ValueError, "softcap"),
     (dict(softcap=-3.0), ValueError, "softcap"),
@@ -402,6 +408,73 @@ def test_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         fce.cross_entropy(logits, target, **kw)
     assert torch.equal(x.detach(), x0) and x.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_with_non_finite_logits_get_zero_gradient(backend):
+    """Ignored rows contribute 0 loss and exactly 0 gradient even where their logits are
+    NaN, +inf or all -inf (a masked padding row): 0 * exp(z - lse) would be NaN there and
+    reach the parameters while the loss looks fine. Valid rows keep F.cross_entropy's
+    values; logprobs gives +0.0 on ignored rows."""
+    V = 7
+    x = torch.randn(5, V) * 2
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    x[3] = float("-inf")
+    t = torch.tensor([2, -100, -100, -100, 5])
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    for extra in ({}, {"reduction": "none"}, {"inplace_backward": True}):
+        leaf = x.clone().requires_grad_(True)
+        xi = leaf.clone() if extra.get("inplace_backward") else leaf
+        loss = fce.cross_entropy(xi, t, backend=backend, **kw, **extra)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all()
+        assert torch.count_nonzero(leaf.grad[1:4]) == 0, leaf.grad[1:4]
+        assert torch.isfinite(leaf.grad).all()
+        keep = torch.tensor([0, 4])
+        ref = x[keep].double().requires_grad_(True)
+        r = ref_cross_entropy(ref, t[keep], reduction="sum", **kw)
+        r.backward()
+        if extra.get("reduction") != "none":
+            assert_close_normwise(leaf.grad[keep] * 2, ref.grad, 1e-5, "valid rows")
+    leaf = x.clone().requires_grad_(True)
+    lp = fce.logprobs(leaf, t, backend=backend)
+    lp.sum().backward()
+    assert torch.equal(lp[1:4], torch.zeros(3)) and not torch.signbit(lp[1:4]).any()
+    assert torch.count_nonzero(leaf.grad[1:4]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets_with_a_wide_ignore_index(backend):
+    """int32 targets and an ignore_index outside the int32 range: no row is ignored (compared
+    in int32, 2**32 would wrap onto class 0); the same as with int64 targets."""
+    x = torch.randn(4, 6)
+    t = torch.tensor([0, 1, 0, 5], dtype=torch.int32)
+    for ii in (2**32, 2**40, -2**33):
+        got = fce.cross_entropy(x, t, ignore_index=ii, reduction="none", backend=backend)
+        want = fce.cross_entropy(x, t.long(), ignore_index=ii, reduction="none",
+                                 backend=backend)
+        assert torch.equal(got, want) and torch.count_nonzero(got) == 4
+        h, w = torch.randn(4, 3), torch.randn(6, 3)
+        got = fce.linear_cross_entropy(h, w, t, ignore_index=ii, reduction="none")
+        assert torch.count_nonzero(got) == 4
+
+
+def test_label_smoothing_one_is_the_uniform_target():
+    """label_smoothing = 1 (allowed by F.cross_entropy): the loss against the uniform
+    distribution, with and without class weights."""
+    x = torch.randn(6, 7, dtype=torch.float64)
+    t = torch.tensor([0, 1, -100, 3, 4, 5])
+    w = torch.rand(7, dtype=torch.float64) + 0.1
+    for kw in ({}, {"weight": w}):
+        a = x.float().requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        la = fce.cross_entropy(a, t, label_smoothing=1.0, **{k: v.float() for k, v in kw.items()})
+        lb = F.cross_entropy(b, t, label_smoothing=1.0, **kw)
+        la.backward()
+        lb.backward()
+        assert_close_normwise(la, lb, 1e-6, "loss")
+        assert_close_normwise(a.grad, b.grad, 1e-5, "grad")
 
 
 def test_validation_switch():

@@ -193,6 +193,27 @@ def test_split_rows_every_row(dtype, V, cfg):
         ce.set_override(fused=None)
 
 
+@pytest.mark.parametrize("V", [32000, 262144])  # 262144: SPLIT
+def test_ignored_rows_with_non_finite_logits_get_zero_gradient(V):
+    """Ignored rows whose logits are NaN, +inf or all -inf get exactly 0 gradient from the
+    fused kernel (in place and not, z-loss and smoothing on), valid rows are untouched."""
+    x, t = _data(256, V, ignore_frac=0.0)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    x[3] = float("-inf")
+    t[1:4] = -100
+    for inplace in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        xi = leaf.clone() if inplace else leaf
+        loss = fce.cross_entropy(xi, t, backend="triton", inplace_backward=inplace,
+                                 z_loss=1e-4, label_smoothing=0.1)
+        loss.backward()
+        grad = xi if inplace else leaf.grad
+        assert torch.isfinite(loss)
+        assert torch.count_nonzero(grad[1:4]) == 0
+        assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("V", [128256, 262144])
 def test_cuda_graph_capture_and_replay(V):
     n = 512

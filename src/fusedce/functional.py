@@ -106,10 +106,21 @@ def _check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int
                          f"in [0, {vocab_size}) or equal ignore_index={ignore_index}")
 
 
+def _widened(target: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
+    """``target``, as int64 where it is int32 and ignore_index lies outside the int32 range:
+    no int32 id can equal such an ignore_index, but compared in int32 it would wrap onto a
+    real class id (2**32 -> 0) and drop that class's rows."""
+    if target is not None and target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        return target.long()
+    return target
+
+
 def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap,
                    logit_scale, backend) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if normalizer is not None:
@@ -119,12 +130,21 @@ def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_lo
             if normalizer.numel() != 1:
                 raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape "
                                  f"{tuple(normalizer.shape)}")
+            if normalizer.dtype == torch.bool or normalizer.is_complex():
+                raise TypeError(f"normalizer must be a real number, got {normalizer.dtype}")
+            # its value needs a device sync: checked with the other syncing checks
+            if _VALIDATE and not _compiling():
+                v = float(normalizer.detach().reshape(()))
+                if not (math.isfinite(v) and v > 0):
+                    raise ValueError(f"normalizer must be positive and finite, got {v!r}")
         elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
             raise TypeError(f"normalizer must be a number or a 0-d tensor, got {normalizer!r}")
         elif not (math.isfinite(normalizer) and normalizer > 0):
             raise ValueError(f"normalizer must be positive and finite, got {normalizer!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a number, got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:  # (1: the uniform target, as F.cross_entropy)
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if not isinstance(z_loss, (int, float)) or not (math.isfinite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, (int, float))
@@ -196,7 +216,7 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
     from . import distributed
 
     u = distributed.unpack_dtensor(logits, tp_group, vocab_start, target, weight)
-    logits, target, weight, tp_group = u.logits, u.target, u.weight, u.group
+    logits, target, weight, tp_group = u.logits, _widened(u.target, ignore_index), u.weight, u.group
     if tp_group is None:
         if vocab_start not in (None, 0):
             raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
@@ -270,7 +290,7 @@ def cross_entropy(
         reduction: "none" (per row, fp32, shaped like target), "sum" or "mean" (over
             non-ignored rows, or over their target weights; 0 when all are ignored).
         normalizer: divide the sum by this (float or 0-d tensor) instead of the mean count.
-        label_smoothing: a in [0, 1), uniform over all V classes (F.cross_entropy's).
+        label_smoothing: a in [0, 1], uniform over all V classes (F.cross_entropy's).
         z_loss: coefficient of lse^2 added per row.
         softcap: z = softcap * tanh(logit_scale * x / softcap) when set.
         logit_scale: z = logit_scale * x (before the softcap).
@@ -334,14 +354,16 @@ def logprobs(
     Returns:
         [...] fp32 log-probabilities of the targets.
     """
+    # 0 - loss rather than -loss: ignored rows give +0.0, not -0.0
     if inference_only:
         with torch.no_grad():
-            return -cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
-                                  logit_scale=logit_scale, tp_group=tp_group,
-                                  vocab_start=vocab_start, backend=backend)
-    return -cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
-                          logit_scale=logit_scale, tp_group=tp_group, vocab_start=vocab_start,
-                          backend=backend)
+            return 0.0 - cross_entropy(logits, target, ignore_index=ignore_index,
+                                       reduction="none", logit_scale=logit_scale,
+                                       tp_group=tp_group, vocab_start=vocab_start,
+                                       backend=backend)
+    return 0.0 - cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
+                               logit_scale=logit_scale, tp_group=tp_group,
+                               vocab_start=vocab_start, backend=backend)
 
 
 def entropy(

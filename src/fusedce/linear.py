@@ -591,6 +591,7 @@ def linear_cross_entropy(
         start, vocab_size = distributed.resolve_layout(tp_group, v_local, vocab_start,
                                                        validate=_fn.validation_enabled())
     _fn._check_target(target, hidden.shape[:-1], hidden.device)
+    target = _fn._widened(target, ignore_index)
     _fn._check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
     _fn._check_target_range(target, vocab_size, ignore_index)
 

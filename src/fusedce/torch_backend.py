@@ -120,6 +120,11 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     gt = g * c_t
     gr = g * (c_p - c_t)
     wl = None if weight_local is None else weight_local.float()
+    # rows without upstream gradient (ignored) get exactly 0 even where their logits are NaN
+    # or inf (0 * exp(z - lse) is NaN there); such rows have a non-finite lse. They are rare:
+    # on the CPU the fill runs only for chunks holding one, on GPUs always (no host sync)
+    zero_rows = (g == 0) & ~torch.isfinite(lse)
+    on_cpu = x3.device.type == "cpu"
     rows = chunk_rows or _chunk_rows(x3)
     for r0, r1, xv in iter_row_chunks(x3, rows):
         ov = row_slice(out, r0, r1)
@@ -142,6 +147,9 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
         f = chain_factor(z, opts)
         if f is not None:
             d.mul_(f)
+        zr = zero_rows[r0:r1]
+        if not on_cpu or bool(zr.any()):
+            d.masked_fill_(zr.unsqueeze(1), 0.0)
         if not direct:
             ov.copy_(d.view(ov.shape))
 

@@ -92,7 +92,7 @@ def npu_cross_entropy_loss(
         weight: optional [C] class weights.
         reduction: "mean" (default), "sum" or "none".
         ignore_index: target value whose rows are left out. Defaults to -100.
-        label_smoothing: a in [0, 1).
+        label_smoothing: a in [0, 1].
         lse_square_scale_for_zloss: zl >= 0, the z-loss coefficient.
         return_zloss: return the reduced z-loss (else an empty tensor).
     Returns:

@@ -84,7 +84,7 @@ def parallel_cross_entropy(
     Args:
         inp: logits (B, SQ, V_local) or (SQ, B, V_local), bf16/fp16/fp32, any strides.
         target: (B, SQ) or (SQ, B) int64/int32 global class ids (or flat, one per row).
-        label_smoothing: a in [0, 1).
+        label_smoothing: a in [0, 1].
         reduce_loss: True: mean over non-ignored rows (a scalar); False: per-row losses.
         dist_process_group: the group the vocabulary is split over (None: one device).
         ignore_idx: target value whose rows give 0 loss and 0 gradient.

@@ -522,7 +522,11 @@ def _fused_rows_kernel(
             g = tl.load(g_ptr + row)
             wt = tl.load(wt_ptr + row)
         if NEED_GRAD:
-            gct, crest, gsm = _grad_coefs(g, wt, lse, one_minus_a, a_over_v, wsum, zl2, scale,
+            # rows without upstream gradient (ignored) read zeros in pass 2 (vend = 0); with
+            # their lse taken as 0 their dx is exactly 0 even where their own logits are NaN
+            # or inf (0 * exp(z - lse) and the z-loss term 2 zl lse would be NaN there)
+            lse_g = tl.where(g != 0.0, lse, 0.0)
+            gct, crest, gsm = _grad_coefs(g, wt, lse_g, one_minus_a, a_over_v, wsum, zl2, scale,
                                           SOFTCAP, SCALE, ZLOSS)
             coef = gct + crest
             # rows without upstream gradient are written as zeros, not read
@@ -530,7 +534,7 @@ def _fused_rows_kernel(
             ob = _row_ptr(o_ptr, row, T, sob, sot)
             if SPLIT > 1:
                 ob += _col_off(c0, sov, COL64O)
-            lse2 = lse * _LOG2E
+            lse2 = lse_g * _LOG2E
             _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
                    tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK, HINTS,
                    PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST,
