@@ -122,9 +122,10 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     wl = None if weight_local is None else weight_local.float()
     # rows without upstream gradient (ignored) get exactly 0 even where their logits are NaN
     # or inf (0 * exp(z - lse) is NaN there); such rows have a non-finite lse. They are rare:
-    # on the CPU the fill runs only for chunks holding one, on GPUs always (no host sync)
+    # in eager CPU calls the fill runs only for chunks holding one; on GPUs (no host sync)
+    # and under torch.compile (no data-dependent branch) always
     zero_rows = (g == 0) & ~torch.isfinite(lse)
-    on_cpu = x3.device.type == "cpu"
+    always = x3.device.type != "cpu" or torch.compiler.is_compiling()
     rows = chunk_rows or _chunk_rows(x3)
     for r0, r1, xv in iter_row_chunks(x3, rows):
         ov = row_slice(out, r0, r1)
@@ -148,7 +149,7 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
         if f is not None:
             d.mul_(f)
         zr = zero_rows[r0:r1]
-        if not on_cpu or bool(zr.any()):
+        if always or bool(zr.any()):
             d.masked_fill_(zr.unsqueeze(1), 0.0)
         if not direct:
             ov.copy_(d.view(ov.shape))
