@@ -360,6 +360,19 @@ def test_module_form():
     assert "label_smoothing" in repr(mod)
 
 
+@pytest.mark.parametrize("bad, exc", [
+    (dict(reduction="avg"), ValueError), (dict(reductoin="sum"), TypeError),
+    (dict(softcap=-1.0), ValueError), (dict(label_smoothing=2.0), ValueError),
+    (dict(bias=None), TypeError), (dict(backend="cuda"), ValueError),
+])
+def test_module_forms_check_their_options_at_construction(bad, exc):
+    """A bad or unknown option fails when the module is built, not at its first call."""
+    for module in (fce.CrossEntropyLoss, fce.LinearCrossEntropyLoss):
+        with pytest.raises(exc):
+            module(**bad)
+    fce.LinearCrossEntropyLoss(chunk_size=64, reduce_hidden_grad=False, z_loss=1e-3)
+
+
 def test_matches_torch_functional_exactly_in_fp64_sense():
     x = torch.randn(64, 100)
     t = torch.randint(0, 100, (64,))

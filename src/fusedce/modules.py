@@ -7,12 +7,29 @@ LinearCrossEntropyLoss(**options)(hidden, weight, target, bias)
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 
-from .functional import cross_entropy
+from .functional import _check_options, cross_entropy
 from .linear import linear_cross_entropy
+
+_CHECKED = ("ignore_index", "reduction", "normalizer", "label_smoothing", "z_loss", "softcap",
+            "logit_scale", "backend")
+
+
+def _checked_options(fn, options: dict, tensor_option: str) -> dict:
+    """``options`` after the checks a call would make, at construction: an unknown name is a
+    TypeError, a bad value the ValueError / TypeError the function raises."""
+    params = inspect.signature(fn).parameters
+    names = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - (names - {tensor_option, "bias"}))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for {fn.__name__}")
+    values = {n: options.get(n, params[n].default) for n in _CHECKED}
+    _check_options(**values)
+    return options
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -25,7 +42,7 @@ class CrossEntropyLoss(torch.nn.Module):
     def __init__(self, *, weight: Optional[torch.Tensor] = None, **options):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
-        self.options = options
+        self.options = _checked_options(cross_entropy, options, "weight")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor):
         """logits [..., V], target [...] -> the loss (see cross_entropy)."""
@@ -46,7 +63,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, *, class_weight: Optional[torch.Tensor] = None, **options):
         super().__init__()
         self.register_buffer("class_weight", class_weight, persistent=False)
-        self.options = options
+        self.options = _checked_options(linear_cross_entropy, options, "class_weight")
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):
