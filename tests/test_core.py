@@ -398,6 +398,8 @@ def _poisoned():
     (dict(label_smoothing=1.01), ValueError, "label_smoothing"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(label_smoothing=torch.tensor(0.1)), TypeError, "label_smoothing"),
+    (dict(z_loss=True), TypeError, "z_loss"),
+    (dict(softcap=True), TypeError, "softcap"),
     (dict(ignore_index=2**64), ValueError, "ignore_index"),
     (dict(normalizer=torch.tensor(0.0)), ValueError, "normalizer"),
     (dict(normalizer=torch.tensor(-2.0)), ValueError, "normalizer"),

@@ -145,6 +145,9 @@ def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_lo
         raise TypeError(f"label_smoothing must be a number, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:  # (1: the uniform target, as F.cross_entropy)
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    for name, v in (("z_loss", z_loss), ("softcap", softcap), ("logit_scale", logit_scale)):
+        if isinstance(v, bool):
+            raise TypeError(f"{name} must be a number, got {v!r}")
     if not isinstance(z_loss, (int, float)) or not (math.isfinite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, (int, float))
