@@ -371,6 +371,8 @@ def test_module_forms_check_their_options_at_construction(bad, exc):
         with pytest.raises(exc):
             module(**bad)
     fce.LinearCrossEntropyLoss(chunk_size=64, reduce_hidden_grad=False, z_loss=1e-3)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fce.LinearCrossEntropyLoss(chunk_size=0)
 
 
 def test_matches_torch_functional_exactly_in_fp64_sense():

@@ -540,6 +540,29 @@ def _tp_dtensor_case(rank, group):
     dist.barrier(group=group)
 
 
+def _tp_layout_change_case(rank, group):
+    """Uneven shards whose layout changes between calls on one rank only: with validation
+    every rank gathers the layout, so a gap raises the same ValueError on every rank (no
+    collective mismatch) and a valid new layout gives the new vocabulary's loss."""
+    import pytest
+
+    gen = torch.Generator().manual_seed(11)
+    W = torch.randn(30, 4, generator=gen)
+    h = torch.randn(6, 4, generator=gen)
+    t = torch.randint(0, 25, (6,), generator=gen)
+
+    def call(bounds):
+        s, e = bounds[rank]
+        return fce.linear_cross_entropy(h, W[s:e], t, tp_group=group, vocab_start=s)
+
+    full = fce.linear_cross_entropy(h, W, t)
+    assert torch.allclose(call([(0, 11), (11, 30)]), full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gap at column 11"):
+        call([(0, 11), (12, 30)])  # rank 0's shard is unchanged, rank 1's moved
+    got = call([(0, 11), (11, 25)])
+    assert torch.allclose(got, fce.linear_cross_entropy(h, W[:25], t), rtol=1e-5, atol=1e-6)
+
+
 def _tp_worker(ctx, backends):
     import torch.distributed as dist
 
@@ -558,6 +581,8 @@ def _tp_worker(ctx, backends):
              normalizer=4.0, logit_scale=1.3)
     progress("dtensor")
     _tp_dtensor_case(rank, group)
+    progress("layout change")
+    _tp_layout_change_case(rank, group)
     return True
 
 

@@ -324,32 +324,47 @@ def _tile(pieces, given: bool):
     return expect
 
 
-def resolve_layout(group, v_local: int, vocab_start, validate: bool = True,
+def resolve_layout(group, v_local: int, vocab_start, validate: bool = False,
                    vocab_size: Optional[int] = None, need_vocab_size: bool = True):
-    """(vocab_start, global V) of this rank's shard, without validation's header gather.
+    """(vocab_start, global V) of this rank's shard.
 
-    Without ``vocab_start`` the shards are equal (rank r holds [r*V_local, (r+1)*V_local)):
-    no communication. With it, the global V is ``vocab_size`` when the caller knows it (a
-    DTensor's shape, the length of the class-weight vector); otherwise, when
-    ``need_vocab_size``, one all-gather of (vocab_start, V_local) per layout, cached per
-    group, gives V and checks that the shards tile [0, V). Every rank must then present the
-    same layout as in earlier calls or call :func:`clear_layout_cache` (a rank that finds
-    its key cached skips the gather). When V is not needed (it only enters the loss
-    through label_smoothing / V) ``vocab_start + V_local`` stands in for it.
+    With ``validate`` every rank all-gathers (vocab_start, V_local) on every call and the
+    shards are checked to tile [0, V) (the same ValueError on every rank): a layout that
+    changed on some ranks only is then an error, not a collective mismatch.
+
+    Without it: without ``vocab_start`` the shards are equal (rank r holds [r*V_local,
+    (r+1)*V_local)): no communication. With it, the global V is ``vocab_size`` when the
+    caller knows it (a DTensor's shape, the length of the class-weight vector); otherwise,
+    when ``need_vocab_size``, one all-gather of (vocab_start, V_local) per layout, cached
+    per group, gives V and checks that the shards tile [0, V). Every rank must then present
+    the same layout as in earlier calls or call :func:`clear_layout_cache` (a rank that finds
+    its key cached skips the gather). When V is not needed (it only enters the loss through
+    label_smoothing / V) ``vocab_start + V_local`` stands in for it.
 
     Args:
         group: the vocabulary process group.
         v_local: columns held by this rank.
         vocab_start: first global column of this rank (None: rank * v_local).
-        validate: kept for callers of the earlier signature; unused.
+        validate: gather and check the layout on every call (see above).
         vocab_size: the global V when known without communication.
         need_vocab_size: whether the caller needs the exact global V.
     Returns:
         (vocab_start, V) as Python ints.
     """
-    del validate
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    if validate:
+        start = rank * int(v_local) if vocab_start is None else int(vocab_start)
+        mine = torch.tensor([start, int(v_local)], dtype=torch.int64, device=comm_device(group))
+        pieces = _all_gather_flat(mine, group, world).view(world, 2).tolist()
+        V = _tile(pieces, vocab_start is not None)
+        if vocab_size is not None and int(vocab_size) != V:
+            raise ValueError(f"the shards tile [0, {V}) but the vocabulary has {vocab_size} "
+                             f"columns; (vocab_start, V_local) per rank: "
+                             f"{[tuple(p) for p in pieces]}")
+        if vocab_start is not None:
+            _cache_for(group)[(start, int(v_local))] = V
+        return start, V
     if vocab_start is None:
         return rank * int(v_local), world * int(v_local)
     start = int(vocab_start)

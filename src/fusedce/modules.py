@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .functional import _check_options, cross_entropy
-from .linear import linear_cross_entropy
+from .linear import _check_chunk_size, linear_cross_entropy
 
 _CHECKED = ("ignore_index", "reduction", "normalizer", "label_smoothing", "z_loss", "softcap",
             "logit_scale", "backend")
@@ -64,6 +64,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         self.register_buffer("class_weight", class_weight, persistent=False)
         self.options = _checked_options(linear_cross_entropy, options, "class_weight")
+        _check_chunk_size(options.get("chunk_size", "auto"))
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):
