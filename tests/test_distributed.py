@@ -678,6 +678,29 @@ def case_err_local_dtype(c: Case):
                   vocab_start=vs, backend=c.backend)
 
 
+def case_err_local_option(c: Case):
+    """A bad option on one rank only raises its error on every rank (the option checks run
+    inside the group's validation), for cross_entropy, logprobs and entropy; no rank is left
+    waiting in a collective."""
+    V, start, n, vs = layout(c, "uneven")
+    full, target = inputs(c, V)
+    x = shard_of(c, full, start, n)
+    last = c.rank == c.world - 1
+    expect_raises(ValueError, "label_smoothing", tp_ce, c, x, target, tp_group=c.group,
+                  vocab_start=vs, label_smoothing=-0.1 if last else 0.0, backend=c.backend)
+    expect_raises(ValueError, "reduction", tp_ce, c, x, target, tp_group=c.group,
+                  vocab_start=vs, reduction="avg" if c.rank == 0 else "mean",
+                  backend=c.backend)
+    expect_raises(ValueError, "normalizer", tp_ce, c, x, target, tp_group=c.group,
+                  vocab_start=vs, normalizer=torch.tensor(-1.0 if last else 2.0),
+                  backend=c.backend)
+    expect_raises(ValueError, "logit_scale", tp_lp, c, x, target, tp_group=c.group,
+                  vocab_start=vs, logit_scale=0.0 if last else 1.0, backend=c.backend)
+    expect_raises(ValueError, "logit_scale", tp_ent, c, x, tp_group=c.group,
+                  vocab_start=vs, logit_scale=-1.0 if c.rank == 0 else 1.0,
+                  backend=c.backend)
+
+
 def case_err_weight(c: Case):
     V, start, n, vs = layout(c, "uneven")
     full, target = inputs(c, V)
@@ -801,6 +824,7 @@ OTHER_CASES = {
     "err_target_range": case_err_target_range,
     "err_targets_differ": case_err_targets_differ,
     "err_local_dtype": case_err_local_dtype,
+    "err_local_option": case_err_local_option,
     "err_weight": case_err_weight,
     "err_op_mismatch": case_err_op_mismatch,
     "err_then_ok": case_err_then_ok,

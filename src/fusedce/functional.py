@@ -199,8 +199,20 @@ def _pick_backend(backend: str, x: torch.Tensor):
     return triton_backend
 
 
+def _fp(v):
+    """An option as it enters the TP options fingerprint: numbers as floats (0 and 0.0 agree),
+    tensors by kind, anything else by repr (never raises: bad values are caught by the option
+    checks, which run first)."""
+    if isinstance(v, torch.Tensor):
+        return "tensor"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v) if float(v) == v else v  # (ints past 2**53 stay exact)
+    return repr(v)
+
+
 def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
-                ignore_index: int = -100, op: str = "ce", options: tuple = ()):
+                ignore_index: int = -100, op: str = "ce", options: tuple = (),
+                option_checks=None):
     """Check the tensors and resolve the vocabulary layout; unpacks DTensor inputs.
 
     Args:
@@ -208,6 +220,9 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
             take them (target None for entropy).
         op: "ce", "ce_smoothed" (label smoothing: needs the exact global V) or "entropy".
         options: the loss options, which every rank of a TP group must share (validated).
+        option_checks: the caller's option checks; under TP with validation they run inside
+            the group's validation, so that a bad option on one rank raises on every rank
+            instead of leaving the others waiting in a collective.
     Returns:
         (logits, target, weight, group, vocab_start, V): plain tensors, the group (None
         without TP), this shard's first column and the global vocabulary size. Without
@@ -220,7 +235,11 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
 
     u = distributed.unpack_dtensor(logits, tp_group, vocab_start, target, weight)
     logits, target, weight, tp_group = u.logits, _widened(u.target, ignore_index), u.weight, u.group
+    if option_checks is None:
+        def option_checks():
+            return None
     if tp_group is None:
+        option_checks()
         if vocab_start not in (None, 0):
             raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
         _check_logits(logits)
@@ -232,6 +251,7 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
         return logits, target, weight, None, 0, v
 
     def local_checks():
+        option_checks()
         _check_logits(logits)
         if target is not None:
             _check_target(target, logits.shape[:-1], logits.device)
@@ -251,7 +271,7 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
         vocab_size=u.vocab_size, target=target, ignore_index=ignore_index, weight=weight,
         local_checks=local_checks, validate=_VALIDATE,
         need_vocab_size=op == "ce_smoothed" and weight is None,
-        options=distributed.options_fingerprint(*options) if _VALIDATE else 0)
+        options=distributed.options_fingerprint(*map(_fp, options)) if _VALIDATE else 0)
     if weight is not None:
         _check_weight(weight, vocab_size, logits.device)
         if start + logits.shape[-1] > vocab_size:
@@ -313,15 +333,17 @@ def cross_entropy(
         The loss, fp32: a scalar, or shaped like ``target`` for reduction="none"; with
         ``return_aux`` a CrossEntropyOutput.
     """
-    _check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                   logit_scale=logit_scale, backend=backend)
+    def option_checks():
+        _check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                       logit_scale=logit_scale, backend=backend)
+
+    smoothed = isinstance(label_smoothing, (int, float)) and label_smoothing > 0
     logits, target, weight, group, start, vocab_size = _resolve_tp(
         logits, tp_group, vocab_start, target=target, weight=weight, ignore_index=ignore_index,
-        op="ce_smoothed" if label_smoothing > 0 else "ce",
-        options=(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
-                 float(logit_scale), "tensor" if isinstance(normalizer, torch.Tensor)
-                 else normalizer))
+        op="ce_smoothed" if smoothed else "ce",
+        options=(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                 normalizer), option_checks=option_checks)
     opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                        softcap=None if softcap is None else float(softcap),
@@ -385,11 +407,14 @@ def entropy(
     Returns:
         [...] fp32 entropies (natural log).
     """
-    _check_options(ignore_index=-100, reduction="none", normalizer=None, label_smoothing=0.0,
-                   z_loss=0.0, softcap=None, logit_scale=logit_scale, backend=backend)
+    def option_checks():
+        _check_options(ignore_index=-100, reduction="none", normalizer=None,
+                       label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=logit_scale,
+                       backend=backend)
+
     logits, _, _, group, start, vocab_size = _resolve_tp(logits, tp_group, vocab_start,
-                                                         op="entropy",
-                                                         options=(float(logit_scale),))
+                                                         op="entropy", options=(logit_scale,),
+                                                         option_checks=option_checks)
     opts = LossOptions(reduction="none", logit_scale=float(logit_scale))
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     plan = _ag.Plan(opts=opts, backend=_pick_backend(backend, logits), vocab_size=vocab_size,
