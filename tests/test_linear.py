@@ -563,6 +563,49 @@ def _tp_layout_change_case(rank, group):
     assert torch.allclose(got, fce.linear_cross_entropy(h, W[:25], t), rtol=1e-5, atol=1e-6)
 
 
+def _tp_linear_checks_case(rank, group):
+    """Under TP with validation, one rank's bad argument raises on every rank (no rank left
+    in a collective); uneven shards with chunk_size="auto" cut the same chunks on every
+    rank (the budget is sized from the mean shard), so a budget that binds stays right."""
+    import pytest
+
+    from fusedce import linear
+
+    gen = torch.Generator().manual_seed(12)
+    W = torch.randn(30, 4, generator=gen)
+    h = torch.randn(40, 4, generator=gen)
+    t = torch.randint(0, 30, (40,), generator=gen)
+    s, e = [(0, 7), (7, 30)][rank]
+    last = rank == 1
+
+    def call(**kw):
+        kw.setdefault("tp_group", group)
+        kw.setdefault("vocab_start", s)
+        return fce.linear_cross_entropy(h, W[s:e], kw.pop("target", t), **kw)
+
+    with pytest.raises(ValueError, match="label_smoothing"):
+        call(label_smoothing=-0.5 if last else 0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        call(chunk_size=0 if rank == 0 else 8)
+    bad = t.clone()
+    if last:
+        bad[3] = 30
+    with pytest.raises(ValueError, match="target"):
+        call(target=bad)
+    with pytest.raises(ValueError, match="options"):
+        call(z_loss=1e-3 if last else 0.0)
+    full = fce.linear_cross_entropy(h, W, t, label_smoothing=0.1)
+    old = linear.DEFAULT_CHUNK_BYTES_CPU
+    try:
+        linear.DEFAULT_CHUNK_BYTES_CPU = 15 * 4 * 9  # ~9 rows of the mean shard
+        for validate in (True, False):
+            with fce.validation(validate):
+                got = call(label_smoothing=0.1)
+            assert torch.allclose(got, full, rtol=1e-5, atol=1e-6), (validate, got, full)
+    finally:
+        linear.DEFAULT_CHUNK_BYTES_CPU = old
+
+
 def _tp_worker(ctx, backends):
     import torch.distributed as dist
 
@@ -583,6 +626,8 @@ def _tp_worker(ctx, backends):
     _tp_dtensor_case(rank, group)
     progress("layout change")
     _tp_layout_change_case(rank, group)
+    progress("checks")
+    _tp_linear_checks_case(rank, group)
     return True
 
 

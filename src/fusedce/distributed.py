@@ -545,6 +545,21 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
     return start, V
 
 
+def checked_vocab_start(vocab_start) -> Optional[int]:
+    """``vocab_start`` as an int (None stays None), or the TypeError / ValueError it earns."""
+    if vocab_start is None:
+        return None
+    if isinstance(vocab_start, bool):
+        raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
+    try:
+        vocab_start = operator.index(vocab_start)
+    except TypeError:
+        raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}") from None
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    return vocab_start
+
+
 def tp_call_layout(group, *, op: int, logits: torch.Tensor, vocab_start, vocab_size,
                    target: Optional[torch.Tensor], ignore_index: int,
                    weight: Optional[torch.Tensor], local_checks: Callable[[], None],
@@ -566,16 +581,7 @@ def tp_call_layout(group, *, op: int, logits: torch.Tensor, vocab_start, vocab_s
     err = None
     try:
         local_checks()
-        if vocab_start is not None:
-            if isinstance(vocab_start, bool):
-                raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
-            try:
-                vocab_start = operator.index(vocab_start)
-            except TypeError:
-                raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}") \
-                    from None
-        if vocab_start is not None and vocab_start < 0:
-            raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+        vocab_start = checked_vocab_start(vocab_start)
     except (TypeError, ValueError) as exc:
         err = exc
     if err is not None:

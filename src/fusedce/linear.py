@@ -568,30 +568,65 @@ def linear_cross_entropy(
         ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
     """
     del inplace_backward
-    _fn._check_options(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                       logit_scale=logit_scale, backend=backend)
-    _check_chunk_size(chunk_size)
     hidden, weight, bias, tp_group, vocab_start = _unpack_dtensors(hidden, weight, bias,
                                                                    tp_group, vocab_start)
-    for name, x in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    hidden, weight, bias = _autocast(hidden, weight, bias)
-    _check_linear_inputs(hidden, weight, bias)
-    accum = _check_accum_dtype(accum_dtype, weight.dtype)
-    v_local = weight.shape[0]
+    # under TP with validation, this rank's own argument errors reach every rank through
+    # the group's validation (distributed.check_tp), as in cross_entropy: a bad argument on
+    # one rank must not leave the others waiting in a collective
+    validate_tp = tp_group is not None and _fn.validation_enabled()
+    err = None
+    try:
+        _fn._check_options(ignore_index=ignore_index, reduction=reduction,
+                           normalizer=normalizer, label_smoothing=label_smoothing,
+                           z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+                           backend=backend)
+        _check_chunk_size(chunk_size)
+        for name, x in (("hidden", hidden), ("weight", weight)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        hidden, weight, bias = _autocast(hidden, weight, bias)
+        _check_linear_inputs(hidden, weight, bias)
+        accum = _check_accum_dtype(accum_dtype, weight.dtype)
+        _fn._check_target(target, hidden.shape[:-1], hidden.device)
+        target = _fn._widened(target, ignore_index)
+        if tp_group is not None:
+            from .distributed import checked_vocab_start
+
+            vocab_start = checked_vocab_start(vocab_start)
+        if tp_group is not None and class_weight is not None:
+            # its length is checked against the global V below
+            if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1:
+                raise ValueError("class_weight must be the whole [V] class-weight vector")
+    except (TypeError, ValueError) as exc:
+        if not validate_tp:
+            raise
+        err = exc
     if tp_group is None:
         if vocab_start not in (None, 0):
             raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
+        v_local = weight.shape[0]
         start, vocab_size = 0, v_local
     else:
         from . import distributed
 
-        start, vocab_size = distributed.resolve_layout(tp_group, v_local, vocab_start,
-                                                       validate=_fn.validation_enabled())
-    _fn._check_target(target, hidden.shape[:-1], hidden.device)
-    target = _fn._widened(target, ignore_index)
+        smoothed = isinstance(label_smoothing, (int, float)) and label_smoothing > 0
+        op = distributed.OP_CROSS_ENTROPY_SMOOTHED if smoothed else distributed.OP_CROSS_ENTROPY
+        if err is not None:
+            distributed.check_tp(tp_group, op=op, v_local=0, vocab_start=None, n_rows=0,
+                                 target=None, ignore_index=ignore_index, local_error=err)
+        v_local = weight.shape[0]
+        if validate_tp:
+            fp = distributed.options_fingerprint(*map(_fn._fp, (
+                ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                normalizer, chunk_size, bool(reduce_hidden_grad))))
+            start, vocab_size = distributed.check_tp(
+                tp_group, op=op, v_local=v_local, vocab_start=vocab_start,
+                n_rows=target.numel(), target=target, ignore_index=ignore_index,
+                weight=class_weight, options=fp, device=hidden.device)
+        else:
+            start, vocab_size = distributed.resolve_layout(
+                tp_group, v_local, vocab_start,
+                vocab_size=None if class_weight is None else int(class_weight.shape[0]))
     _fn._check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
     _fn._check_target_range(target, vocab_size, ignore_index)
 
@@ -605,8 +640,18 @@ def linear_cross_entropy(
         h2 = h2.contiguous()
     t1 = target.reshape(-1)
     n = h2.shape[0]
-    rows = auto_chunk_rows(n, v_local, hidden.dtype, hidden.device) if chunk_size == "auto" \
-        else int(chunk_size)
+    if chunk_size != "auto":
+        rows = int(chunk_size)
+    elif tp_group is None:
+        rows = auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
+    else:
+        # every rank must cut the same chunks (their statistics are exchanged chunk by
+        # chunk): size them from the mean shard, the same number on every rank (exactly
+        # V_local for even shards; a larger uneven shard goes over the budget by its excess)
+        import torch.distributed as dist
+
+        rows = auto_chunk_rows(n, -(-vocab_size // dist.get_world_size(tp_group)),
+                               hidden.dtype, hidden.device)
     grad_on = torch.is_grad_enabled()
     plan = LinearPlan(
         opts=opts, backend=_select_backend(backend, hidden), vocab_size=vocab_size,
