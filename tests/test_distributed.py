@@ -699,6 +699,9 @@ def case_err_local_option(c: Case):
     expect_raises(ValueError, "logit_scale", tp_ent, c, x, tp_group=c.group,
                   vocab_start=vs, logit_scale=-1.0 if c.rank == 0 else 1.0,
                   backend=c.backend)
+    # valid on every rank but different: a 0-d normalizer's value is compared too
+    expect_raises(ValueError, "options", tp_ce, c, x, target, tp_group=c.group,
+                  vocab_start=vs, normalizer=torch.tensor(2.0 + c.rank), backend=c.backend)
 
 
 def case_err_weight(c: Case):

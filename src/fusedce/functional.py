@@ -38,7 +38,8 @@ def set_validation(enabled: bool) -> None:
     targets, and each rank's own shape checks) run on every rank through one small
     all-gather, so bad input raises the same exception on every rank; with validation off
     a rank's own shape error raises on that rank alone while the others wait in the next
-    collective.
+    collective, and uneven layouts given by ``vocab_start`` are remembered per group: call
+    :func:`fusedce.distributed.clear_layout_cache` on every rank when they change.
     """
     global _VALIDATE
     _VALIDATE = bool(enabled)
@@ -204,7 +205,9 @@ def _fp(v):
     tensors by kind, anything else by repr (never raises: bad values are caught by the option
     checks, which run first)."""
     if isinstance(v, torch.Tensor):
-        return "tensor"
+        # (a 0-d normalizer: its value, read as the option checks read it, with validation)
+        return float(v.detach().reshape(())) if v.numel() == 1 and not _compiling() \
+            else "tensor"
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v) if float(v) == v else v  # (ints past 2**53 stay exact)
     return repr(v)
