@@ -111,7 +111,8 @@ def _widened(target: Optional[torch.Tensor], ignore_index: int) -> Optional[torc
     """``target``, as int64 where it is int32 and ignore_index lies outside the int32 range:
     no int32 id can equal such an ignore_index, but compared in int32 it would wrap onto a
     real class id (2**32 -> 0) and drop that class's rows."""
-    if target is not None and target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+    if (target is not None and target.dtype == torch.int32 and isinstance(ignore_index, int)
+            and not -2**31 <= ignore_index < 2**31):
         return target.long()
     return target
 
