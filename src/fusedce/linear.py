@@ -628,7 +628,8 @@ def linear_cross_entropy(
                 tp_group, v_local, vocab_start,
                 vocab_size=None if class_weight is None else int(class_weight.shape[0]))
     _fn._check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
-    _fn._check_target_range(target, vocab_size, ignore_index)
+    if not validate_tp:  # (check_tp has checked the targets on every rank)
+        _fn._check_target_range(target, vocab_size, ignore_index)
 
     opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
