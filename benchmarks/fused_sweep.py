@@ -4,7 +4,7 @@ checked against the torch backend (loss rows, sampled gradient rows) before it i
 
 Usage: PYTHONPATH=src:tests python benchmarks/fused_sweep.py [--V 32000,128256,262144]
        [--configs "block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,
-       early];..."]
+       early,lag];..."]
 Timed: the loss kernel autograd calls (backend.fused_loss, in place, gradient of the mean).
 """
 
@@ -23,7 +23,7 @@ import fusedce as fce  # noqa: E402,I001
 from fusedce import spec  # noqa: E402
 from fusedce.triton import backend as tb, ce, fused_rows  # noqa: E402
 
-# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,early]
+# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,early,lag]
 DEFAULT = ("4096,8,3,1,1,1,1,1;4096,8,4,1,1,1,1,1;4096,8,4,1,1,1,0,1;4096,8,5,1,1,1,0,1;"
            "2048,4,8,1,1,1,1,1;2048,4,6,1,1,1,1,1;4096,8,1,1,1,1,0,0;4096,8,1,1,1,1,1,0;"
            "2048,4,1,1,1,1,1,0;8192,16,2,1,1,1,1,1;4096,8,3,3,1,1,0,1;4096,8,4,1,0,1,1,1;"
@@ -34,11 +34,11 @@ def parse(spec_s):
     out = []
     for item in spec_s.split(";"):
         v = [int(v) for v in item.split(",")]
-        v += [0, 1, 1, 1, 1][len(v) - 6:]  # prefetch, persistent, tvec, split, early
-        b, w, p, st, rv, h, pf, pers, tv, sp, ea = v[:11]
+        v += [0, 1, 1, 1, 1, 0][len(v) - 6:]  # prefetch, persistent, tvec, split, early, lag
+        b, w, p, st, rv, h, pf, pers, tv, sp, ea, lag = v[:12]
         out.append(ce.RowsConfig(block=b, num_warps=w, per_sm=p, stages=st, reverse=bool(rv),
                                  hints=h, prefetch=bool(pf), persistent=bool(pers),
-                                 tvec=bool(tv), split=sp, early=bool(ea)))
+                                 tvec=bool(tv), split=sp, early=bool(ea), lag=bool(lag)))
     return out
 
 
@@ -47,7 +47,11 @@ def main():
     ap.add_argument("--V", default="32000,128256,262144")
     ap.add_argument("--N", type=int, default=16384)
     ap.add_argument("--configs", default=DEFAULT)
+    ap.add_argument("--max-split", type=int, default=0,
+                    help="raise the launcher's cap on SPLIT parts (ce.MAX_SPLIT) for the run")
     args = ap.parse_args()
+    if args.max_split:
+        fused_rows.MAX_SPLIT = args.max_split
     _, bw = cg.ceilings()
     cg.log(f"copy {bw:.3f} TB/s, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     cands = [None] + parse(args.configs)

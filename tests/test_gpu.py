@@ -153,7 +153,10 @@ def test_run_to_run_bitwise_determinism(V):
     (torch.bfloat16, 524288, None),  # the table: 8 parts
     (torch.bfloat16, 262144, (4096, 8, 4, 8)),  # 8 parts asked: runs 42-43 saw wrong rows; capped
     (torch.bfloat16, 262144, (8192, 16, 2, 2)),
-], ids=["bf16-262144", "fp32-262144", "bf16-524288", "bf16-8x4096w8", "bf16-2x8192w16"])
+    (torch.bfloat16, 262144, (8192, 16, 2, 4, True)),  # LAG
+    (torch.bfloat16, 128256, (4096, 8, 4, 4, True)),
+], ids=["bf16-262144", "fp32-262144", "bf16-524288", "bf16-8x4096w8", "bf16-2x8192w16",
+        "bf16-4x8192w16-lag", "bf16-128256-4x4096w8-lag"])
 def test_split_rows_every_row(dtype, V, cfg):
     """SPLIT (cooperating programs per row): every loss row, lse and the gradient of sampled
     rows equal the torch backend's, for the table's part counts and swept configurations
@@ -165,9 +168,9 @@ def test_split_rows_every_row(dtype, V, cfg):
     n = 4096
     x, t = _data(n, V, dtype=dtype, seed=5)
     if cfg is not None:
-        b, w, p, sp = cfg
+        b, w, p, sp, lag = (*cfg, False)[:5]
         ce.set_override(fused=ce.RowsConfig(block=b, num_warps=w, per_sm=p, prefetch=True,
-                                            reverse=False, tvec=False, split=sp))
+                                            reverse=False, tvec=False, split=sp, lag=lag))
     try:
         assert ce._rows_grid(x.unsqueeze(0), x.unsqueeze(0), None, None, True)[0].split > 1
         xr = x.clone().requires_grad_(True)

@@ -647,15 +647,16 @@ def test_split_table_asks_for_at_most_four_parts(monkeypatch):
     assert seen["split"] == 4 and seen["grid"] == (16,)
 
 
-@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("split,lag", [(2, False), (3, False), (3, True)])
 @pytest.mark.parametrize("case", ["plain", "all"])
 @pytest.mark.parametrize("api", ["loss", "stats"])
-def test_fused_rows_split_rows(split, case, api, monkeypatch):
+def test_fused_rows_split_rows(split, lag, case, api, monkeypatch):
     """SPLIT mode: each row cut into ``split`` segments taken by cooperating programs that
     exchange their segments' statistics (fused_rows, loc buffer). The interpreter runs one
     program at a time, so a program cannot wait for its siblings' records: they are written
-    into the exchange buffer beforehand (tagged row + 1, slot [k % 2, group, part], the
-    ticket word 0), as the siblings would; each program still publishes its own. With every
+    into the exchange buffer beforehand (tagged row + 1, slot [k % 4, group, part], the
+    ticket word 0), as the siblings would; each program still publishes its own. LAG (pass 2
+    of a row after pass 1 of the program's next one) gives the same results. With every
     option, the loss rows, lse, z-loss parts, argmax and the whole gradient (each program
     writes its segment) equal the unsplit kernel's; the buffer then holds every part's
     record."""
@@ -691,16 +692,16 @@ def test_fused_rows_split_rows(split, case, api, monkeypatch):
         st = ce.tr_row_stats(x[:, :, lo:hi].contiguous(), t, wl, lo, -100, scale, cap, a > 0,
                              False, True)
         recs.append(_records(st, 0))
-    words = 1 + 2 * groups * parts * 8
+    words = 1 + 4 * groups * parts * 8
     buf = torch.zeros(words, dtype=torch.int64, device=DEV)
-    slots = buf[1:].view(2, groups, parts, 8)
+    slots = buf[1:].view(4, groups, parts, 8)
     for row in range(n):
         k, g = divmod(row, groups)
         for q in range(parts):
-            slots[k % 2, g, q] = recs[q][row] | ((row + 1) << 32)
+            slots[k % 4, g, q] = recs[q][row] | ((row + 1) << 32)
     monkeypatch.setattr(fused_rows, "split_buffer",
                         lambda w_, d: buf if w_ == words else pytest.fail(str(w_)))
-    ce.set_override(fused=dataclasses.replace(base, split=split))
+    ce.set_override(fused=dataclasses.replace(base, split=split, lag=lag))
     try:
         out = _poison(x.shape, torch.float32)
         if api == "loss":
@@ -722,8 +723,8 @@ def test_fused_rows_split_rows(split, case, api, monkeypatch):
         assert int(buf[0]) == groups * parts
         for row in range(max(0, n - 2 * groups), n):
             k, g = divmod(row, groups)
-            assert ((slots[k % 2, g, :, :5] >> 32) == row + 1).all()
-            assert torch.equal(slots[k % 2, g, :, 3] & 0xFFFFFFFF,
+            assert ((slots[k % 4, g, :, :5] >> 32) == row + 1).all()
+            assert torch.equal(slots[k % 4, g, :, 3] & 0xFFFFFFFF,
                                torch.stack([r_[row, 3] for r_ in recs]) & 0xFFFFFFFF)
     finally:
         ce.set_override(fused=None)

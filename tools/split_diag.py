@@ -106,7 +106,12 @@ def main() -> int:
     ref = fce.cross_entropy(x, t, backend="torch", reduction="none")
     bad_total = 0
     for rep in range(3):
-        got = fce.cross_entropy(x, t, backend="triton", reduction="none")
+        # with a gradient wanted: SPLIT is the fused (loss + gradient) kernel's mode; a
+        # forward without one takes the statistics kernel, which never splits
+        xi = x.clone().requires_grad_(True)
+        got = fce.cross_entropy(xi, t, backend="triton", reduction="none",
+                                inplace_backward=bool(rep % 2)).detach()
+        del xi
         bad = torch.nonzero((got - ref).abs() > 1e-4 * (1 + ref.abs())).flatten().tolist()
         bad_total += len(bad)
         print(f"repeat {rep}: {len(bad)} bad rows", flush=True)

@@ -353,6 +353,9 @@ class RowsConfig:
     split: int = 1
     # (PEER / SPLIT) pass 2's first chunk loaded while the other parts' records are awaited
     early: bool = True
+    # (SPLIT) pass 2 of a program's row runs after pass 1 of its next row, so that the
+    # siblings' records of the row are there when it folds them (no wait, no EARLY)
+    lag: bool = False
 
 
 # At most 4 cooperating programs per row (SPLIT), in the table and at launch: with 8, a few
@@ -695,7 +698,7 @@ def tr_fused(
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(-1)), col64o=_col64(V, out.stride(-1)),
         fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split,
-        early=cfg.early, traced=not INTERPRET and _is_traced(x3, out))
+        early=cfg.early, lag=cfg.lag, traced=not INTERPRET and _is_traced(x3, out))
     return m, s, zt, sz, am
 
 
@@ -776,7 +779,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
         traced=traced,
         weight_global=weight, peer=peer, tvec=cfg.tvec,
-        split=cfg.split, early=cfg.early)
+        split=cfg.split, early=cfg.early, lag=cfg.lag)
     return loss, lse, zp, am
 
 
