@@ -4,7 +4,7 @@ checked against the torch backend (loss rows, sampled gradient rows) before it i
 
 Usage: PYTHONPATH=src:tests python benchmarks/fused_sweep.py [--V 32000,128256,262144]
        [--configs "block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,
-       early,lag];..."]
+       early];..."]
 Timed: the loss kernel autograd calls (backend.fused_loss, in place, gradient of the mean).
 """
 
@@ -23,7 +23,7 @@ import fusedce as fce  # noqa: E402,I001
 from fusedce import spec  # noqa: E402
 from fusedce.triton import backend as tb, ce, fused_rows  # noqa: E402
 
-# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,early,lag]
+# block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,early]
 DEFAULT = ("4096,8,3,1,1,1,1,1;4096,8,4,1,1,1,1,1;4096,8,4,1,1,1,0,1;4096,8,5,1,1,1,0,1;"
            "2048,4,8,1,1,1,1,1;2048,4,6,1,1,1,1,1;4096,8,1,1,1,1,0,0;4096,8,1,1,1,1,1,0;"
            "2048,4,1,1,1,1,1,0;8192,16,2,1,1,1,1,1;4096,8,3,3,1,1,0,1;4096,8,4,1,0,1,1,1;"
@@ -34,11 +34,11 @@ def parse(spec_s):
     out = []
     for item in spec_s.split(";"):
         v = [int(v) for v in item.split(",")]
-        v += [0, 1, 1, 1, 1, 0][len(v) - 6:]  # prefetch, persistent, tvec, split, early, lag
-        b, w, p, st, rv, h, pf, pers, tv, sp, ea, lag = v[:12]
+        v += [0, 1, 1, 1, 1][len(v) - 6:]  # prefetch, persistent, tvec, split, early
+        b, w, p, st, rv, h, pf, pers, tv, sp, ea = v[:11]
         out.append(ce.RowsConfig(block=b, num_warps=w, per_sm=p, stages=st, reverse=bool(rv),
                                  hints=h, prefetch=bool(pf), persistent=bool(pers),
-                                 tvec=bool(tv), split=sp, early=bool(ea), lag=bool(lag)))
+                                 tvec=bool(tv), split=sp, early=bool(ea)))
     return out
 
 

@@ -615,18 +615,30 @@ def test_second_backward_through_eager_loss_raises():
     assert torch.allclose(first.double(), ref.grad, atol=1e-6)
 
 
-def test_split_table_asks_for_at_most_four_parts(monkeypatch):
-    """Runs 42-43 (H200): with 8 cooperating programs per row a few rows in a thousand got a
-    wrong loss; the table asks for at most ce.MAX_SPLIT = 4 parts at any V and dtype
-    (longer rows take longer segments), and the launcher caps explicit requests too."""
+def test_split_table_and_launcher_cap_the_parts(monkeypatch):
+    """The table asks for at most ce.MAX_SPLIT = 8 cooperating programs per row at any V and
+    dtype (longer rows take longer segments): rows of 192-256 KB take 4 parts of 8 warps, 4
+    per SM; longer ones one part per 128 KB; the launcher caps explicit requests too.
+    Vocabulary-parallel and statistics-only calls get the unsplit long-row entry instead."""
     monkeypatch.setattr(ce, "INTERPRET", False)  # the GPU table
-    assert ce.MAX_SPLIT == fused_rows.MAX_SPLIT == 4
+    monkeypatch.setattr(ce, "_sm_count", lambda device: 132)
+    assert ce.MAX_SPLIT == fused_rows.MAX_SPLIT == 8
     for es in (2, 4):
-        for V in (32000, 128256, 200000, 262144, 524288, 1 << 20):
+        for V in (32000, 100000, 128256, 151936, 200000, 262144, 524288, 1 << 20, 1 << 22):
             cfg = ce.fused_config(V, es)
             assert 1 <= cfg.split <= ce.MAX_SPLIT, (V, es, cfg)
-            if V * es > 384 * 1024:
-                assert cfg.split == 4
+            if 192 * 1024 < V * es <= 256 * 1024:
+                assert (cfg.split, cfg.num_warps, cfg.per_sm) == (4, 8, 4)
+            elif V * es > 384 * 1024:
+                assert cfg.split == min(8, -(-V * es // (128 * 1024))), (V, es, cfg)
+            else:
+                assert cfg.split == 1
+            if cfg.split > 1:
+                x3 = torch.empty(1, 4, V, dtype=torch.float32 if es == 4 else torch.bfloat16,
+                                 device="meta")
+                for kw in (dict(resident=True), dict(splittable=False)):
+                    unsplit, _, _ = ce._rows_grid(x3, x3, None, None, True, **kw)
+                    assert unsplit == ce._long_rows(es), (V, es, kw)
     seen = {}
 
     def grab(kernel):
@@ -643,20 +655,19 @@ def test_split_table_asks_for_at_most_four_parts(monkeypatch):
                       ignore_index=-100, vocab_size=1024, label_smoothing=0.0, z_loss=0.0,
                       flags=ce._opts_flags(1.0, None), need_am=False, col64x=False,
                       col64o=False, fast=False, launcher=grab, row_out=(loss, lse, zp),
-                      scale_mode=0, split=8)
-    assert seen["split"] == 4 and seen["grid"] == (16,)
+                      scale_mode=0, split=16)
+    assert seen["split"] == 8 and seen["grid"] == (32,)  # min(rows, 64 // 8) groups of 8
 
 
-@pytest.mark.parametrize("split,lag", [(2, False), (3, False), (3, True)])
+@pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("case", ["plain", "all"])
 @pytest.mark.parametrize("api", ["loss", "stats"])
-def test_fused_rows_split_rows(split, lag, case, api, monkeypatch):
+def test_fused_rows_split_rows(split, case, api, monkeypatch):
     """SPLIT mode: each row cut into ``split`` segments taken by cooperating programs that
     exchange their segments' statistics (fused_rows, loc buffer). The interpreter runs one
     program at a time, so a program cannot wait for its siblings' records: they are written
-    into the exchange buffer beforehand (tagged row + 1, slot [k % 4, group, part], the
-    ticket word 0), as the siblings would; each program still publishes its own. LAG (pass 2
-    of a row after pass 1 of the program's next one) gives the same results. With every
+    into the exchange buffer beforehand (tagged row + 1, slot [k % 2, group, part], the
+    ticket word 0), as the siblings would; each program still publishes its own. With every
     option, the loss rows, lse, z-loss parts, argmax and the whole gradient (each program
     writes its segment) equal the unsplit kernel's; the buffer then holds every part's
     record."""
@@ -692,16 +703,16 @@ def test_fused_rows_split_rows(split, lag, case, api, monkeypatch):
         st = ce.tr_row_stats(x[:, :, lo:hi].contiguous(), t, wl, lo, -100, scale, cap, a > 0,
                              False, True)
         recs.append(_records(st, 0))
-    words = 1 + 4 * groups * parts * 8
+    words = 1 + 2 * groups * parts * 8
     buf = torch.zeros(words, dtype=torch.int64, device=DEV)
-    slots = buf[1:].view(4, groups, parts, 8)
+    slots = buf[1:].view(2, groups, parts, 8)
     for row in range(n):
         k, g = divmod(row, groups)
         for q in range(parts):
-            slots[k % 4, g, q] = recs[q][row] | ((row + 1) << 32)
+            slots[k % 2, g, q] = recs[q][row] | ((row + 1) << 32)
     monkeypatch.setattr(fused_rows, "split_buffer",
                         lambda w_, d: buf if w_ == words else pytest.fail(str(w_)))
-    ce.set_override(fused=dataclasses.replace(base, split=split, lag=lag))
+    ce.set_override(fused=dataclasses.replace(base, split=split))
     try:
         out = _poison(x.shape, torch.float32)
         if api == "loss":
@@ -723,8 +734,8 @@ def test_fused_rows_split_rows(split, lag, case, api, monkeypatch):
         assert int(buf[0]) == groups * parts
         for row in range(max(0, n - 2 * groups), n):
             k, g = divmod(row, groups)
-            assert ((slots[k % 4, g, :, :5] >> 32) == row + 1).all()
-            assert torch.equal(slots[k % 4, g, :, 3] & 0xFFFFFFFF,
+            assert ((slots[k % 2, g, :, :5] >> 32) == row + 1).all()
+            assert torch.equal(slots[k % 2, g, :, 3] & 0xFFFFFFFF,
                                torch.stack([r_[row, 3] for r_ in recs]) & 0xFFFFFFFF)
     finally:
         ce.set_override(fused=None)

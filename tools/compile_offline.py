@@ -8,7 +8,7 @@ Triton's driver replaced by one that reports sm_90, and every launch replaced by
 ``JITFunction.warmup`` (compile, no launch), down to the cubin through the bundled ptxas.
 
 Usage (the venv of the repo, no GPU; a CUDA build of torch is not needed):
-    python tools/compile_offline.py [--V 1000,300000] [--split 4] [--lag]
+    python tools/compile_offline.py [--V 1000,300000] [--split 4]
 Prints one line per compiled case and exits 1 if any failed.
 """
 
@@ -63,7 +63,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--V", default="1000,300000")
     ap.add_argument("--split", type=int, default=0, help="force a SPLIT part count")
-    ap.add_argument("--lag", action="store_true", help="force LAG (with --split)")
     args = ap.parse_args()
     from triton.runtime.driver import driver
 
@@ -74,8 +73,11 @@ def main() -> int:
     ce._launcher = lambda k: _Warm(k, log)
     ce._sm_count = lambda device: 132
     if args.split:
+        from fusedce.triton import fused_rows
+
+        fused_rows.MAX_SPLIT = max(fused_rows.MAX_SPLIT, args.split)
         cfg = ce.RowsConfig(block=8192, num_warps=16, per_sm=2, prefetch=True, reverse=False,
-                            tvec=False, split=args.split, lag=args.lag)
+                            tvec=False, split=args.split)
         ce.set_override(fused=cfg)
     bad = 0
     for V in [int(v) for v in args.V.split(",")]:

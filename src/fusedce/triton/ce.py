@@ -353,15 +353,13 @@ class RowsConfig:
     split: int = 1
     # (PEER / SPLIT) pass 2's first chunk loaded while the other parts' records are awaited
     early: bool = True
-    # (SPLIT) pass 2 of a program's row runs after pass 1 of its next row, so that the
-    # siblings' records of the row are there when it folds them (no wait, no EARLY)
-    lag: bool = False
 
 
-# At most 4 cooperating programs per row (SPLIT), in the table and at launch: with 8, a few
-# rows in a thousand got a wrong loss on an H200 (runs 42-43, notes/KERNELS.md; cause not
-# found yet). Longer rows take longer segments.
-MAX_SPLIT = 4
+# At most 8 cooperating programs per row (SPLIT), in the table and at launch: the poll of
+# the group's records is one [parts, 8] tile (fused_rows._fold_group), which stays small.
+# (Runs 42-43 found wrong rows with 8 parts; run 46 traced them to the tile's copies in
+# different warps and fixed them; notes/KERNELS.md.)
+MAX_SPLIT = 8
 
 
 @dataclass(frozen=True)
@@ -396,9 +394,9 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     column is written by a scalar store after pass 2 (run 21: 1.28x -> 1.24x at V = 32000,
     1.37x -> 1.36x / 1.43x -> 1.42x at 128256 / 262144). Rows over 384 KB are cut into
     segments of 128 KB (at most MAX_SPLIT of them), each taken by one of a group of cooperating
-    programs
-    (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a row,
-    more than it saves on shorter rows: 1.53-1.74x at 128256)."""
+    programs (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a
+    row). Rows of 192-256 KB are cut into 4 segments taken as short rows are, 4 programs of 8
+    warps per SM (run 46); vocabulary-parallel shards never split (_rows_grid)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
@@ -408,11 +406,22 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     if V * elem_size <= 96 * 1024:
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
                           tvec=False)
+    if 192 * 1024 < V * elem_size <= 256 * 1024:
+        # 4 segments of <= 64 KB, each taken as a short row is (run 46: 1.30x vs 1.34x at
+        # 128256 in bf16, 1.40x vs 1.50x at 100000; 151936 (297 KB) and 65536 gain nothing)
+        return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
+                          tvec=False, split=4)
     if V * elem_size <= 384 * 1024:
-        return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True,
-                          reverse=True, tvec=False)
+        return _long_rows(elem_size)
     return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=False,
                       tvec=False, split=min(MAX_SPLIT, -(-V * elem_size // (128 * 1024))))
+
+
+def _long_rows(elem_size: int) -> RowsConfig:
+    """The table's entry for long rows without cooperating programs: 16 KB chunks, 2 programs
+    of 16 warps per SM, pass 2 backwards (also what vocabulary-parallel shards take)."""
+    return RowsConfig(block=2 * (8192 // elem_size), num_warps=16, per_sm=2, prefetch=True,
+                      reverse=True, tvec=False)
 
 
 def stats_config(V: int, elem_size: int) -> StatsConfig:
@@ -698,7 +707,7 @@ def tr_fused(
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
         need_am=need_am, col64x=_col64(V, x3.stride(-1)), col64o=_col64(V, out.stride(-1)),
         fast=not INTERPRET, launcher=_launcher, tvec=cfg.tvec, split=cfg.split,
-        early=cfg.early, lag=cfg.lag, traced=not INTERPRET and _is_traced(x3, out))
+        early=cfg.early, traced=not INTERPRET and _is_traced(x3, out))
     return m, s, zt, sz, am
 
 
@@ -713,8 +722,11 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
     n = B * T
     cfg = fused_config(V, x3.element_size())
     if cfg.split > 1 and (resident or not splittable or not need_grad):
-        # the long-row entry without cooperating programs
+        # the long-row entry without cooperating programs (the table's: 2 programs of 16
+        # warps per SM, pass 2 backwards; an override only loses its parts)
         cfg = replace(cfg, split=1, reverse=True)
+        if "fused" not in _OVERRIDE and not INTERPRET:
+            cfg = _long_rows(x3.element_size())
     if resident:
         cfg = replace(cfg, persistent=True)
     elif not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
@@ -779,7 +791,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
         scale_mode=scale_mode, den=den, gathered=gathered, vocab_start=vocab_start,
         traced=traced,
         weight_global=weight, peer=peer, tvec=cfg.tvec,
-        split=cfg.split, early=cfg.early, lag=cfg.lag)
+        split=cfg.split, early=cfg.early)
     return loss, lse, zp, am
 
 

@@ -305,21 +305,6 @@ def _fold_row(first, stride, W, rank, tag, m, s, zt, am, sz):
     return mx, ss, szs, amm, zs
 
 
-# slots of a SPLIT group per part: a program's k-th row writes slot k % _PARITIES. A sibling
-# publishes its row k + 3 only after it folded row k + 2, which needs this program's record of
-# k + 2, written after this program folded row k (LAG or not): three would do.
-_PARITIES = 4
-
-
-@triton.jit
-def _split_slot(loc_ptr, row, grp, PG, SPLIT: tl.constexpr):
-    """Where the records of a SPLIT group's row start (part q's at + 8 q): slot [k % 4, grp]
-    of loc[1:] viewed as [4, P / SPLIT, SPLIT, 8], k = (row - grp) / PG the row's place among
-    the group's rows (word 0 of loc is the ticket)."""
-    kk = (row - grp) // PG
-    return loc_ptr + 1 + ((kk % 4) * PG + grp) * (SPLIT * 8)
-
-
 @triton.jit
 def _fold_group(first, PARTS: tl.constexpr, P2: tl.constexpr, part, tag, m, s, zt, am, sz):
     """_fold_row for the PARTS programs of a SPLIT group: the records of all parts at
@@ -336,6 +321,14 @@ def _fold_group(first, PARTS: tl.constexpr, P2: tl.constexpr, part, tag, m, s, z
     w = tl.load(ptrs, mask=real, other=0, volatile=True)
     need = real & (q != part)
     while tl.max(tl.where(need & ((w >> 32) != ep), 1, 0)) > 0:
+        w = tl.load(ptrs, mask=real, other=0, volatile=True)
+    if P2 * 8 > 32:
+        # The tile is held by more threads than one warp has lanes, several copies of each
+        # word in different warps. The loop's test saw every tag in one copy, but the folds
+        # below may read another, loaded at another moment (before the record arrived): with
+        # 8 parts a few rows in a thousand mixed words of two rows (runs 42-43, notes/
+        # KERNELS.md run 46). Every copy reloaded after the barrier sees the records.
+        tl.debug_barrier()
         w = tl.load(ptrs, mask=real, other=0, volatile=True)
     lo = w.to(tl.int32)
     f = lo.to(tl.float32, bitcast=True)
@@ -421,7 +414,6 @@ def _fused_rows_kernel(
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
     SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr, PEER: tl.constexpr,
     TVEC: tl.constexpr, EARLY: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-    LAG: tl.constexpr = False,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -441,9 +433,9 @@ def _fused_rows_kernel(
     # row by row, so the grid must be persistent (every program resident).
     # SPLIT > 1 (not with GATHERED or PEER): the row is cut into SPLIT segments of SEGW
     # columns, each taken by one of SPLIT cooperating programs (a group), which exchange their
-    # segments' statistics as PEER ranks do, through loc [1 + 4 * (P / SPLIT) * SPLIT * 8]
-    # int64 (zeroed by the caller): word 0 is a ticket counter, then slot [k % 4, group,
-    # part] holds a part's record of its k-th row, tagged row + 1 (_split_slot). Each segment is then short
+    # segments' statistics as PEER ranks do, through loc [1 + 2 * (P / SPLIT) * SPLIT * 8]
+    # int64 (zeroed by the caller): word 0 is a ticket counter, then slot [k % 2, group,
+    # part] holds a part's record of its k-th row, tagged row + 1. Each segment is then short
     # enough for its second read to hit L2 (the rows in flight shrink SPLIT-fold). Programs
     # take their place (group, part) from the ticket in the order they start, so a group's
     # members wait only on programs that are already running or come next.
@@ -476,51 +468,34 @@ def _fused_rows_kernel(
         wsum = tl.load(wsum_ptr).to(tl.float32)
     else:
         wsum = w_total  # V (W is only used with smoothing)
-    # LAG (SPLIT only): step k runs pass 1 of the program's k-th row and publishes its
-    # record, then folds and runs pass 2 of its (k-1)-th row, whose siblings' records were
-    # published a whole segment earlier: the exchange is never waited on unless a sibling
-    # is a segment behind. Without LAG step k runs both passes of row k.
-    LAGN: tl.constexpr = 1 if LAG else 0
-    pm = tl.full([], float("-inf"), tl.float32)
-    pss = tl.full([], 0.0, tl.float32)
-    pszs = tl.full([], 0.0, tl.float32)
-    pzt = tl.full([], 0.0, tl.float32)
-    pam = tl.full([], 0, tl.int32)
-    for hrow in range(grp, N + LAGN * PG, PG):
+    for row in range(grp, N, PG):
         x0 = c  # (pass 2's preloaded first chunk in EARLY mode; unused otherwise)
-        row = hrow - LAGN * PG  # the row whose pass 2 runs in this step
-        if LAG:
-            # LAG's last step has no row for pass 1: an empty one (nothing read; its
-            # record, published but never read, keeps the loop free of branches)
-            hs = tl.minimum(hrow, N - 1)
-            VH = tl.where(hrow < N, VL, 0)
-        else:
-            hs = hrow
-            VH = VL
-        xb = _row_ptr(x_ptr, hs, T, sxb, sxt)
+        xb = _row_ptr(x_ptr, row, T, sxb, sxt)
         if SPLIT > 1:
             xb += _col_off(c0, sxv, COL64X)
-        tv = tl.load(tgt_ptr + hs).to(tl.int64)
+        tv = tl.load(tgt_ptr + row).to(tl.int64)
         tloc = tv - vocab_start - c0
-        has = (tv != ignore_index) & (tloc >= 0) & (tloc < VH)
+        has = (tv != ignore_index) & (tloc >= 0) & (tloc < VL)
         tsafe = tl.where(has, tloc, 0)
         if GATHERED:
-            m, ss, szs, am, zt = _fold_gathered(gat_ptr, hrow, N, W, NF)
+            m, ss, szs, am, zt = _fold_gathered(gat_ptr, row, N, W, NF)
         else:
             # read before pass 2 overwrites it (in place)
             xt = tl.load(xb + tsafe * sxv, mask=has, other=0.0)
             zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
-            m, ss, szs, am = _pass1(xb, 0, VH, offs, lane, w_ptr, sxv, scale, inv_cap,
+            m, ss, szs, am = _pass1(xb, 0, VL, offs, lane, w_ptr, sxv, scale, inv_cap,
                                     softcap, BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE,
                                     SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
             if PEER or SPLIT > 1:
                 if NEED_AM:
                     am = (am + c0 + vocab_start).to(tl.int32)
                 if PEER:
-                    _publish_row(peers_ptr, hrow, NX, W, rank, epoch, m, ss, zt, am, szs)
+                    _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
                 else:
-                    tl.store(_split_slot(loc_ptr, hrow, grp, PG, SPLIT) + part * 8
-                             + tl.arange(0, 8), _record(m, ss, zt, am, szs, hrow + 1))
+                    kk = (row - grp) // PG
+                    first = loc_ptr + 1 + ((kk % 2) * PG + grp) * (SPLIT * 8)
+                    tl.store(first + part * 8 + tl.arange(0, 8),
+                             _record(m, ss, zt, am, szs, row + 1))
                 if EARLY:
                     # pass 2's first chunk (its bounds need only the target and c), loaded
                     # while the other parts' records are awaited
@@ -532,82 +507,64 @@ def _fused_rows_kernel(
                         x0 = _load2(xb, offs, sxv, vend0, HINTS, COL64X)
                 if PEER:
                     ep = tl.full([], 0, tl.int64) + epoch
-                    first = xch_ptr + ((ep & 1) * W * NX + hrow) * 8
+                    first = xch_ptr + ((ep & 1) * W * NX + row) * 8
                     stride = (tl.full([], 0, tl.int64) + NX) * 8
                     m, ss, szs, am, zt = _fold_row(first, stride, W, rank, epoch, m, ss, zt,
                                                    am, szs)
-                elif not LAG:
-                    m, ss, szs, am, zt = _fold_group(_split_slot(loc_ptr, hrow, grp, PG, SPLIT),
-                                                     SPLIT, SPLIT_P2, part, hrow + 1, m, ss, zt,
-                                                     am, szs)
-        if LAG:
-            # this step's record is folded in the next step; the last step's now
-            cm, css, cszs, cam, czt = m, ss, szs, am, zt
-            m, ss, szs, am, zt = pm, pss, pszs, pam, pzt
-            if row >= grp:
-                m, ss, szs, am, zt = _fold_group(_split_slot(loc_ptr, row, grp, PG, SPLIT),
-                                                 SPLIT, SPLIT_P2, part, row + 1, m, ss, zt, am,
-                                                 szs)
-            pm, pss, pszs, pam, pzt = cm, css, cszs, cam, czt
-            rs = tl.maximum(row, 0)  # (row < 0 in the first step, whose pass 2 is skipped)
-            xb = _row_ptr(x_ptr, rs, T, sxb, sxt) + _col_off(c0, sxv, COL64X)
-            tv = tl.load(tgt_ptr + rs).to(tl.int64)
-            tloc = tv - vocab_start - c0
-            has = (tv != ignore_index) & (tloc >= 0) & (tloc < VL)
-            tsafe = tl.where(has, tloc, 0)
-        if row >= grp:  # (false only in LAG's first step)
-            sh = tl.where(m == float("-inf"), 0.0, m)
-            lse = sh + tl.log(ss)
-            if NEED_AM or not ROW_OUT:
-                tl.store(am_ptr + row, am.to(tl.int64))
-            if ROW_OUT:
-                g, wt = _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG,
-                                      one_minus_a, a_over_v, zl, wsum, loss_ptr, lse_ptr,
-                                      zp_ptr, HAS_W, SMOOTH, ZLOSS)
-            else:
-                tl.store(m_ptr + row, m)
-                tl.store(s_ptr + row, ss)
-                tl.store(zt_ptr + row, zt)
-                tl.store(sz_ptr + row, szs)
-                g = tl.load(g_ptr + row)
-                wt = tl.load(wt_ptr + row)
-            if NEED_GRAD:
-                # rows without upstream gradient (ignored) read zeros in pass 2 (vend = 0);
-                # with their lse taken as 0 their dx is exactly 0 even where their own logits
-                # are NaN or inf (0 * exp(z - lse) and the z-loss term 2 zl lse would be NaN)
-                lse_g = tl.where(g != 0.0, lse, 0.0)
-                gct, crest, gsm = _grad_coefs(g, wt, lse_g, one_minus_a, a_over_v, wsum, zl2,
-                                              scale, SOFTCAP, SCALE, ZLOSS)
-                coef = gct + crest
-                # rows without upstream gradient are written as zeros, not read
-                vend = tl.where(g != 0.0, VL, 0)
-                ob = _row_ptr(o_ptr, row, T, sob, sot)
-                if SPLIT > 1:
-                    ob += _col_off(c0, sov, COL64O)
-                lse2 = lse_g * _LOG2E
-                _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm,
-                       gct, tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK,
-                       HINTS, PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X,
-                       COL64O, FAST, TVEC, EARLY)
-                if not TVEC:
-                    # the target column, rewritten once the whole row is (the barrier orders
-                    # it after the vector store of the same column by another thread): the
-                    # same cancellation-free gct (p - 1) + p crest as in the vector, from z_t,
-                    # which was read before pass 2 (in place, the column is gone by now); p_t
-                    # as pass 2 computes it (the same expression: the same FMA contraction)
-                    pt = _exp2(zt * _LOG2E - lse2, FAST)
-                    dt = gct * (pt - 1.0) + pt * crest
-                    if SMOOTH:
-                        if HAS_W:
-                            dt -= gsm * tl.load(w_ptr + tsafe, mask=has,
-                                                other=0.0).to(tl.float32)
-                        else:
-                            dt -= gsm
-                    if SOFTCAP:
-                        rt = zt * rcap
-                        dt = dt * (scale * (1.0 - rt * rt))
-                    tl.debug_barrier()
-                    tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
+                else:
+                    m, ss, szs, am, zt = _fold_group(first, SPLIT, SPLIT_P2, part, row + 1, m,
+                                                     ss, zt, am, szs)
+        sh = tl.where(m == float("-inf"), 0.0, m)
+        lse = sh + tl.log(ss)
+        if NEED_AM or not ROW_OUT:
+            tl.store(am_ptr + row, am.to(tl.int64))
+        if ROW_OUT:
+            g, wt = _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG,
+                                  one_minus_a, a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr,
+                                  HAS_W, SMOOTH, ZLOSS)
+        else:
+            tl.store(m_ptr + row, m)
+            tl.store(s_ptr + row, ss)
+            tl.store(zt_ptr + row, zt)
+            tl.store(sz_ptr + row, szs)
+            g = tl.load(g_ptr + row)
+            wt = tl.load(wt_ptr + row)
+        if NEED_GRAD:
+            # rows without upstream gradient (ignored) read zeros in pass 2 (vend = 0); with
+            # their lse taken as 0 their dx is exactly 0 even where their own logits are NaN
+            # or inf (0 * exp(z - lse) and the z-loss term 2 zl lse would be NaN there)
+            lse_g = tl.where(g != 0.0, lse, 0.0)
+            gct, crest, gsm = _grad_coefs(g, wt, lse_g, one_minus_a, a_over_v, wsum, zl2, scale,
+                                          SOFTCAP, SCALE, ZLOSS)
+            coef = gct + crest
+            # rows without upstream gradient are written as zeros, not read
+            vend = tl.where(g != 0.0, VL, 0)
+            ob = _row_ptr(o_ptr, row, T, sob, sot)
+            if SPLIT > 1:
+                ob += _col_off(c0, sov, COL64O)
+            lse2 = lse_g * _LOG2E
+            _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
+                   tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK, HINTS,
+                   PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST,
+                   TVEC, EARLY)
+            if not TVEC:
+                # the target column, rewritten once the whole row is (the barrier orders it
+                # after the vector store of the same column by another thread): the same
+                # cancellation-free gct (p - 1) + p crest as in the vector, from z_t, which
+                # was read before pass 2 (in place, the column is gone by now); p_t as pass 2
+                # computes it (the same expression: the same contraction into an FMA)
+                pt = _exp2(zt * _LOG2E - lse2, FAST)
+                dt = gct * (pt - 1.0) + pt * crest
+                if SMOOTH:
+                    if HAS_W:
+                        dt -= gsm * tl.load(w_ptr + tsafe, mask=has, other=0.0).to(tl.float32)
+                    else:
+                        dt -= gsm
+                if SOFTCAP:
+                    rt = zt * rcap
+                    dt = dt * (scale * (1.0 - rt * rt))
+                tl.debug_barrier()
+                tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
 
 
 def split_buffer(words: int, device) -> torch.Tensor:
@@ -622,8 +579,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
            flags: dict, need_am: bool, col64x: bool, col64o: bool, fast: bool, launcher,
            row_out=None, need_grad: bool = True, scale_mode: int = 0, den=None,
            gathered=None, vocab_start: int = 0, weight_global=None, peer=None,
-           tvec: bool = True, split: int = 1, early: bool = True, lag: bool = False,
-           traced: bool = False):
+           tvec: bool = True, split: int = 1, early: bool = True, traced: bool = False):
     """Launch _fused_rows_kernel on ``programs`` programs (inputs checked and outputs
     allocated by the caller: see ce.tr_fused / ce.tr_fused_loss).
 
@@ -648,7 +604,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         split = triton.cdiv(V, segw)  # (no empty segment)
         programs = min(n, programs // split) * split
     if split > 1:
-        loc = split_buffer(1 + _PARITIES * programs * 8, x3.device)
+        loc = split_buffer(1 + 2 * programs * 8, x3.device)
     else:
         segw, loc = V, None
     a = float(label_smoothing)
@@ -682,8 +638,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         SCALE_MODE=scale_mode, GATHERED=gathered is not None,
         NF=gathered.shape[1] if gathered is not None else 4, PEER=peer is not None, TVEC=tvec,
         EARLY=((peer is not None or split > 1) and need_grad and bool(prefetch) and early
-               and row_out is not None and not lag),
-        LAG=split > 1 and bool(lag),
+               and row_out is not None),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
