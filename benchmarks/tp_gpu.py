@@ -238,7 +238,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--configs", default="",
-                    help="fused-kernel configs 'block,warps,per_sm,reverse;...': each adds "
+                    help="fused-kernel configs 'block,warps,per_sm,reverse[,split];...': each adds "
                          "fusedce_inplace@cfg and selfpeer_inplace@cfg")
     args = ap.parse_args()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -348,11 +348,13 @@ def main():
 
 
 def _with_config(fn, cfg: str):
-    """fn with the fused kernel's table overridden by 'block,warps,per_sm,reverse'."""
+    """fn with the fused kernel's table overridden by 'block,warps,per_sm,reverse[,split]'
+    (split > 1: shard rows cut into that many parts, PEER + SPLIT)."""
     from fusedce.triton import ce
 
-    b, w, p, r = (int(v) for v in cfg.split(","))
-    rc = ce.RowsConfig(block=b, num_warps=w, per_sm=p, prefetch=True, reverse=bool(r))
+    b, w, p, r, sp = ([int(v) for v in cfg.split(",")] + [1])[:5]
+    rc = ce.RowsConfig(block=b, num_warps=w, per_sm=p, prefetch=True, reverse=bool(r),
+                       tvec=False, split=sp, peer_split=sp > 1)
 
     def f(x, t):
         ce.set_override(fused=rc)

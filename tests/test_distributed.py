@@ -768,6 +768,37 @@ def case_cuda_no_sync(c: Case):
     check_grad(c, x.grad, ref_grad, start, n, torch.float32, "no-sync grad")
 
 
+def case_cuda_peer_split(c: Case):
+    """Shard rows cut into parts whose records all go through the in-kernel exchange (PEER +
+    SPLIT: the table does it for 192-256 KB shards; forced here on small shards by a table
+    override, so that some parts are empty): the loss, the same on every rank, and the
+    gradient against the oracle, in place and not. Without the in-kernel exchange
+    (FUSEDCE_TP_EXCHANGE=nccl, or the torch backend) the same call checks the other paths."""
+    if c.device.type != "cuda":
+        raise SkipCase("needs CUDA (run with FUSEDCE_DIST_BACKEND=nccl)")
+    from fusedce.triton import ce
+
+    V, start, n, vs = layout(c, "uneven")
+    full, target = inputs(c, V, T=9)
+    ce.set_override(fused=ce.RowsConfig(block=16, num_warps=1, per_sm=2, prefetch=True,
+                                        reverse=False, tvec=False, split=3, peer_split=True))
+    try:
+        for kw, inplace in ((dict(label_smoothing=0.1, z_loss=1e-3), False),
+                            (dict(reduction="none", z_loss=1e-3), True)):
+            red_none = kw.get("reduction") == "none"
+            g = upstream(c, target.shape if red_none else ())
+            ref, ref_grad = oracle_ce(full, target, g, **kw)
+            leaf = shard_of(c, full, start, n)
+            x = leaf * 1.0 if inplace else leaf
+            loss = tp_ce(c, x, target, vocab_start=vs, inplace_backward=inplace, **kw)
+            close(loss.detach().cpu(), ref, 2 * F32, f"peer split loss {kw}")
+            _assert_same_everywhere(c, loss.detach(), "peer split loss")
+            loss.backward(g.float().to(c.device))
+            check_grad(c, leaf.grad, ref_grad, start, n, torch.float32, f"peer split grad {kw}")
+    finally:
+        ce.set_override(fused=None)
+
+
 def case_cuda_graph(c: Case):
     """Forward + backward captured in a CUDA graph (NCCL all-gather inside), then replayed."""
     if c.device.type != "cuda":
@@ -833,6 +864,7 @@ OTHER_CASES = {
     "err_then_ok": case_err_then_ok,
     # last: a failure to capture must not take the other cases down with it
     "cuda_no_sync": case_cuda_no_sync,
+    "cuda_peer_split": case_cuda_peer_split,
     "cuda_graph": case_cuda_graph,
 }
 TRITON_OTHER = ("return_aux", "inplace", "noncontiguous", "logprobs", "entropy", "dtensor",

@@ -407,6 +407,29 @@ def _records(stats, epoch):
     return rec | (epoch << 32)
 
 
+def _part_records(x, t, w, a, scale, cap, lo, hi, parts, epoch):
+    """Records of the ``parts`` segments of shard columns [lo, hi) as fused_rows.launch cuts
+    them under PEER (every rank the same number of parts, empty ones allowed): a list of
+    [N, 8] int64."""
+    Vq = hi - lo
+    block = min(ce.fused_config(Vq, 4).block, 1 << max(4, (Vq - 1).bit_length()))
+    segw = -(-(-(-Vq // parts)) // block) * block
+    out = []
+    for p in range(parts):
+        a0, a1 = lo + min(Vq, p * segw), lo + min(Vq, (p + 1) * segw)
+        if a1 <= a0:
+            n = t.numel()
+            z = torch.zeros(n, device=DEV)
+            st = (torch.full((n,), float("-inf"), device=DEV), z, z, z,
+                  torch.zeros(n, dtype=torch.int64, device=DEV))
+        else:
+            wl = w[a0:a1].contiguous() if (w is not None and a > 0) else None
+            st = ce.tr_row_stats(x[:, :, a0:a1].contiguous(), t, wl, a0, -100, scale, cap,
+                                 a > 0, False, True)
+        out.append(_records(st, epoch))
+    return out
+
+
 def _exchange_case(case, t, V):
     """Options of the exchange tests: (smoothing, z-loss, softcap, scale, class weights,
     their sum, mean denominator); "plain" has none, "all" every one."""
@@ -419,36 +442,55 @@ def _exchange_case(case, t, V):
     return a, zl, cap, scale, w, w_total, (t != -100).sum()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world,parts", [(2, 1), (3, 1), (2, 2), (3, 3)])
 @pytest.mark.parametrize("case", ["plain", "all"])
-def test_fused_loss_peer_exchange(world, case):
+def test_fused_loss_peer_exchange(world, parts, case):
     """PEER mode of the fused kernel (vocabulary parallel, the shard statistics exchanged
     inside the kernel through symmetric memory): one rank's kernel at a time, with the other
     ranks' records already in its buffer (the interpreter runs one kernel at a time; the real
     exchange between GPUs is in the NCCL suite). Its loss rows, lse, z-loss parts, argmax and
     gradient slice equal the unsharded kernel's; the record it publishes to each other rank
-    is that shard's statistics, tagged with the epoch, in the epoch's parity half."""
+    is that shard's statistics, tagged with the epoch, in the epoch's parity half. With
+    ``parts`` > 1 every shard row is cut into that many segments taken by cooperating
+    programs (PEER + SPLIT; some segments empty where a shard is narrow), whose records go
+    to every rank's buffer, slot rank x parts + part, its own rank's included."""
     V, n = 41, 8
     bounds = [0, 9, 30, V] if world == 3 else [0, 17, V]
+    if parts > 1:
+        # 16-column chunks: the shards (9 to 24 columns) take 1 or 2 chunks, 3 parts
+        # leave some empty
+        ce.set_override(fused=ce.RowsConfig(block=16, num_warps=1, per_sm=1, prefetch=True,
+                                            reverse=False, tvec=False, split=parts,
+                                            peer_split=True))
+        assert ce.peer_parts(V, world, 4) == parts
+    try:
+        _peer_exchange_case(world, parts, case, V, n, bounds)
+    finally:
+        ce.set_override(fused=None)
+
+
+def _peer_exchange_case(world, parts, case, V, n, bounds):
     x = _x((2, 4), V, torch.float32)
     t = _t((2, 4), V).reshape(-1)
     t[3] = bounds[1]  # a target on a shard's first column
     a, zl, cap, scale, w, w_total, den = _exchange_case(case, t, V)
     ref_out = _poison(x.shape, torch.float32)
+    base = ce._OVERRIDE.pop("fused", None)  # the reference: unsplit, unsharded
     ref = ce.tr_fused_loss(x, t, w, w_total, den, ref_out, -100, V, a, zl, scale, cap, True, 1)
+    if base is not None:
+        ce.set_override(fused=base)
     for epoch in (1, 2, 7):
         par = epoch & 1
         for r in range(world):
             lo, hi = bounds[r], bounds[r + 1]
-            xch = torch.zeros(2, world, n + 3, 8, dtype=torch.int64, device=DEV)
+            xch = torch.zeros(2, world * parts, n + 3, 8, dtype=torch.int64, device=DEV)
             others = [torch.zeros_like(xch) for _ in range(world)]
             for q in range(world):
-                if q != r:
-                    ql, qh = bounds[q], bounds[q + 1]
-                    wl = w[ql:qh].contiguous() if (w is not None and a > 0) else None
-                    st = ce.tr_row_stats(x[:, :, ql:qh].contiguous(), t, wl, ql, -100, scale,
-                                         cap, a > 0, False, True)
-                    xch[par, q, :n] = _records(st, epoch)
+                if q != r or parts > 1:
+                    recs = _part_records(x, t, w, a, scale, cap, bounds[q], bounds[q + 1],
+                                         parts, epoch)
+                    for p_, rec in enumerate(recs):
+                        xch[par, q * parts + p_, :n] = rec
             peers = torch.tensor([xch.data_ptr() if q == r else others[q].data_ptr()
                                   for q in range(world)], dtype=torch.int64, device=DEV)
             xs = x[:, :, lo:hi].clone()
@@ -463,17 +505,29 @@ def test_fused_loss_peer_exchange(world, case):
             wl = w[lo:hi].contiguous() if (w is not None and a > 0) else None
             mine = _records(ce.tr_row_stats(xs, t, wl, lo, -100, scale, cap, a > 0, False, True),
                             epoch)
+            if parts > 1:
+                mine_p = _part_records(x, t, w, a, scale, cap, lo, hi, parts, epoch)
             for q in range(world):
                 if q != r:
-                    pub = others[q][par, r, :n]
-                    assert torch.equal(pub >> 32, torch.full_like(pub >> 32, epoch))
-                    # m, argmax exactly; s, sz to rounding (pass 1 chunks differ from the
-                    # statistics kernel's)
-                    assert torch.equal(pub[:, 3], mine[:, 3]) and torch.equal(pub[:, 0],
-                                                                               mine[:, 0])
+                    for p_ in range(parts):
+                        pub = others[q][par, r * parts + p_, :n]
+                        exp = mine if parts == 1 else mine_p[p_]
+                        assert torch.equal(pub >> 32, torch.full_like(pub >> 32, epoch))
+                        # m exactly, and the argmax where the part holds a column; s, sz
+                        # to rounding (pass 1 chunks differ from the statistics kernel's)
+                        assert torch.equal(pub[:, 0], exp[:, 0])
+                        held = (pub[:, 0] & 0xFFFFFFFF) != 0xFF800000  # m > -inf
+                        assert torch.equal(pub[held, 3], exp[held, 3])
                     assert (others[q][1 - par] == 0).all()
-            # no gradient: the same rows, the logits untouched
+            # no gradient: the same rows, the logits untouched (no pass 2, so shard rows are
+            # never split: one record per rank, slot = rank, on every rank alike)
             xs2 = xs.clone()
+            if parts > 1:
+                xch.zero_()
+                for q in range(world):
+                    if q != r:
+                        xch[par, q, :n] = _part_records(x, t, w, a, scale, cap, bounds[q],
+                                                        bounds[q + 1], 1, epoch)[0]
             got2 = ce.tr_fused_loss_peer(xs2, t, xch, peers, r, world, epoch, w, w_total, den,
                                          xs2, lo, -100, V, a, zl, scale, cap, False, 1, False)
             assert torch.equal(xs2, x[:, :, lo:hi]) and got2[3].numel() == 0

@@ -77,7 +77,7 @@ def main() -> int:
 
         fused_rows.MAX_SPLIT = max(fused_rows.MAX_SPLIT, args.split)
         cfg = ce.RowsConfig(block=8192, num_warps=16, per_sm=2, prefetch=True, reverse=False,
-                            tvec=False, split=args.split)
+                            tvec=False, split=args.split, peer_split=True)
         ce.set_override(fused=cfg)
     bad = 0
     for V in [int(v) for v in args.V.split(",")]:
@@ -90,6 +90,10 @@ def main() -> int:
                 "fused_loss all options": lambda: ce.tr_fused_loss(
                     x, t, torch.rand(V), torch.rand(()), None, torch.empty_like(x), -100, V,
                     0.1, 1e-4, 1.0, 30.0, True, 1),
+                "TP exchange (PEER), 2 ranks": lambda: ce.tr_fused_loss_peer(
+                    x, t, torch.zeros(2, 8, 64, 8, dtype=torch.int64),
+                    torch.zeros(2, dtype=torch.int64), 0, 2, 1, None, None, None, x, 0, -100,
+                    2 * V, 0.0, 0.0, 1.0, None, False, 1, True),
                 "loss rows (no grad)": lambda: ce.tr_loss_rows(
                     x, t, None, None, None, -100, V, 0.0, 0.0, 1.0, None, False, 1),
             }

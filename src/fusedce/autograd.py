@@ -148,7 +148,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             # vocabulary parallel, ranks' kernels exchanging the row statistics themselves
             from .peer import exchange_for
 
-            peer = exchange_for(plan.group, x3.device, t.numel())
+            parts = getattr(be, "peer_parts", None)
+            es = x3.element_size()
+            peer = exchange_for(plan.group, x3.device, t.numel(),
+                                (lambda w: parts(plan.vocab_size, w, es)) if parts else 1)
         if plan.group is not None and peer is None:
             # vocabulary parallel: this shard's statistics, one all-gather, then the kernel
             # folds them and writes this shard's gradient

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,9 @@ def mode() -> str:
 
 @dataclass
 class PeerExchange:
-    """One group's exchange buffer on one device: ``xch`` int64 [2, W, rows, 8] (this
-    rank's), ``peers`` int64 [W] (every rank's buffer address, rank order)."""
+    """One group's exchange buffer on one device: ``xch`` int64 [2, W x parts, rows, 8]
+    (this rank's; a slot per rank, or per rank and part where the kernels split shard rows
+    into parts), ``peers`` int64 [W] (every rank's buffer address, rank order)."""
 
     xch: torch.Tensor
     peers: torch.Tensor
@@ -76,7 +77,7 @@ def _symm():
     return symm_mem
 
 
-def _allocate(group, device: torch.device, rows: int) -> PeerExchange:
+def _allocate(group, device: torch.device, rows: int, slots_per_rank: int) -> PeerExchange:
     symm_mem = _symm()
     if symm_mem is None:
         raise RuntimeError("torch.distributed._symmetric_memory is not available")
@@ -88,7 +89,8 @@ def _allocate(group, device: torch.device, rows: int) -> PeerExchange:
             warnings.simplefilter("ignore")  # deprecated (a no-op) in newer torch
             enable(name)
     with torch.cuda.device(device):
-        xch = symm_mem.empty((2, world, rows, 8), dtype=torch.int64, device=device)
+        xch = symm_mem.empty((2, world * slots_per_rank, rows, 8), dtype=torch.int64,
+                             device=device)
         handle = symm_mem.rendezvous(xch, name)
         xch.zero_()
         peers = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
@@ -101,9 +103,12 @@ def _allocate(group, device: torch.device, rows: int) -> PeerExchange:
     return PeerExchange(xch, peers, rank, world, handle)
 
 
-def exchange_for(group, device: torch.device, rows: int) -> Optional[PeerExchange]:
-    """The exchange of ``group`` on ``device`` with room for ``rows`` rows, or None when the
-    in-kernel exchange cannot be used for this call (the caller then all-gathers)."""
+def exchange_for(group, device: torch.device, rows: int,
+                 parts: Union[int, Callable[[int], int]] = 1) -> Optional[PeerExchange]:
+    """The exchange of ``group`` on ``device`` with room for ``rows`` rows of ``parts``
+    records per rank (an int, or a function of the group's size: the same on every rank),
+    or None when the in-kernel exchange cannot be used for this call (the caller then
+    all-gathers)."""
     m = mode()
     if m == "nccl" or device.type != "cuda" or group is None:
         return None
@@ -115,12 +120,18 @@ def exchange_for(group, device: torch.device, rows: int) -> Optional[PeerExchang
     ex = _CACHE.get(key, False)
     if ex is None:
         return None  # set-up failed before: stay on the all-gather
-    if ex is not False and ex.xch.shape[2] >= rows:
+    world = dist.get_world_size(group)
+    per = max(1, int(parts(world) if callable(parts) else parts))
+    if ex is not False and ex.xch.shape[2] >= rows and ex.xch.shape[1] >= world * per:
         return ex
-    need = max(rows, _MIN_ROWS, 0 if ex is False else 2 * ex.xch.shape[2])
+    need = max(rows, _MIN_ROWS, 0 if ex is False else ex.xch.shape[2])
+    if ex is not False and ex.xch.shape[2] < rows:
+        need = max(need, 2 * ex.xch.shape[2])
+    if ex is not False:
+        per = max(per, ex.xch.shape[1] // world)
     err = None
     try:
-        new = _allocate(group, device, need)
+        new = _allocate(group, device, need, per)
     except Exception as e:  # noqa: BLE001 - any failure means: use the all-gather
         new, err = None, e
     # every rank must take the same path: agree on success (one tiny all-reduce, once)

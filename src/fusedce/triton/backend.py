@@ -246,6 +246,12 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
     return loss, lse, (zp if opts.z_loss > 0.0 else None), (am if need_am else None)
 
 
+def peer_parts(vocab_size: int, world: int, elem_size: int) -> int:
+    """Records per rank and row that the in-kernel exchange needs (shard rows cut into that
+    many parts; the same on every rank): see ce.peer_parts."""
+    return ce.peer_parts(vocab_size, world, elem_size)
+
+
 def scale_(buf: torch.Tensor, factor0d: torch.Tensor) -> None:
     """buf *= factor (0-d); a device-side no-op when the factor is 1 (no host sync)."""
     f = factor0d.float().reshape(())

@@ -353,6 +353,9 @@ class RowsConfig:
     split: int = 1
     # (PEER / SPLIT) pass 2's first chunk loaded while the other parts' records are awaited
     early: bool = True
+    # vocabulary parallel with the in-kernel exchange (PEER): shards whose common width
+    # ceil(V / world) takes this entry are split too (every rank's parts exchange records)
+    peer_split: bool = False
 
 
 # At most 8 cooperating programs per row (SPLIT), in the table and at launch: the poll of
@@ -410,11 +413,21 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
         # 4 segments of <= 64 KB, each taken as a short row is (run 46: 1.30x vs 1.34x at
         # 128256 in bf16, 1.40x vs 1.50x at 100000; 151936 (297 KB) and 65536 gain nothing)
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
-                          tvec=False, split=4)
+                          tvec=False, split=4, peer_split=True)
     if V * elem_size <= 384 * 1024:
         return _long_rows(elem_size)
     return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=False,
                       tvec=False, split=min(MAX_SPLIT, -(-V * elem_size // (128 * 1024))))
+
+
+def peer_parts(vocab_size: int, world: int, elem_size: int) -> int:
+    """Parts per shard row of a vocabulary-parallel call with the in-kernel exchange (the
+    same on every rank: from the common shard width ceil(V / world)); 1 unless the table's
+    entry for that width is marked peer_split, and world x parts <= 16 (the poll's tile)."""
+    cfg = fused_config(-(-int(vocab_size) // max(1, int(world))), elem_size)
+    if cfg.split > 1 and cfg.peer_split and world * cfg.split <= 16:
+        return min(cfg.split, MAX_SPLIT)
+    return 1
 
 
 def _long_rows(elem_size: int) -> RowsConfig:
@@ -713,15 +726,20 @@ def tr_fused(
 
 def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool,
                resident: bool = False, splittable: bool = True,
-               traced: Optional[bool] = None):
+               traced: Optional[bool] = None, peer_split: int = 1, peer_width: int = 0):
     """(config, programs, maxnreg) of the fused rows kernel for this call; ``resident``: a
     persistent grid whose programs are all resident at once (they wait on other ranks');
     ``splittable``: SPLIT mode is possible (not vocabulary parallel); ``traced``: the
-    caller's _is_traced(x3, out), if it has it (one check per call on the hot path)."""
+    caller's _is_traced(x3, out), if it has it (one check per call on the hot path);
+    ``peer_split``: (PEER) the parts of every rank's shard rows (peer_parts) and
+    ``peer_width`` the common shard width they were chosen for."""
     B, T, V = _dims3(x3)
     n = B * T
     cfg = fused_config(V, x3.element_size())
-    if cfg.split > 1 and (resident or not splittable or not need_grad):
+    if peer_split > 1 and need_grad:
+        # PEER with split shards: every rank takes the common width's entry (peer_parts)
+        cfg = replace(fused_config(peer_width, x3.element_size()), split=peer_split)
+    elif cfg.split > 1 and (resident or not splittable or not need_grad):
         # the long-row entry without cooperating programs (the table's: 2 programs of 16
         # warps per SM, pass 2 backwards; an override only loses its parts)
         cfg = replace(cfg, split=1, reverse=True)
@@ -772,8 +790,11 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     if n == 0 or _skip(x3, out):
         return loss, lse, zp, am
     traced = not INTERPRET and _is_traced(x3, out)
+    pw = -(-int(vocab_size) // peer[3]) if peer is not None else 0
     cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None,
-                                 gathered is None and peer is None, traced=traced)
+                                 gathered is None and peer is None, traced=traced,
+                                 peer_split=peer_parts(vocab_size, peer[3], x3.element_size())
+                                 if peer is not None else 1, peer_width=pw)
     from . import fused_rows
 
     w_local = None if weight is None else weight[vocab_start:vocab_start + V]
@@ -854,7 +875,8 @@ def tr_fused_loss_peer(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """tr_fused_loss_tp with the shard statistics exchanged inside the kernel, row by row,
     through symmetric memory instead of gathered before it: ``xch`` is this rank's int64
-    exchange buffer [2, world, >= B*T, 8], ``peers`` the int64 addresses of the ``world``
+    exchange buffer [2, world x parts, >= B*T, 8] (parts: peer_parts, where shard rows are
+    cut into parts; else 1), ``peers`` the int64 addresses of the ``world``
     ranks' buffers (rank order), ``epoch`` this call's number (1 <= epoch < 2**31, the same
     on every rank, consecutive calls alternating in parity). Every rank of the group must
     make the same call at the same time: the kernel waits for the others' rows. Eager only

@@ -231,22 +231,25 @@ def _record(m, s, zt, am, sz, tag):
 
 
 @triton.jit
-def _publish_row(peers_ptr, row, NX, W, rank, epoch, m, s, zt, am, sz):
-    """Store this rank's statistics of one row into every rank's exchange buffer.
+def _publish_row(peers_ptr, row, NX, JB, j, W, rank, epoch, m, s, zt, am, sz,
+                 SELF: tl.constexpr):
+    """Store this program's statistics of one row into every rank's exchange buffer.
 
-    Each rank's exchange buffer is int64 [2, W, NX, 8], NX >= rows (symmetric memory: every
-    rank can store into every rank's buffer; peers_ptr holds their addresses). Rank r writes
-    its record of row i (_record, tagged with the call's epoch) into slot [epoch % 2, r, i] of
-    every other rank's buffer, so a reader takes a word as soon as its tag matches: no flag,
-    no fence, no ordering between words. Two parities suffice: a rank finishes call e + 1 only
-    after every rank started it, i.e. after every rank read all of call e's records."""
+    Each rank's exchange buffer is int64 [2, JB, NX, 8], NX >= rows, JB >= W slots per row
+    (symmetric memory: every rank can store into every rank's buffer; peers_ptr holds their
+    addresses). The program writes its record of row i (_record, tagged with the call's
+    epoch) into slot [epoch % 2, j, i] of every other rank's buffer (j = its rank, or with
+    SPLIT rank x parts + part, and then of its own rank's buffer too: SELF), so a reader
+    takes a word as soon as its tag matches: no flag, no fence, no ordering between words.
+    Two parities suffice: a rank finishes call e + 1 only after every rank started it, i.e.
+    after every rank read all of call e's records."""
     k = tl.arange(0, 8)
     rec = _record(m, s, zt, am, sz, epoch)
     ep = tl.full([], 0, tl.int64) + epoch  # (a plain int in the interpreter)
     row64 = tl.full([], 0, tl.int64) + row
-    mine = (((ep & 1) * W + rank) * NX + row64) * 8
+    mine = (((ep & 1) * JB + j) * NX + row64) * 8
     for q in range(0, W):
-        if q != rank:  # (its own record stays in registers: see _fold_row)
+        if SELF or q != rank:  # (without SELF its own record stays in registers: _fold_row)
             dst = tl.load(peers_ptr + q).to(tl.pointer_type(tl.int64))
             tl.store(dst + mine + k, rec)
 
@@ -306,17 +309,18 @@ def _fold_row(first, stride, W, rank, tag, m, s, zt, am, sz):
 
 
 @triton.jit
-def _fold_group(first, PARTS: tl.constexpr, P2: tl.constexpr, part, tag, m, s, zt, am, sz):
-    """_fold_row for the PARTS programs of a SPLIT group: the records of all parts at
-    ``first + q * 8`` (tagged ``tag``), polled together (one load of the [PARTS, 8] tile per
-    round trip; awaited one by one they would cost PARTS - 1 round trips per row), this
-    part's own from its registers; then folded as vectors (the same reductions, so the same
-    bits, in every part): m = max, s rescaled to it, the smallest argmax among the parts
-    holding it, sums of z_t and sz. P2: PARTS rounded up to a power of two."""
+def _fold_group(first, stride, PARTS, P2: tl.constexpr, part, tag, m, s, zt, am, sz):
+    """_fold_row for the PARTS programs of a SPLIT group (with PEER: of all ranks' parts):
+    the records of all parts at ``first + q * stride`` (tagged ``tag``), polled together (one
+    load of the [PARTS, 8] tile per round trip; awaited one by one they would cost PARTS - 1
+    round trips per row), this part's own from its registers; then folded as vectors (the
+    same reductions, so the same bits, in every part): m = max, s rescaled to it, the
+    smallest argmax among the parts holding it, sums of z_t and sz. P2: PARTS rounded up to
+    a power of two."""
     q = tl.arange(0, P2)[:, None]
     k = tl.arange(0, 8)[None, :]
     ep = tl.full([], 0, tl.int64) + tag
-    ptrs = first + q * 8 + k
+    ptrs = first + q * stride + k
     real = (q < PARTS) & (k < 5)
     w = tl.load(ptrs, mask=real, other=0, volatile=True)
     need = real & (q != part)
@@ -400,12 +404,13 @@ def _grad_coefs(g, wt, lse, one_minus_a, a_over_v, wsum, zl2, scale, SOFTCAP: tl
     return gct, crest, gsm
 
 
-@triton.jit(do_not_specialize=["N", "epoch", "NX"])
+@triton.jit(do_not_specialize=["N", "epoch", "NX", "JB"])
 def _fused_rows_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V, N, P,
     tgt_ptr, ignore_index, w_ptr, wsum_ptr, g_ptr, wt_ptr,
     m_ptr, s_ptr, zt_ptr, sz_ptr, am_ptr, loss_ptr, lse_ptr, zp_ptr, den_ptr,
-    gat_ptr, W, vocab_start, VG, wg_ptr, xch_ptr, peers_ptr, rank, epoch, NX, loc_ptr, SEGW,
+    gat_ptr, W, vocab_start, VG, wg_ptr, xch_ptr, peers_ptr, rank, epoch, NX, JB, loc_ptr,
+    SEGW,
     one_minus_a, a_over_v, zl, zl2, w_total, scale, inv_cap, softcap, rcap,
     BLOCK: tl.constexpr, R: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
     HINTS: tl.constexpr, PREFETCH: tl.constexpr,
@@ -431,14 +436,17 @@ def _fused_rows_kernel(
     # through symmetric memory (_publish_row, _fold_row) and folded; pass 2 then re-reads the shard
     # from L2, as in the unsharded kernel. The programs of the W ranks wait on each other
     # row by row, so the grid must be persistent (every program resident).
-    # SPLIT > 1 (not with GATHERED or PEER): the row is cut into SPLIT segments of SEGW
-    # columns, each taken by one of SPLIT cooperating programs (a group), which exchange their
-    # segments' statistics as PEER ranks do, through loc [1 + 2 * (P / SPLIT) * SPLIT * 8]
-    # int64 (zeroed by the caller): word 0 is a ticket counter, then slot [k % 2, group,
-    # part] holds a part's record of its k-th row, tagged row + 1. Each segment is then short
+    # SPLIT > 1 (not with GATHERED): the row is cut into SPLIT segments of SEGW columns, each
+    # taken by one of SPLIT cooperating programs (a group), which exchange their segments'
+    # statistics as PEER ranks do, through loc [1 + 2 * (P / SPLIT) * SPLIT * 8] int64
+    # (zeroed by the caller): word 0 is a ticket counter, then slot [k % 2, group, part]
+    # holds a part's record of its k-th row, tagged row + 1. Each segment is then short
     # enough for its second read to hit L2 (the rows in flight shrink SPLIT-fold). Programs
     # take their place (group, part) from the ticket in the order they start, so a group's
-    # members wait only on programs that are already running or come next.
+    # members wait only on programs that are already running or come next. With PEER the
+    # segments' records go through the ranks' exchange buffers instead (slot rank x SPLIT +
+    # part, every rank's parts folded as one tile); every rank cuts its shard into the same
+    # number of segments, some of them empty where shards are uneven (m = -inf, s = 0).
     if SPLIT > 1:
         pid = tl.atomic_add(loc_ptr, 1).to(tl.int32)
         part = pid % SPLIT
@@ -490,7 +498,10 @@ def _fused_rows_kernel(
                 if NEED_AM:
                     am = (am + c0 + vocab_start).to(tl.int32)
                 if PEER:
-                    _publish_row(peers_ptr, row, NX, W, rank, epoch, m, ss, zt, am, szs)
+                    # slot j = rank (x parts + part with SPLIT: then the rank's own parts
+                    # read it too)
+                    _publish_row(peers_ptr, row, NX, JB, rank * SPLIT + part, W, rank, epoch,
+                                 m, ss, zt, am, szs, SPLIT > 1)
                 else:
                     kk = (row - grp) // PG
                     first = loc_ptr + 1 + ((kk % 2) * PG + grp) * (SPLIT * 8)
@@ -507,13 +518,19 @@ def _fused_rows_kernel(
                         x0 = _load2(xb, offs, sxv, vend0, HINTS, COL64X)
                 if PEER:
                     ep = tl.full([], 0, tl.int64) + epoch
-                    first = xch_ptr + ((ep & 1) * W * NX + row) * 8
+                    first = xch_ptr + ((ep & 1) * JB * NX + row) * 8
                     stride = (tl.full([], 0, tl.int64) + NX) * 8
-                    m, ss, szs, am, zt = _fold_row(first, stride, W, rank, epoch, m, ss, zt,
-                                                   am, szs)
+                    if SPLIT > 1:
+                        # the W x SPLIT records of the row, rank-major: one tile
+                        m, ss, szs, am, zt = _fold_group(first, stride, W * SPLIT, SPLIT_P2,
+                                                         rank * SPLIT + part, epoch, m, ss, zt,
+                                                         am, szs)
+                    else:
+                        m, ss, szs, am, zt = _fold_row(first, stride, W, rank, epoch, m, ss,
+                                                       zt, am, szs)
                 else:
-                    m, ss, szs, am, zt = _fold_group(first, SPLIT, SPLIT_P2, part, row + 1, m,
-                                                     ss, zt, am, szs)
+                    m, ss, szs, am, zt = _fold_group(first, 8, SPLIT, SPLIT_P2, part, row + 1,
+                                                     m, ss, zt, am, szs)
         sh = tl.where(m == float("-inf"), 0.0, m)
         lse = sh + tl.log(ss)
         if NEED_AM or not ROW_OUT:
@@ -590,21 +607,33 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
     ``weight_global`` the whole vector). peer: (xch, peers, rank, world, epoch), the
     symmetric-memory exchange of PEER mode (vocabulary parallel, with row_out, instead of
     gathered; see _publish_row). split: segments per row (SPLIT), each taken by one of
-    ``split`` cooperating programs (neither with gathered nor peer); ``programs`` is then
-    the number of programs that can be resident at once, and the grid min(rows, programs //
-    split) groups of ``split``."""
+    ``split`` cooperating programs (not with gathered; with peer the same count on every
+    rank, parts of narrow shards empty, and the buffer holds world x split slots);
+    ``programs`` is then the number of programs that can be resident at once, and the grid
+    min(rows, programs // split) groups of ``split`` (all of them with peer)."""
     B, T, V = _dims3(x3)
     n = B * T
     r = max(1, 16 // x3.element_size())
-    split = max(1, min(int(split), MAX_SPLIT, triton.cdiv(V, block), int(programs)))
+    if peer is not None:
+        # every rank must cut its shard into the same number of parts (the exchange folds
+        # world x split records per row): no cap from this shard's width, empty parts allowed
+        split = max(1, min(int(split), MAX_SPLIT))
+        if split > 1 and peer[0].shape[1] < peer[3] * split:
+            raise ValueError("split: the exchange buffer has too few slots")
+    else:
+        split = max(1, min(int(split), MAX_SPLIT, triton.cdiv(V, block), int(programs)))
     if split > 1:
-        if gathered is not None or peer is not None:
-            raise ValueError("split: not with gathered / peer")
+        if gathered is not None:
+            raise ValueError("split: not with gathered statistics")
         segw = triton.cdiv(triton.cdiv(V, split), block) * block
-        split = triton.cdiv(V, segw)  # (no empty segment)
-        programs = min(n, programs // split) * split
+        if peer is None:
+            split = triton.cdiv(V, segw)  # (no empty segment)
+            programs = min(n, programs // split) * split
+        else:
+            programs = (programs // split) * split  # all resident: every row's parts wait
     if split > 1:
-        loc = split_buffer(1 + 2 * programs * 8, x3.device)
+        # (with PEER only the ticket is used)
+        loc = split_buffer(1 if peer is not None else 1 + 2 * programs * 8, x3.device)
     else:
         segw, loc = V, None
     a = float(label_smoothing)
@@ -628,7 +657,8 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         ph(weight_global if weight_global is not None else weight),
         ph(peer[0] if peer is not None else None), ph(peer[1] if peer is not None else None),
         peer[2] if peer is not None else 0, peer[4] if peer is not None else 0,
-        peer[0].shape[2] if peer is not None else 1, ph(loc), segw,
+        peer[0].shape[2] if peer is not None else 1, peer[0].shape[1] if peer is not None else 1,
+        ph(loc), segw,
         1.0 - a, a / vocab_size, float(z_loss), 2.0 * float(z_loss), float(vocab_size),
         flags["scale"], flags["inv_cap"], flags["softcap"], flags["rcap"],
         BLOCK=max(block, r), R=r, STAGES=stages, REVERSE=reverse, HINTS=hints,
@@ -639,7 +669,8 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         NF=gathered.shape[1] if gathered is not None else 4, PEER=peer is not None, TVEC=tvec,
         EARLY=((peer is not None or split > 1) and need_grad and bool(prefetch) and early
                and row_out is not None),
-        SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
+        SPLIT=split,
+        SPLIT_P2=triton.next_power_of_2(split * (peer[3] if peer is not None else 1)),
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
