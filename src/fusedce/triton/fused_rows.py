@@ -322,10 +322,14 @@ def _fold_group(first, stride, PARTS, P2: tl.constexpr, part, tag, m, s, zt, am,
     ep = tl.full([], 0, tl.int64) + tag
     ptrs = first + q * stride + k
     real = (q < PARTS) & (k < 5)
-    w = tl.load(ptrs, mask=real, other=0, volatile=True)
     need = real & (q != part)
-    while tl.max(tl.where(need & ((w >> 32) != ep), 1, 0)) > 0:
+    # (a do-while: with the load before the loop and the reload below, Triton 3.6's layout
+    # pass fails on some small tiles and warp counts)
+    w = tl.zeros([P2, 8], tl.int64)
+    stale = 1
+    while stale > 0:
         w = tl.load(ptrs, mask=real, other=0, volatile=True)
+        stale = tl.max(tl.where(need & ((w >> 32) != ep), 1, 0))
     if P2 * 8 > 32:
         # The tile is held by more threads than one warp has lanes, several copies of each
         # word in different warps. The loop's test saw every tag in one copy, but the folds
