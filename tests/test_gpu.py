@@ -162,7 +162,7 @@ def test_split_rows_every_row(dtype, V, cfg):
     rows equal the torch backend's, for the table's part counts and swept configurations
     (block, warps, programs per SM, parts), in place and into a new buffer. With 8 parts
     (fp32 or bf16 rows over 512 KB, or asked for) runs 42-43 found 10-20 wrong loss rows in
-    4096 until the poll's tile was reloaded after its loop (run 46, fused_rows._fold_group)."""
+    4096 until the poll's tile was reloaded after its loop (runs 46-47, fused_rows._fold_group)."""
     from fusedce.triton import ce
 
     n = 4096

@@ -360,7 +360,7 @@ class RowsConfig:
 
 # At most 8 cooperating programs per row (SPLIT), in the table and at launch: the poll of
 # the group's records is one [parts, 8] tile (fused_rows._fold_group), which stays small.
-# (Runs 42-43 found wrong rows with 8 parts; run 46 traced them to the tile's copies in
+# (Runs 42-43 found wrong rows with 8 parts; runs 46-47 traced them to the tile's copies in
 # different warps and fixed them; notes/KERNELS.md.)
 MAX_SPLIT = 8
 
@@ -399,7 +399,9 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     segments of 128 KB (at most MAX_SPLIT of them), each taken by one of a group of cooperating
     programs (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a
     row). Rows of 192-256 KB are cut into 4 segments taken as short rows are, 4 programs of 8
-    warps per SM (run 46); vocabulary-parallel shards never split (_rows_grid)."""
+    warps per SM (run 47); vocabulary-parallel shards of that common width are split the same
+    way, their parts exchanging records through the ranks' buffers (peer_parts; runs 48-50),
+    other shards and statistics-only calls never split (_rows_grid)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
@@ -410,7 +412,7 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
                           tvec=False)
     if 192 * 1024 < V * elem_size <= 256 * 1024:
-        # 4 segments of <= 64 KB, each taken as a short row is (run 46: 1.30x vs 1.34x at
+        # 4 segments of <= 64 KB, each taken as a short row is (run 47: 1.30x vs 1.34x at
         # 128256 in bf16, 1.40x vs 1.50x at 100000; 151936 (297 KB) and 65536 gain nothing)
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
                           tvec=False, split=4, peer_split=True)

@@ -32,10 +32,12 @@ Vocabulary parallel, the shard statistics of a row come from the other ranks eit
 all-gathered before the kernel (GATHERED) or exchanged by the ranks' kernels themselves,
 row by row, through symmetric memory (PEER: _publish_row, _fold_row; see fusedce.peer).
 
-Rows too long for their second read to stay in L2 (over 384 KB) are cut into S segments,
-each taken by one program of a group of S that exchange their segments' statistics the same
-way, in one zeroed buffer per call (SPLIT: _record, _fold_group): the rows in flight shrink
-S-fold, at the price of ~3 us of exchange per row (notes/KERNELS.md, session 4).
+Rows too long for their second read to stay in L2 (192-256 KB and over 384 KB in the table)
+are cut into S segments, each taken by one program of a group of S that exchange their
+segments' statistics the same way, in one zeroed buffer per call (SPLIT: _record,
+_fold_group): the rows in flight shrink S-fold, at the price of ~3 us of exchange per row
+(notes/KERNELS.md, sessions 4 and 7). Vocabulary parallel with PEER, shard rows can be split
+too: every part's record then goes through the ranks' exchange buffers.
 """
 
 from __future__ import annotations
@@ -335,7 +337,7 @@ def _fold_group(first, stride, PARTS, P2: tl.constexpr, part, tag, m, s, zt, am,
         # word in different warps. The loop's test saw every tag in one copy, but the folds
         # below may read another, loaded at another moment (before the record arrived): with
         # 8 parts a few rows in a thousand mixed words of two rows (runs 42-43, notes/
-        # KERNELS.md run 46). Every copy reloaded after the barrier sees the records.
+        # KERNELS.md runs 46-47). Every copy reloaded after the barrier sees the records.
         tl.debug_barrier()
         w = tl.load(ptrs, mask=real, other=0, volatile=True)
     lo = w.to(tl.int32)
