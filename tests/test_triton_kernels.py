@@ -693,6 +693,13 @@ def test_split_table_and_launcher_cap_the_parts(monkeypatch):
                 for kw in (dict(resident=True), dict(splittable=False)):
                     unsplit, _, _ = ce._rows_grid(x3, x3, None, None, True, **kw)
                     assert unsplit == ce._long_rows(es), (V, es, kw)
+    # vocabulary parallel with the in-kernel exchange: shard rows split only where the common
+    # width takes the split 192-256 KB entry, in 2 parts of 16 warps (run 51)
+    assert ce.peer_parts(262144, 2, 2) == 2 and ce.peer_parts(524288, 4, 2) == 2
+    pc = ce._peer_config(262144, 2, 2)
+    assert (pc.split, pc.num_warps, pc.per_sm, pc.reverse) == (2, 16, 2, False)
+    for V, world in ((128256, 2), (262144, 3), (262144, 1), (1 << 20, 2)):
+        assert ce.peer_parts(V, world, 2) == 1 and ce._peer_config(V, world, 2) is None
     seen = {}
 
     def grab(kernel):

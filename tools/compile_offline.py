@@ -93,7 +93,8 @@ def main() -> int:
                     x, t, torch.rand(V), torch.rand(()), None, torch.empty_like(x), -100, V,
                     0.1, 1e-4, 1.0, 30.0, True, 1),
                 "TP exchange (PEER), 2 ranks": lambda: ce.tr_fused_loss_peer(
-                    x, t, torch.zeros(2, 2 * max(1, args.split), 64, 8, dtype=torch.int64),
+                    x, t, torch.zeros(2, 2 * ce.peer_parts(2 * V, 2, x.element_size()), 64, 8,
+                                      dtype=torch.int64),
                     torch.zeros(2, dtype=torch.int64), 0, 2, 1, None, None, None, x, 0, -100,
                     2 * V, 0.0, 0.0, 1.0, None, False, 1, True),
                 "loss rows (no grad)": lambda: ce.tr_loss_rows(

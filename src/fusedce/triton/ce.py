@@ -399,9 +399,9 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     segments of 128 KB (at most MAX_SPLIT of them), each taken by one of a group of cooperating
     programs (SPLIT; runs 28-31: 1.33-1.38x vs 1.42x at V = 262144; the exchange costs ~3 us a
     row). Rows of 192-256 KB are cut into 4 segments taken as short rows are, 4 programs of 8
-    warps per SM (run 47); vocabulary-parallel shards of that common width are split the same
-    way, their parts exchanging records through the ranks' buffers (peer_parts; runs 48-50),
-    other shards and statistics-only calls never split (_rows_grid)."""
+    warps per SM (run 47); vocabulary-parallel shards of that common width are split in two
+    16-warp parts, which exchange records through the ranks' buffers (_peer_config; runs
+    48-51), other shards and statistics-only calls never split (_rows_grid)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
@@ -422,14 +422,27 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
                       tvec=False, split=min(MAX_SPLIT, -(-V * elem_size // (128 * 1024))))
 
 
+def _peer_config(vocab_size: int, world: int, elem_size: int) -> Optional[RowsConfig]:
+    """The configuration of a vocabulary-parallel call with the in-kernel exchange whose
+    shard rows are split (every rank the same: chosen from the common shard width
+    ceil(V / world)), or None: where the table's entry for that width is marked peer_split,
+    2 parts of 16-warp programs, 2 per SM (run 51, TP = 2 at V = 262144: 1.35x in place,
+    against 1.38x with the unsharded entry's 4 parts of 8 warps and 1.39x unsplit); an
+    override marked peer_split is taken as it is. world x parts <= 16 (the poll's tile)."""
+    cfg = fused_config(-(-int(vocab_size) // max(1, int(world))), elem_size)
+    if not (cfg.split > 1 and cfg.peer_split):
+        return None
+    if "fused" not in _OVERRIDE:
+        cfg = replace(_long_rows(elem_size), reverse=False, split=2, peer_split=True)
+    cfg = replace(cfg, split=min(cfg.split, MAX_SPLIT))
+    return cfg if world * cfg.split <= 16 else None
+
+
 def peer_parts(vocab_size: int, world: int, elem_size: int) -> int:
     """Parts per shard row of a vocabulary-parallel call with the in-kernel exchange (the
-    same on every rank: from the common shard width ceil(V / world)); 1 unless the table's
-    entry for that width is marked peer_split, and world x parts <= 16 (the poll's tile)."""
-    cfg = fused_config(-(-int(vocab_size) // max(1, int(world))), elem_size)
-    if cfg.split > 1 and cfg.peer_split and world * cfg.split <= 16:
-        return min(cfg.split, MAX_SPLIT)
-    return 1
+    same on every rank; see _peer_config): the records per rank its exchange buffer holds."""
+    cfg = _peer_config(vocab_size, world, elem_size)
+    return 1 if cfg is None else cfg.split
 
 
 def _long_rows(elem_size: int) -> RowsConfig:
@@ -728,19 +741,19 @@ def tr_fused(
 
 def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: bool,
                resident: bool = False, splittable: bool = True,
-               traced: Optional[bool] = None, peer_split: int = 1, peer_width: int = 0):
+               traced: Optional[bool] = None, peer_cfg: Optional[RowsConfig] = None):
     """(config, programs, maxnreg) of the fused rows kernel for this call; ``resident``: a
     persistent grid whose programs are all resident at once (they wait on other ranks');
     ``splittable``: SPLIT mode is possible (not vocabulary parallel); ``traced``: the
     caller's _is_traced(x3, out), if it has it (one check per call on the hot path);
-    ``peer_split``: (PEER) the parts of every rank's shard rows (peer_parts) and
-    ``peer_width`` the common shard width they were chosen for."""
+    ``peer_cfg``: (PEER with a gradient) the split configuration every rank takes
+    (_peer_config), or None."""
     B, T, V = _dims3(x3)
     n = B * T
     cfg = fused_config(V, x3.element_size())
-    if peer_split > 1 and need_grad:
-        # PEER with split shards: every rank takes the common width's entry (peer_parts)
-        cfg = replace(fused_config(peer_width, x3.element_size()), split=peer_split)
+    if peer_cfg is not None and need_grad:
+        # PEER with split shard rows: the configuration every rank takes
+        cfg = peer_cfg
     elif cfg.split > 1 and (resident or not splittable or not need_grad):
         # the long-row entry without cooperating programs (the table's: 2 programs of 16
         # warps per SM, pass 2 backwards; an override only loses its parts)
@@ -792,11 +805,11 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     if n == 0 or _skip(x3, out):
         return loss, lse, zp, am
     traced = not INTERPRET and _is_traced(x3, out)
-    pw = -(-int(vocab_size) // peer[3]) if peer is not None else 0
+    pc = (_peer_config(vocab_size, peer[3], x3.element_size())
+          if peer is not None and need_grad else None)
     cfg, P, maxnreg = _rows_grid(x3, out, softcap, weight, need_grad, peer is not None,
                                  gathered is None and peer is None, traced=traced,
-                                 peer_split=peer_parts(vocab_size, peer[3], x3.element_size())
-                                 if peer is not None else 1, peer_width=pw)
+                                 peer_cfg=pc)
     from . import fused_rows
 
     w_local = None if weight is None else weight[vocab_start:vocab_start + V]
