@@ -172,6 +172,10 @@ CE_CASES = {
                     {}),
     "all_options_mean": ("uneven", {"weight": True, "label_smoothing": 0.05, "z_loss": 1e-3,
                                     "softcap": 6.0, "logit_scale": 0.9}, {}),
+    # class weights sharded like the logits (each rank its slice), gathered by the call
+    "weights_sharded_smoothing": ("permuted", {"weight": "sharded", "label_smoothing": 0.1,
+                                               "reduction": "sum"}, {}),
+    "weights_sharded_mean": ("uneven", {"weight": "sharded", "z_loss": 1e-3}, {}),
     "ignore_valid_id": ("uneven", {"ignore_index": 5}, {"ignore_index": 5}),
     "ignore_positive_sum": ("permuted", {"ignore_index": 3, "reduction": "sum",
                                          "label_smoothing": 0.1}, {"ignore_index": 3}),
@@ -183,7 +187,7 @@ CE_CASES = {
 
 # cases also run on the Triton backend (through its interpreter on the CPU)
 TRITON_CE = ("mean_even", "none_permuted", "all_options", "bf16", "int32_targets",
-             "smoothing_weights_sum")
+             "smoothing_weights_sum", "weights_sharded_smoothing")
 
 
 def run_ce_case(c: Case, name: str):
@@ -194,6 +198,7 @@ def run_ce_case(c: Case, name: str):
     full, target = inputs(c, V, **ikw)
     if kw.pop("int32", False):
         target = target.to(torch.int32)
+    sharded_w = kw.get("weight") == "sharded"
     if kw.get("weight"):
         kw["weight"] = torch.rand(V, generator=c.gen(3), dtype=torch.float64) + 0.25
     if kw.get("normalizer") == "tensor":
@@ -206,6 +211,8 @@ def run_ce_case(c: Case, name: str):
     dkw = dict(kw)
     if "weight" in dkw:
         dkw["weight"] = dkw["weight"].float().to(c.device)
+        if sharded_w:
+            dkw["weight"] = dkw["weight"][start:start + n].clone()
     if isinstance(dkw.get("normalizer"), torch.Tensor):
         dkw["normalizer"] = dkw["normalizer"].to(c.device)
     loss = tp_ce(c, x, target.to(c.device), tp_group=c.group, vocab_start=vs,
@@ -428,6 +435,12 @@ def case_dtensor(c: Case):
         loss = fce.cross_entropy(dt, target.to(c.device), backend=c.backend, **kw)
         assert not isinstance(loss, DTensor) and isinstance(loss, torch.Tensor)
         close(loss.detach().cpu(), ref, 2 * F32, f"dtensor loss V={V}")
+        # class weights as a DTensor sharded like the logits: each rank's slice
+        wd = distribute_tensor(kw["weight"], mesh, [Shard(0)])
+        loss_w = fce.cross_entropy(distribute_tensor(full.to(c.device), mesh, [Shard(-1)]),
+                                   target.to(c.device), backend=c.backend,
+                                   **dict(kw, weight=wd))
+        close(loss_w.detach().cpu(), ref, 2 * F32, f"dtensor loss, sharded weights V={V}")
         loss.backward(g.float().to(c.device))
         assert isinstance(dt.grad, DTensor)
         start, n = chunk_range(V, c.rank, c.world)
@@ -705,13 +718,21 @@ def case_err_local_option(c: Case):
 
 
 def case_err_weight(c: Case):
+    """Class weights of a length that is neither V nor this rank's V_local, or the whole
+    vector on some ranks and slices on others: the same ValueError on every rank."""
     V, start, n, vs = layout(c, "uneven")
     full, target = inputs(c, V)
     x = shard_of(c, full, start, n)
     expect_raises(ValueError, "class-weight", tp_ce, c, x, target, tp_group=c.group,
                   vocab_start=vs, weight=torch.ones(V - 1), backend=c.backend)
     expect_raises(ValueError, "class-weight", tp_ce, c, x, target, tp_group=c.group,
-                  vocab_start=vs, weight=torch.ones(n), backend=c.backend)
+                  vocab_start=vs, weight=torch.ones(n + 1), backend=c.backend)
+    mixed = torch.ones(n) if c.rank == 0 else torch.ones(V)
+    expect_raises(ValueError, "one form", tp_ce, c, x, target, tp_group=c.group,
+                  vocab_start=vs, weight=mixed, backend=c.backend)
+    # each rank's slice is fine (weights_sharded_* check the values)
+    tp_ce(c, x, target, tp_group=c.group, vocab_start=vs, weight=torch.ones(n),
+          backend=c.backend)
 
 
 def case_err_op_mismatch(c: Case):

@@ -490,7 +490,9 @@ def _tp_case(rank, group, backend, reduction, bias, cw, reduce_hidden_grad, **kw
     h = h_full.clone().requires_grad_(True)
     w = w_full[start:stop].clone().requires_grad_(True)
     b = None if b_full is None else b_full[start:stop].clone().requires_grad_(True)
-    out = fce.linear_cross_entropy(h, w, t, bias=b, class_weight=cwt, reduction=reduction,
+    # cw == "sharded": each rank passes its slice of the class weights
+    cw_arg = cwt[start:stop].clone() if cw == "sharded" else cwt
+    out = fce.linear_cross_entropy(h, w, t, bias=b, class_weight=cw_arg, reduction=reduction,
                                    chunk_size=5, tp_group=group, vocab_start=start,
                                    reduce_hidden_grad=reduce_hidden_grad, backend=backend,
                                    **kw)
@@ -622,6 +624,10 @@ def _tp_worker(ctx, backends):
     progress("normalizer")
     _tp_case(rank, group, "torch", "sum", True, True, True, label_smoothing=0.2,
              normalizer=4.0, logit_scale=1.3)
+    progress("class weights sharded like the head")
+    _tp_case(rank, group, "torch", "mean", False, "sharded", True, label_smoothing=0.1)
+    with fce.validation(False):
+        _tp_case(rank, group, "torch", "none", True, "sharded", True)
     progress("dtensor")
     _tp_dtensor_case(rank, group)
     progress("layout change")

@@ -247,9 +247,12 @@ def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) ->
     if isinstance(target, DTensor):
         target = target.to_local()
     if isinstance(weight, DTensor):
-        if not all(isinstance(p, Replicate) for p in weight.placements):
-            raise ValueError(f"weight must be the whole [V] vector on every rank; got a "
-                             f"DTensor with placements {weight.placements}")
+        if not all(isinstance(p, (Replicate, Shard)) for p in weight.placements):
+            raise ValueError(f"weight must be the whole [V] vector on every rank or sharded "
+                             f"like the logits; got a DTensor with placements "
+                             f"{weight.placements}")
+        # replicated: the whole vector; sharded: this rank's slice, shaped like its
+        # shard of the logits (DTensor cuts both into the same chunks)
         weight = weight.to_local()
     if not isinstance(logits, DTensor):
         return Unpacked(logits, target, weight, group, vocab_start, None)
@@ -423,7 +426,7 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
              target: Optional[torch.Tensor], ignore_index: int,
              weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
              options: int = 0, local_error: Optional[BaseException] = None,
-             device: Optional[torch.device] = None):
+             device: Optional[torch.device] = None, weight_sharded: bool = False):
     """Validate a vocab-parallel call on every rank at once; return (vocab_start, V).
 
     One all-gather of an int64 header per rank; every rank runs the same checks on the
@@ -441,7 +444,8 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
         n_rows: number of rows N (tokens).
         target: [N] global ids, or None (entropy).
         ignore_index: target value that marks ignored rows.
-        weight: the class-weight vector [V], or None.
+        weight: the class-weight vector [V], or None; with ``weight_sharded`` this rank's
+            slice of it, [V_local] (every rank must then pass its slice).
         vocab_size: the global V when known (DTensor), else None.
         options: :func:`options_fingerprint` of the loss options (must agree on all ranks).
         local_error: an exception already raised by this rank's own argument checks.
@@ -464,12 +468,13 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
         head[_H_START] = int(vocab_start) if given else rank * int(v_local)
         head[_H_OP] = int(op)
         head[_H_OPTS] = int(options)
-        head[_H_WLEN] = -1 if weight is None else int(weight.shape[0])
+        head[_H_WLEN] = -1 if weight is None else (-2 if weight_sharded
+                                                     else int(weight.shape[0]))
         head[_H_VHINT] = -1 if vocab_size is None else int(vocab_size)
     else:
         head[_H_ERR] = 1
     head = head.to(dev)
-    if local_error is None and weight is not None:
+    if local_error is None and weight is not None and not weight_sharded:
         head[_H_WCHECK] = _checksum(weight.to(dev))
     if local_error is None and target is not None:
         head[_H_NVALID:] = _target_summary(target.to(dev), ignore_index)
@@ -520,10 +525,17 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
     if hints and hints != {V}:
         raise ValueError(f"the shards tile {V} columns but the DTensor says V = {hints}")
     wl = per_rank(_H_WLEN)
-    if any(w != V for w in wl.values()) and any(w >= 0 for w in wl.values()):
-        raise ValueError(f"weight must be the whole class-weight vector of shape ({V},) on "
-                         f"every rank of tp_group; lengths per rank (-1: none): {wl}")
-    agree(_H_WCHECK, "the class weights (every rank must pass the same [V] vector)")
+    if any(w == -2 for w in wl.values()):
+        if any(w != -2 for w in wl.values()):
+            raise ValueError("class weights must come in one form on every rank of tp_group: "
+                             f"each rank's [V_local] slice, or the whole [{V}] vector; per "
+                             f"rank (-2: a slice, -1: none, else a length): {wl}")
+    elif any(w != V for w in wl.values()) and any(w >= 0 for w in wl.values()):
+        raise ValueError(f"weight must be the whole class-weight vector of shape ({V},) (or "
+                         f"each rank's slice, shaped like its shard's columns) on every rank "
+                         f"of tp_group; lengths per rank (-1: none): {wl}")
+    else:
+        agree(_H_WCHECK, "the class weights (every rank must pass the same [V] vector)")
     for r in range(world):
         row = rows[r]
         if row[_H_NVALID] == 0:
@@ -563,7 +575,8 @@ def checked_vocab_start(vocab_start) -> Optional[int]:
 def tp_call_layout(group, *, op: int, logits: torch.Tensor, vocab_start, vocab_size,
                    target: Optional[torch.Tensor], ignore_index: int,
                    weight: Optional[torch.Tensor], local_checks: Callable[[], None],
-                   validate: bool, need_vocab_size: bool, options: int = 0):
+                   validate: bool, need_vocab_size: bool, options: int = 0,
+                   weight_sharded: bool = False):
     """(vocab_start, V) for one vocab-parallel call, validated on every rank when asked.
 
     ``local_checks`` runs this rank's own argument checks (shapes, dtypes, devices); with
@@ -573,10 +586,10 @@ def tp_call_layout(group, *, op: int, logits: torch.Tensor, vocab_start, vocab_s
     if not validate:
         local_checks()
         known = vocab_size
-        if known is None and weight is not None:
+        if known is None and weight is not None and not weight_sharded:
             known = int(weight.shape[0])
         start, V = resolve_layout(group, logits.shape[-1], vocab_start, vocab_size=known,
-                                  need_vocab_size=need_vocab_size)
+                                  need_vocab_size=need_vocab_size or weight_sharded)
         return start, V
     err = None
     try:
@@ -590,4 +603,24 @@ def tp_call_layout(group, *, op: int, logits: torch.Tensor, vocab_start, vocab_s
     n_rows = math.prod(logits.shape[:-1])
     return check_tp(group, op=op, v_local=logits.shape[-1], vocab_start=vocab_start,
                     n_rows=n_rows, target=target, ignore_index=ignore_index, weight=weight,
-                    vocab_size=vocab_size, options=options, device=logits.device)
+                    vocab_size=vocab_size, options=options, device=logits.device,
+                    weight_sharded=weight_sharded)
+
+
+def weight_is_sharded(weight, v_local: int, group) -> bool:
+    """Whether class weights given under TP are this rank's slice (shaped like its shard's
+    columns, [V_local]) rather than the whole [V] vector: a 1-D tensor of V_local entries in
+    a group of more than one rank (where V > V_local)."""
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 1
+            and int(weight.shape[0]) == int(v_local) and dist.get_world_size(group) > 1)
+
+
+def gather_weight(shard: torch.Tensor, group, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """The whole [V] class-weight vector from every rank's slice [V_local] (columns
+    [vocab_start, vocab_start + V_local)): one SUM all-reduce of zero-padded fp32 vectors,
+    exact (each entry is one slice's value plus zeros), in the slice's dtype."""
+    dev = comm_device(group, shard.device)
+    full = torch.zeros(int(vocab_size), dtype=torch.float32, device=dev)
+    full[vocab_start:vocab_start + shard.shape[0]] = shard.to(device=dev, dtype=torch.float32)
+    dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group)
+    return full.to(device=shard.device, dtype=shard.dtype)

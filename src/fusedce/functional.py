@@ -254,6 +254,11 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
             _check_target_range(target, v, ignore_index)
         return logits, target, weight, None, 0, v
 
+    # class weights under TP: the whole [V] vector, or each rank's slice shaped like its
+    # shard's columns (gathered into the whole vector below)
+    w_sharded = (isinstance(logits, torch.Tensor) and logits.dim() >= 1
+                 and distributed.weight_is_sharded(weight, logits.shape[-1], tp_group))
+
     def local_checks():
         option_checks()
         _check_logits(logits)
@@ -261,8 +266,8 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
             _check_target(target, logits.shape[:-1], logits.device)
         if weight is not None:
             if isinstance(weight, torch.Tensor) and weight.dim() != 1:
-                raise ValueError(f"weight must be the whole [V] class-weight vector, got shape "
-                                 f"{tuple(weight.shape)}")
+                raise ValueError(f"weight must be the whole [V] class-weight vector (or this "
+                                 f"rank's [V_local] slice), got shape {tuple(weight.shape)}")
             # its length is checked against the global V once that is known
             _check_weight(weight, weight.shape[0] if isinstance(weight, torch.Tensor) else 0,
                           logits.device)
@@ -275,7 +280,10 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
         vocab_size=u.vocab_size, target=target, ignore_index=ignore_index, weight=weight,
         local_checks=local_checks, validate=_VALIDATE,
         need_vocab_size=op == "ce_smoothed" and weight is None,
-        options=distributed.options_fingerprint(*map(_fp, options)) if _VALIDATE else 0)
+        options=distributed.options_fingerprint(*map(_fp, options)) if _VALIDATE else 0,
+        weight_sharded=w_sharded)
+    if w_sharded:
+        weight = distributed.gather_weight(weight, tp_group, start, vocab_size)
     if weight is not None:
         _check_weight(weight, vocab_size, logits.device)
         if start + logits.shape[-1] > vocab_size:
@@ -312,7 +320,9 @@ def cross_entropy(
             columns [vocab_start, vocab_start + V_local) of the vocabulary (or a DTensor
             sharded on its last dim).
         target: [...] int64/int32 global class ids (``ignore_index`` rows are skipped).
-        weight: optional [V] class weights (the whole vocabulary, also under TP).
+        weight: optional [V] class weights (the whole vocabulary); under TP either that
+            vector on every rank or each rank's slice [V_local], shaped like its shard's
+            columns (gathered with one all-reduce).
         ignore_index: target value whose rows give 0 loss and 0 gradient.
         reduction: "none" (per row, fp32, shaped like target), "sum" or "mean" (over
             non-ignored rows, or over their target weights; 0 when all are ignored).

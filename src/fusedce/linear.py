@@ -545,7 +545,8 @@ def linear_cross_entropy(
             its mesh group (or ``hidden`` is a replicated DTensor on that mesh).
         target: [...] (hidden's leading dims) int64/int32 global class ids.
         bias: optional [V_local] bias (this rank's slice under TP).
-        class_weight: optional [V] class weights (the whole vocabulary, also under TP).
+        class_weight: optional [V] class weights (the whole vocabulary); under TP that vector
+            on every rank or each rank's slice [V_local] (its rows of the head).
         ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap, logit_scale:
             as in :func:`fusedce.cross_entropy`.
         chunk_size: rows per chunk, or "auto": as many rows as fit
@@ -596,7 +597,8 @@ def linear_cross_entropy(
         if tp_group is not None and class_weight is not None:
             # its length is checked against the global V below
             if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1:
-                raise ValueError("class_weight must be the whole [V] class-weight vector")
+                raise ValueError("class_weight must be the whole [V] class-weight vector "
+                                 "(or this rank's [V_local] slice)")
     except (TypeError, ValueError) as exc:
         if not validate_tp:
             raise
@@ -615,6 +617,8 @@ def linear_cross_entropy(
             distributed.check_tp(tp_group, op=op, v_local=0, vocab_start=None, n_rows=0,
                                  target=None, ignore_index=ignore_index, local_error=err)
         v_local = weight.shape[0]
+        # class weights: the whole [V] vector, or each rank's slice of its rows of the head
+        w_sharded = distributed.weight_is_sharded(class_weight, v_local, tp_group)
         if validate_tp:
             fp = distributed.options_fingerprint(*map(_fn._fp, (
                 ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
@@ -622,11 +626,15 @@ def linear_cross_entropy(
             start, vocab_size = distributed.check_tp(
                 tp_group, op=op, v_local=v_local, vocab_start=vocab_start,
                 n_rows=target.numel(), target=target, ignore_index=ignore_index,
-                weight=class_weight, options=fp, device=hidden.device)
+                weight=class_weight, options=fp, device=hidden.device,
+                weight_sharded=w_sharded)
         else:
             start, vocab_size = distributed.resolve_layout(
                 tp_group, v_local, vocab_start,
-                vocab_size=None if class_weight is None else int(class_weight.shape[0]))
+                vocab_size=None if class_weight is None or w_sharded
+                else int(class_weight.shape[0]))
+        if w_sharded:
+            class_weight = distributed.gather_weight(class_weight, tp_group, start, vocab_size)
     _fn._check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
     if not validate_tp:  # (check_tp has checked the targets on every rank)
         _fn._check_target_range(target, vocab_size, ignore_index)
