@@ -353,8 +353,8 @@ class RowsConfig:
     split: int = 1
     # (PEER / SPLIT) pass 2's first chunk loaded while the other parts' records are awaited
     early: bool = True
-    # vocabulary parallel with the in-kernel exchange (PEER): shards whose common width
-    # ceil(V / world) takes this entry are split too (every rank's parts exchange records)
+    # (an override) vocabulary parallel with the in-kernel exchange (PEER), shard rows are
+    # split in ``split`` parts too (the table decides by width: _peer_config)
     peer_split: bool = False
 
 
@@ -415,7 +415,7 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
         # 4 segments of <= 64 KB, each taken as a short row is (run 47: 1.30x vs 1.34x at
         # 128256 in bf16, 1.40x vs 1.50x at 100000; 151936 (297 KB) and 65536 gain nothing)
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
-                          tvec=False, split=4, peer_split=True)
+                          tvec=False, split=4)
     if V * elem_size <= 384 * 1024:
         return _long_rows(elem_size)
     return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=False,
@@ -425,16 +425,20 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
 def _peer_config(vocab_size: int, world: int, elem_size: int) -> Optional[RowsConfig]:
     """The configuration of a vocabulary-parallel call with the in-kernel exchange whose
     shard rows are split (every rank the same: chosen from the common shard width
-    ceil(V / world)), or None: where the table's entry for that width is marked peer_split,
-    2 parts of 16-warp programs, 2 per SM (run 51, TP = 2 at V = 262144: 1.35x in place,
-    against 1.38x with the unsharded entry's 4 parts of 8 warps and 1.39x unsplit); an
-    override marked peer_split is taken as it is. world x parts <= 16 (the poll's tile)."""
-    cfg = fused_config(-(-int(vocab_size) // max(1, int(world))), elem_size)
-    if not (cfg.split > 1 and cfg.peer_split):
-        return None
-    if "fused" not in _OVERRIDE:
+    ceil(V / world)), or None: where that width is 192-256 KB (where fused_config splits
+    unsharded rows), 2 parts of 16-warp programs, 2 per SM (run 51, TP = 2 at V = 262144:
+    1.35x in place, against 1.38x with the unsharded entry's 4 parts of 8 warps and 1.39x
+    unsplit); an override marked peer_split is taken as it is. world x parts <= 16 (the
+    poll's tile)."""
+    if "fused" in _OVERRIDE:
+        cfg = _OVERRIDE["fused"]
+        if not (cfg.split > 1 and cfg.peer_split):
+            return None
+        cfg = replace(cfg, split=min(cfg.split, MAX_SPLIT))
+    elif 192 * 1024 < -(-int(vocab_size) // max(1, int(world))) * elem_size <= 256 * 1024:
         cfg = replace(_long_rows(elem_size), reverse=False, split=2, peer_split=True)
-    cfg = replace(cfg, split=min(cfg.split, MAX_SPLIT))
+    else:
+        return None
     return cfg if world * cfg.split <= 16 else None
 
 
@@ -755,11 +759,9 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
         # PEER with split shard rows: the configuration every rank takes
         cfg = peer_cfg
     elif cfg.split > 1 and (resident or not splittable or not need_grad):
-        # the long-row entry without cooperating programs (the table's: 2 programs of 16
-        # warps per SM, pass 2 backwards; an override only loses its parts)
-        cfg = replace(cfg, split=1, reverse=True)
-        if "fused" not in _OVERRIDE and not INTERPRET:
-            cfg = _long_rows(x3.element_size())
+        # the long-row entry without cooperating programs (an override only loses its parts)
+        cfg = (replace(cfg, split=1, reverse=True) if "fused" in _OVERRIDE or INTERPRET
+               else _long_rows(x3.element_size()))
     if resident:
         cfg = replace(cfg, persistent=True)
     elif not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
