@@ -149,6 +149,21 @@ def main():
             tb.fused(x3, t, opts, g0=g0, terms=terms, vocab_size=V, out=x3,
                      weight_local=None, need_am=False)
 
+        gbuf = torch.empty_like(src).unsqueeze(0)
+
+        def kernel_new(i):
+            tb.fused(xs.detach().unsqueeze(0), t, opts, g0=g0, terms=terms, vocab_size=V,
+                     out=gbuf, weight_local=None, need_am=False)
+
+        def loss_kernel(i):
+            x3 = xs.detach().unsqueeze(0)
+            tb.fused_loss(x3, t, opts, vocab_size=V, weight=None, normalizer=None, out=x3,
+                          need_am=False)
+
+        def loss_kernel_new(i):
+            tb.fused_loss(xs.detach().unsqueeze(0), t, opts, vocab_size=V, weight=None,
+                          normalizer=None, out=gbuf, need_am=False)
+
         def pooled(step_fn):
             # K steps on K fresh copies per batch, the batch restore untimed
             vals = []
@@ -175,6 +190,9 @@ def main():
             ("kernel in place | restore", lambda: timed(kernel, restore)),
             ("kernel in place | restore+idle", lambda: timed(kernel, restore,
                                                               idle_cycles=4_000_000)),
+            ("kernel new buffer | restore", lambda: timed(kernel_new, restore)),
+            ("loss kernel in place | restore", lambda: timed(loss_kernel, restore)),
+            ("loss kernel new buffer | restore", lambda: timed(loss_kernel_new, restore)),
             ("new buffer | clear", lambda: timed(newbuf, clear)),
             ("new buffer | clear+idle", lambda: timed(newbuf, clear, idle_cycles=4_000_000)),
             ("new buffer | copy elsewhere", lambda: timed(newbuf, copy_elsewhere)),
@@ -188,7 +206,7 @@ def main():
                 print(f"V={V:>6} {name:<32} failed: {type(e).__name__}: {e}", flush=True)
         print(f"V={V:>6} host ms: in place {host_ms(inplace, restore):.3f}, new buffer "
               f"{host_ms(newbuf, clear):.3f}, kernel {host_ms(kernel, restore):.3f}", flush=True)
-        del pool, xs, scratch, src
+        del pool, xs, scratch, src, gbuf
         torch.cuda.empty_cache()
     print("\n| V | prelude | ms | x floor |\n|---|---|---|---|")
     for V, name, v, r in rows:
