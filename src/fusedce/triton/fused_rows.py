@@ -637,7 +637,6 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
             programs = min(n, programs // split) * split
         else:
             programs = (programs // split) * split  # all resident: every row's parts wait
-    if split > 1:
         # (with PEER only the ticket is used)
         loc = split_buffer(1 if peer is not None else 1 + 2 * programs * 8, x3.device)
     else:
