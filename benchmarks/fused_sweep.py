@@ -4,13 +4,17 @@ checked against the torch backend (loss rows, sampled gradient rows) before it i
 
 Usage: PYTHONPATH=src:tests python benchmarks/fused_sweep.py [--V 32000,128256,262144]
        [--configs "block,warps,per_sm,stages,reverse,hints[,prefetch,persistent,tvec,split,
-       early];..."]
+       early];..."] [--variants "hints=3;reverse=1,hints=7;..."] [--new]
+--variants: the table's own configuration at each V with these fields replaced (after the
+configs); --new: each configuration is also timed writing into a new gradient buffer, after
+the same restore copy (the in-place penalty, notes/NEXT.md item 1).
 Timed: the loss kernel autograd calls (backend.fused_loss, in place, gradient of the mean).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,6 +51,9 @@ def main():
     ap.add_argument("--V", default="32000,128256,262144")
     ap.add_argument("--N", type=int, default=16384)
     ap.add_argument("--configs", default=DEFAULT)
+    ap.add_argument("--variants", default="",
+                    help="';'-separated field=value lists applied to the table's entry per V")
+    ap.add_argument("--new", action="store_true", help="also time into a new buffer")
     ap.add_argument("--max-split", type=int, default=0,
                     help="raise the launcher's cap on SPLIT parts (ce.MAX_SPLIT) for the run")
     args = ap.parse_args()
@@ -54,7 +61,9 @@ def main():
         fused_rows.MAX_SPLIT = args.max_split
     _, bw = cg.ceilings()
     cg.log(f"copy {bw:.3f} TB/s, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    cands = [None] + parse(args.configs)
+    cands = [None] + (parse(args.configs) if args.configs else [])
+    variants = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in item.split(","))
+                for item in args.variants.split(";") if item]
     table = {}
     for V in [int(v) for v in args.V.split(",")]:
         N = args.N
@@ -81,9 +90,21 @@ def main():
             tb.fused_loss(x3, t, opts, vocab_size=V, weight=None, normalizer=None, out=x3,
                           need_am=False)
 
-        for c in cands:
+        gbuf = torch.empty_like(x3) if args.new else None
+
+        def kernel_new():
+            tb.fused_loss(x3, t, opts, vocab_size=V, weight=None, normalizer=None, out=gbuf,
+                          need_am=False)
+
+        base = ce.fused_config(V, x_src.element_size())
+        named = [(str(c) if c is not None else "table", c) for c in cands]
+        for var in variants:
+            kw = {k: (bool(v) if isinstance(getattr(base, k), bool) else v)
+                  for k, v in var.items()}
+            named.append(("table " + ",".join(f"{k}={v}" for k, v in var.items()),
+                          dataclasses.replace(base, **kw)))
+        for key, c in named:
             ce.set_override(fused=c)
-            key = str(c) if c is not None else "table"
             try:
                 restore()
                 xg = x.requires_grad_(True)
@@ -96,14 +117,19 @@ def main():
                 x.requires_grad_(False)
                 ms = cg.time_step(kernel, restore, budget_ms=250)
                 table.setdefault(key, {})[V] = ms / floor4
-                cg.log(f"V={V} {c}: {ms:.3f} ms = {ms / floor4:.3f}x "
+                msg = ""
+                if gbuf is not None:
+                    ms_new = cg.time_step(kernel_new, restore, budget_ms=250)
+                    table.setdefault(key + " | new", {})[V] = ms_new / floor4
+                    msg = f", new buffer {ms_new:.3f} ms = {ms_new / floor4:.3f}x"
+                cg.log(f"V={V} {key} {c}: {ms:.3f} ms = {ms / floor4:.3f}x{msg} "
                        f"(loss {el:.1e}, grad {eg:.1e})")
             except Exception as exc:  # noqa: BLE001
                 x.requires_grad_(False)
                 cg.log(f"V={V} {c}: FAILED {exc!r}")
             finally:
                 ce.set_override(fused=None)
-        del x, x3, x_src
+        del x, x3, x_src, gbuf
         torch.cuda.empty_cache()
     cg.log("resources rows kernel:", cg.kernel_resources(fused_rows._fused_rows_kernel))
     cg.log("\nconfig | " + " | ".join(args.V.split(",")))

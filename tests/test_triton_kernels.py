@@ -534,15 +534,21 @@ def _peer_exchange_case(world, parts, case, V, n, bounds):
             assert_close_normwise(got2[0], ref[0], 2e-6, "loss, no grad")
 
 
-@pytest.mark.parametrize("cfg", ["fallback", "reverse", "no_prefetch", "per_row_grid"])
+@pytest.mark.parametrize("cfg", ["fallback", "reverse", "no_prefetch", "per_row_grid",
+                                 "streaming_stores", "l2_stores"])
 def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
     """The fused kernel's table variants (pass 2 forwards/backwards, prefetch on/off, one
-    program per row) and the stats + grad fallback (FUSEDCE_TRITON_FUSED=0) all give the
-    oracle's loss and gradient with every option."""
+    program per row, the store hints: .cs, .cg as in place over 384 KB) and the stats + grad
+    fallback (FUSEDCE_TRITON_FUSED=0) all give the oracle's loss and gradient with every
+    option, into a new buffer and (store hints) in place."""
     V = 300
+    inplace = cfg.endswith("_stores")
     if cfg == "reverse":
         ce.set_override(fused=ce.RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True,
                                             reverse=True))
+    elif inplace:
+        ce.set_override(fused=ce.RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True,
+                                            reverse=True, hints=2 if "stream" in cfg else 3))
     elif cfg == "no_prefetch":
         ce.set_override(fused=ce.RowsConfig(block=128, num_warps=1, per_sm=1, prefetch=False,
                                             reverse=False))
@@ -555,11 +561,12 @@ def test_fused_rows_configs_and_fallback(cfg, monkeypatch):
     x = _x((3, 2), V, torch.float32).requires_grad_(True)
     t = _t((3, 2), V)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, weight=torch.rand(V, device=DEV))
-    loss = fce.cross_entropy(x, t, backend="triton", **kw)
+    leaf = x.clone() if inplace else x
+    loss = fce.cross_entropy(leaf, t, backend="triton", inplace_backward=inplace, **kw)
     loss.backward()
     ref, gref = _ref_grad(x, t, torch.tensor(1.0), **kw)
     assert_close_normwise(loss, ref, 1e-5, "loss")
-    assert_close_normwise(x.grad, gref, 2e-5, "grad")
+    assert_close_normwise(leaf.detach() if inplace else x.grad, gref, 2e-5, "grad")
 
 
 @pytest.mark.parametrize("V", [1, 2, 300])
@@ -687,12 +694,27 @@ def test_split_table_and_launcher_cap_the_parts(monkeypatch):
                 assert cfg.split == min(8, -(-V * es // (128 * 1024))), (V, es, cfg)
             else:
                 assert cfg.split == 1
+            # run 55: short rows walk pass 2 backwards; in place, rows over 384 KB walk
+            # backwards and store around L1 (.cg), into a new buffer forwards
+            own = ce.fused_config(V, es, in_place=True)
+            if V * es <= 96 * 1024:
+                assert cfg.reverse and own == cfg
+            elif V * es > 384 * 1024:
+                assert (cfg.reverse, cfg.hints, own.reverse, own.hints) == (False, 1, True, 3)
+                assert dataclasses.replace(own, reverse=False, hints=1) == cfg
+            else:
+                assert own == cfg
             if cfg.split > 1:
                 x3 = torch.empty(1, 4, V, dtype=torch.float32 if es == 4 else torch.bfloat16,
                                  device="meta")
                 for kw in (dict(resident=True), dict(splittable=False)):
                     unsplit, _, _ = ce._rows_grid(x3, x3, None, None, True, **kw)
                     assert unsplit == ce._long_rows(es), (V, es, kw)
+    # the launch takes the in-place entry only when the gradient is written over the logits
+    x3 = torch.empty(1, 2, 262144, dtype=torch.bfloat16)
+    assert ce._rows_grid(x3, x3, None, None, True)[0] == ce.fused_config(262144, 2, True)
+    assert ce._rows_grid(x3, torch.empty_like(x3), None, None, True)[0] == ce.fused_config(
+        262144, 2)
     # vocabulary parallel with the in-kernel exchange: shard rows split only where the common
     # width takes the split 192-256 KB entry, in 2 parts of 16 warps (run 51)
     assert ce.peer_parts(262144, 2, 2) == 2 and ce.peer_parts(524288, 4, 2) == 2

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import traceback
+from dataclasses import replace
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -65,6 +66,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--V", default="1000,300000")
     ap.add_argument("--split", type=int, default=0, help="force a SPLIT part count")
+    ap.add_argument("--hints", type=int, default=-1,
+                    help="the table's entry with this hints mode (RowsConfig.hints)")
     args = ap.parse_args()
     from triton.runtime.driver import driver
 
@@ -83,6 +86,9 @@ def main() -> int:
         ce.set_override(fused=cfg)
     bad = 0
     for V in [int(v) for v in args.V.split(",")]:
+        if args.hints >= 0:
+            ce.set_override(fused=None)
+            ce.set_override(fused=replace(ce.fused_config(V, 2), hints=args.hints))
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(1, 64, V).to(dtype)
             t = torch.randint(0, V, (64,))

@@ -331,7 +331,7 @@ class RowsConfig:
     block: columns per chunk; num_warps: warps per program; per_sm: programs per SM (the
     grid is per_sm x SMs, persistent over rows); stages: tl.range software-pipelining depth;
     reverse: pass 2 walks the row backwards; hints: L2 eviction hints on loads and stores
-    (1: evict_last / evict_first, 2: streaming stores); prefetch: the next chunk's load is
+    (1: evict_last / evict_first, 2: streaming stores, 3: stores to L2 only, .cg); prefetch: the next chunk's load is
     issued before the current chunk is reduced; persistent: (S = 1) a grid of per_sm x SMs
     programs looping over rows, else one program per row.
     """
@@ -388,7 +388,7 @@ def set_override(**kw) -> None:
             _OVERRIDE[k] = v
 
 
-def fused_config(V: int, elem_size: int) -> RowsConfig:
+def fused_config(V: int, elem_size: int, in_place: bool = False) -> RowsConfig:
     """Table of the fused kernel's parameters by row bytes (V x element size), measured on an
     H200 (notes/KERNELS.md, run 5): rows up to 96 KB take 4 programs of 8 warps per SM, 16 KB
     chunks prefetched, so that the rows in flight (4 x 132 x 64 KB at V = 32000 in bf16) stay
@@ -401,7 +401,11 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
     row). Rows of 192-256 KB are cut into 4 segments taken as short rows are, 4 programs of 8
     warps per SM (run 47); vocabulary-parallel shards of that common width are split in two
     16-warp parts, which exchange records through the ranks' buffers (_peer_config; runs
-    48-51), other shards and statistics-only calls never split (_rows_grid)."""
+    48-51), other shards and statistics-only calls never split (_rows_grid). Run 55: short
+    rows walk pass 2 backwards too (the first chunks it reads are still in L1: 1.25x ->
+    1.22x at 32000, 1.35x -> 1.29x at 49152, in place); ``in_place`` (the gradient written
+    over the logits) rows over 384 KB walk backwards and store around L1 (.cg), which the
+    new-buffer call does not gain from (in place 1.34x -> 1.32x at 262144)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
@@ -409,7 +413,7 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
         return RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True, tvec=False)
     per_chunk = 8192 // elem_size  # 8 KB of columns per 8 warps
     if V * elem_size <= 96 * 1024:
-        return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=False,
+        return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=True,
                           tvec=False)
     if 192 * 1024 < V * elem_size <= 256 * 1024:
         # 4 segments of <= 64 KB, each taken as a short row is (run 47: 1.30x vs 1.34x at
@@ -418,8 +422,9 @@ def fused_config(V: int, elem_size: int) -> RowsConfig:
                           tvec=False, split=4)
     if V * elem_size <= 384 * 1024:
         return _long_rows(elem_size)
-    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True, reverse=False,
-                      tvec=False, split=min(MAX_SPLIT, -(-V * elem_size // (128 * 1024))))
+    return RowsConfig(block=2 * per_chunk, num_warps=16, per_sm=2, prefetch=True,
+                      reverse=in_place, hints=3 if in_place else 1, tvec=False,
+                      split=min(MAX_SPLIT, -(-V * elem_size // (128 * 1024))))
 
 
 def _peer_config(vocab_size: int, world: int, elem_size: int) -> Optional[RowsConfig]:
@@ -754,7 +759,10 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
     (_peer_config), or None."""
     B, T, V = _dims3(x3)
     n = B * T
-    cfg = fused_config(V, x3.element_size())
+    if traced is None:
+        traced = _is_traced(x3, out)
+    cfg = fused_config(V, x3.element_size(),
+                       in_place=need_grad and not traced and out.data_ptr() == x3.data_ptr())
     if peer_cfg is not None and need_grad:
         # PEER with split shard rows: the configuration every rank takes
         cfg = peer_cfg
@@ -784,8 +792,6 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
     else:
         P = min(n, cfg.per_sm * _sm_count(x3.device))
     maxnreg = None
-    if traced is None:
-        traced = _is_traced(x3, out)
     if cfg.persistent and not INTERPRET and not traced:
         # under torch.compile the launch carries no register cap (it is only a hint for
         # occupancy: programs that wait on others take their places from a ticket)
