@@ -67,7 +67,13 @@ def _accuracy(plan: Plan, am, t: torch.Tensor, valid: Optional[torch.Tensor],
     the accuracy is wanted: each small op is a launch, and host time per launch matters)."""
     if plan.need_aux:
         return spec.accuracy(am, t, valid if valid is not None else t != plan.opts.ignore_index)
-    return torch.zeros((), device=device)
+    return _unused(device)
+
+
+def _unused(device, shape=()) -> torch.Tensor:
+    """An output slot nobody reads (the z-loss part and accuracy without return_aux, which
+    the public functions drop): allocated, not filled, so no launch."""
+    return torch.empty(shape, device=device)
 
 
 def _keep(ctx, plan: Plan, reduced: bool, eager: bool, logits: torch.Tensor) -> None:
@@ -120,7 +126,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
         if reduced:
             loss = loss_rows.sum() * scale
-            zl = zpart.sum() * scale
+            zl = zpart.sum() * scale if plan.need_aux else _unused(lse.device)
         else:
             loss = loss_rows.view(target.shape)
             zl = zpart.view(target.shape)
@@ -167,13 +173,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
             out=as_rows3d(gbuf) if eager else None, need_am=plan.need_aux, gathered=gathered,
             vocab_start=plan.vocab_start, **({"peer": peer} if peer is not None else {}))
-        if reduced:
-            loss = loss_rows.sum()
-            zl = zpart.sum() if zpart is not None else torch.zeros((), device=lse.device)
+        if not plan.need_aux:
+            zl = _unused(lse.device)
+        elif zpart is None:
+            zl = torch.zeros(() if reduced else target.shape, device=lse.device)
         else:
-            loss = loss_rows.view(target.shape)
-            zl = zpart.view(target.shape) if zpart is not None else torch.zeros(
-                target.shape, device=lse.device)
+            zl = zpart.sum() if reduced else zpart.view(target.shape)
+        loss = loss_rows.sum() if reduced else loss_rows.view(target.shape)
         acc = _accuracy(plan, am, t, None, lse.device)
         _keep(ctx, plan, reduced, eager, logits)
         if eager:
