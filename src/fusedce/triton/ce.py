@@ -331,9 +331,9 @@ class RowsConfig:
     block: columns per chunk; num_warps: warps per program; per_sm: programs per SM (the
     grid is per_sm x SMs, persistent over rows); stages: tl.range software-pipelining depth;
     reverse: pass 2 walks the row backwards; hints: L2 eviction hints on loads and stores
-    (1: evict_last / evict_first, 2: streaming stores, 3: stores to L2 only, .cg); prefetch: the next chunk's load is
-    issued before the current chunk is reduced; persistent: (S = 1) a grid of per_sm x SMs
-    programs looping over rows, else one program per row.
+    (1: evict_last / evict_first, 2: streaming stores, 3: stores to L2 only, .cg); prefetch:
+    the next chunk's load is issued before the current chunk is reduced; persistent: (S = 1)
+    a grid of per_sm x SMs programs looping over rows, else one program per row.
     """
 
     block: int
