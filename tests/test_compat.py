@@ -163,12 +163,16 @@ def test_te_edge_cases():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.count_nonzero(x.grad) == 0
-    # a flat target (TE only checks the count) gives the logits' leading shape
+    # a flat target (TE only checks the count): the loss is shaped like the target (seeds
+    # README: "shaped like target when reduce_loss=False"; TE itself returns (B, SQ))
     x = _logits((2, 4), V)
     t = _targets((8,), V)
     out = te.parallel_cross_entropy(x, t)
-    assert out.shape == (2, 4)
-    assert_close_normwise(out, ref_cross_entropy(x, t.view(2, 4), reduction="none"), 1e-5, "")
+    assert out.shape == (8,)
+    assert_close_normwise(out, ref_cross_entropy(x, t.view(2, 4), reduction="none").view(8),
+                          1e-5, "")
+    assert te.CrossEntropyFunction.apply(x, t, 0.0, False).shape == (8,)
+    assert te.parallel_cross_entropy(x, t.view(2, 4)).shape == (2, 4)
     # empty batch
     e = te.parallel_cross_entropy(_logits((0, 4), V), torch.zeros(0, 4, dtype=torch.long))
     assert e.shape == (0, 4)
@@ -234,6 +238,21 @@ def test_automodel_flags_and_signatures():
     with pytest.raises(ValueError, match="chunk_len"):
         na.ChunkedCrossEntropy(chunk_len=0)
     assert isinstance(na.ChunkedCrossEntropy(), torch.nn.Module)
+    for cls in (na.ChunkedCrossEntropy, na.TEParallelCrossEntropy):
+        p = list(inspect.signature(cls.__call__).parameters.values())
+        assert [q.name for q in p[:4]] == ["self", "logits", "labels", "mask"], cls
+        assert p[3].default is None
+    # "none" losses come back shaped like the labels, flat labels included
+    x = _logits((2, 3), 11)
+    flat = _targets((6,), 11)
+    for loss_fn in (na.TEParallelCrossEntropy(reduction="none"),
+                    na.ChunkedCrossEntropy(compile=False, reduction="none")):
+        assert loss_fn(x, flat).shape == (6,)
+        assert loss_fn(x, flat.view(2, 3)).shape == (2, 3)
+    lw = torch.rand(6)
+    out = na.TEParallelCrossEntropy()(x, flat, loss_weights=lw)
+    ref = (ref_cross_entropy(x, flat.view(2, 3), reduction="none").reshape(6) * lw).sum()
+    assert_close_normwise(out, ref, 1e-5, "loss_weights with flat labels")
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
@@ -350,7 +369,13 @@ def test_compiled_compute_cross_entropy(monkeypatch):
     ref = ref_cross_entropy(x, labels, reduction="mean")
     ce = na.ChunkedCrossEntropy(reduction="sum")
     ce(x, labels)
-    assert na._compiled_compute_cross_entropy is None  # the "sum" path never compiles
+    # created by the first call with compile=True (seeds README: "created lazily"), but the
+    # "sum" path runs the core and never compiles it
+    fn = na._compiled_compute_cross_entropy
+    assert fn is not None and fn.compiled is None and not fn.failed
+    monkeypatch.setattr(na, "_compiled_compute_cross_entropy", None)
+    na.ChunkedCrossEntropy(compile=False)(x, labels)
+    assert na._compiled_compute_cross_entropy is None
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         out = na.ChunkedCrossEntropy(reduction="mean")(x, labels)

@@ -415,6 +415,11 @@ def _poisoned():
     (dict(reduction="none", normalizer=2.0), ValueError, "normalizer"),
     (dict(normalizer=0.0), ValueError, "normalizer"),
     (dict(vocab_start=5), ValueError, "vocab_start"),
+    (dict(target=[0, 1, 2, 3]), TypeError, "target.*Tensor"),
+    (dict(target=None), TypeError, "target.*Tensor"),
+    (dict(target=torch.zeros(4, dtype=torch.int16)), TypeError, "target.*int"),
+    (dict(target=torch.zeros(4, dtype=torch.bool)), TypeError, "target.*int"),
+    (dict(tp_group="tp"), TypeError, "tp_group"),
 ])
 def test_bad_input(bad, exc, match):
     x, t = _poisoned()
@@ -425,6 +430,48 @@ def test_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         fce.cross_entropy(logits, target, **kw)
     assert torch.equal(x.detach(), x0) and x.grad is None
+
+
+def test_type_errors_are_value_errors_too():
+    """A bad type or dtype raises fce.InputError, a TypeError and a ValueError at once (the
+    spec says bad targets raise ValueError; Python says a wrong type is a TypeError): the
+    same for logprobs, the module form, entropy and the linear functions."""
+    assert issubclass(fce.InputError, TypeError) and issubclass(fce.InputError, ValueError)
+    x, t = _poisoned()
+    h, w = torch.randn(4, 3), torch.randn(10, 3)
+    calls = [
+        lambda: fce.cross_entropy(x, t.float()),
+        lambda: fce.cross_entropy(x, [0, 1, 2, 3]),
+        lambda: fce.cross_entropy(x.detach().long(), t),
+        lambda: fce.cross_entropy(x, t, weight=[1.0] * 10),
+        lambda: fce.logprobs(x, t.to(torch.uint8)),
+        lambda: fce.logprobs(x, None),
+        lambda: fce.CrossEntropyLoss()(x, t.double()),
+        lambda: fce.entropy([1.0, 2.0]),
+        lambda: fce.cross_entropy(x, t, tp_group=object()),
+        lambda: fce.linear_cross_entropy(h, w, t.float()),
+        lambda: fce.linear_cross_entropy(h, w, [0, 1, 2, 3]),
+        lambda: fce.linear_cross_entropy(h, w, t, tp_group=3),
+        lambda: fce.linear_logprobs(h, w.long(), t),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert isinstance(info.value, fce.InputError), info.value
+    assert x.grad is None
+
+
+def test_linear_signature_matches_cross_entropy():
+    """linear_cross_entropy takes cross_entropy's loss options with the same defaults."""
+    import inspect
+
+    ce = inspect.signature(fce.cross_entropy).parameters
+    lin = inspect.signature(fce.linear_cross_entropy).parameters
+    for name, p in ce.items():
+        if name in ("logits", "target", "weight"):
+            continue
+        assert name in lin and lin[name].default == p.default, name
+    assert lin["class_weight"].default is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

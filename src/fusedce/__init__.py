@@ -16,7 +16,7 @@ from .functional import (
 )
 from .linear import linear_cross_entropy, linear_logprobs
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
-from .spec import CrossEntropyOutput, LossOptions
+from .spec import CrossEntropyOutput, InputError, LossOptions
 
 __all__ = [
     "cross_entropy",
@@ -28,6 +28,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "CrossEntropyOutput",
     "LossOptions",
+    "InputError",
     "set_validation",
     "validation",
     "validation_enabled",

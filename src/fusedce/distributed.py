@@ -49,7 +49,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .spec import RowStats
+from .spec import InputError, RowStats
 
 # operation codes carried by the validation header: ranks must run the same collective
 OP_CROSS_ENTROPY = 1
@@ -488,7 +488,7 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
         dist.all_gather_object(msgs, mine, group=group)
         first = next(r for r in range(world) if msgs[r] is not None)
         kind, text = msgs[first]
-        exc_type = TypeError if kind == "TypeError" else ValueError
+        exc_type = {"TypeError": TypeError, "InputError": InputError}.get(kind, ValueError)
         if local_error is not None and first == rank:
             raise local_error
         raise exc_type(f"tp rank {first} rejected its arguments: {text}")
@@ -562,11 +562,11 @@ def checked_vocab_start(vocab_start) -> Optional[int]:
     if vocab_start is None:
         return None
     if isinstance(vocab_start, bool):
-        raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
+        raise InputError(f"vocab_start must be an int or None, got {vocab_start!r}")
     try:
         vocab_start = operator.index(vocab_start)
     except TypeError:
-        raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}") from None
+        raise InputError(f"vocab_start must be an int or None, got {vocab_start!r}") from None
     if vocab_start < 0:
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
     return vocab_start

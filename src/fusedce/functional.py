@@ -21,7 +21,7 @@ import torch
 
 from . import autograd as _ag
 from . import torch_backend
-from .spec import BACKENDS, REDUCTIONS, CrossEntropyOutput, LossOptions
+from .spec import BACKENDS, REDUCTIONS, CrossEntropyOutput, InputError, LossOptions
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -67,9 +67,9 @@ def validation(enabled: bool):
 
 def _check_logits(logits, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+        raise InputError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension (the vocabulary)")
     if logits.shape[-1] < 1:
@@ -78,14 +78,25 @@ def _check_logits(logits, name: str = "logits") -> None:
 
 def _check_target(target, lead_shape, device, name: str = "target") -> None:
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name} must be int64 or int32, got {target.dtype}")
+        raise InputError(f"{name} must be int64 or int32, got {target.dtype}")
     if tuple(target.shape) != tuple(lead_shape):
         raise ValueError(f"{name} has shape {tuple(target.shape)} but the logits' leading "
                          f"dimensions are {tuple(lead_shape)}")
     if target.device != device:
         raise ValueError(f"{name} is on {target.device} but the logits are on {device}")
+
+
+def _check_group(group, name: str = "tp_group") -> None:
+    """None or a torch.distributed process group (DeviceMesh users pass mesh.get_group())."""
+    if group is None or _compiling():
+        return
+    pg = getattr(torch.distributed, "ProcessGroup", None) if torch.distributed.is_available() \
+        else None
+    if pg is None or not isinstance(group, pg):
+        raise InputError(f"{name} must be a torch.distributed ProcessGroup or None, got "
+                         f"{type(group).__name__}")
 
 
 def _compiling() -> bool:
@@ -111,7 +122,8 @@ def _widened(target: Optional[torch.Tensor], ignore_index: int) -> Optional[torc
     """``target``, as int64 where it is int32 and ignore_index lies outside the int32 range:
     no int32 id can equal such an ignore_index, but compared in int32 it would wrap onto a
     real class id (2**32 -> 0) and drop that class's rows."""
-    if (target is not None and target.dtype == torch.int32 and isinstance(ignore_index, int)
+    if (isinstance(target, torch.Tensor) and target.dtype == torch.int32
+            and isinstance(ignore_index, int)
             and not -2**31 <= ignore_index < 2**31):
         return target.long()
     return target
@@ -120,7 +132,7 @@ def _widened(target: Optional[torch.Tensor], ignore_index: int) -> Optional[torc
 def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_loss, softcap,
                    logit_scale, backend) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise InputError(f"ignore_index must be an int, got {ignore_index!r}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
@@ -133,23 +145,23 @@ def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_lo
                 raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape "
                                  f"{tuple(normalizer.shape)}")
             if normalizer.dtype == torch.bool or normalizer.is_complex():
-                raise TypeError(f"normalizer must be a real number, got {normalizer.dtype}")
+                raise InputError(f"normalizer must be a real number, got {normalizer.dtype}")
             # its value needs a device sync: checked with the other syncing checks
             if _VALIDATE and not _compiling():
                 v = float(normalizer.detach().reshape(()))
                 if not (math.isfinite(v) and v > 0):
                     raise ValueError(f"normalizer must be positive and finite, got {v!r}")
         elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-            raise TypeError(f"normalizer must be a number or a 0-d tensor, got {normalizer!r}")
+            raise InputError(f"normalizer must be a number or a 0-d tensor, got {normalizer!r}")
         elif not (math.isfinite(normalizer) and normalizer > 0):
             raise ValueError(f"normalizer must be positive and finite, got {normalizer!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a number, got {label_smoothing!r}")
+        raise InputError(f"label_smoothing must be a number, got {label_smoothing!r}")
     if not 0.0 <= label_smoothing <= 1.0:  # (1: the uniform target, as F.cross_entropy)
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     for name, v in (("z_loss", z_loss), ("softcap", softcap), ("logit_scale", logit_scale)):
         if isinstance(v, bool):
-            raise TypeError(f"{name} must be a number, got {v!r}")
+            raise InputError(f"{name} must be a number, got {v!r}")
     if not isinstance(z_loss, (int, float)) or not (math.isfinite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, (int, float))
@@ -166,9 +178,9 @@ def _check_weight(weight, vocab_size: int, device, name: str = "weight") -> None
     if weight is None:
         return
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(weight).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor or None, got {type(weight).__name__}")
     if not weight.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+        raise InputError(f"{name} must be a floating-point tensor, got {weight.dtype}")
     if tuple(weight.shape) != (vocab_size,):
         raise ValueError(f"{name} must have shape ({vocab_size},) (the whole vocabulary), got "
                          f"{tuple(weight.shape)}")
@@ -191,7 +203,7 @@ def _pick_backend(backend: str, x: torch.Tensor):
     if x.dtype == torch.float64:
         if backend == "auto":
             return torch_backend
-        raise TypeError("backend='triton' takes float32, bfloat16 or float16 logits, not float64")
+        raise InputError("backend='triton' takes float32, bfloat16 or float16 logits, not float64")
     try:
         from .triton import backend as triton_backend
     except ImportError as exc:  # pragma: no cover - depends on the platform
@@ -237,6 +249,9 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
     """
     from . import distributed
 
+    _check_group(tp_group)
+    if op != "entropy" and not isinstance(target, torch.Tensor):
+        raise InputError(f"target must be a torch.Tensor, got {type(target).__name__}")
     u = distributed.unpack_dtensor(logits, tp_group, vocab_start, target, weight)
     logits, target, weight, tp_group = u.logits, _widened(u.target, ignore_index), u.weight, u.group
     if option_checks is None:

@@ -49,7 +49,7 @@ import torch
 from . import autograd as _ag
 from . import functional as _fn
 from . import spec
-from .spec import CrossEntropyOutput, LossOptions
+from .spec import CrossEntropyOutput, InputError, LossOptions
 
 
 def _env_bytes(name: str, default: int) -> int:
@@ -358,11 +358,11 @@ def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, lse,
 
 def _check_linear_inputs(hidden, weight, bias) -> None:
     if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        raise InputError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise InputError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if hidden.dtype not in _fn._FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+        raise InputError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size D)")
     if weight.dim() != 2:
@@ -375,18 +375,18 @@ def _check_linear_inputs(hidden, weight, bias) -> None:
     if weight.shape[0] < 1:
         raise ValueError("weight has no rows (an empty vocabulary shard)")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; "
+        raise InputError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; "
                         "cast one of them (or run under torch.autocast)")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            raise InputError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},) like weight's rows, got "
                              f"{tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+            raise InputError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
@@ -527,7 +527,7 @@ def linear_cross_entropy(
     accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     return_aux: bool = False,
-    inplace_backward: bool = True,
+    inplace_backward: bool = False,
 ) -> Union[torch.Tensor, CrossEntropyOutput]:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -569,6 +569,7 @@ def linear_cross_entropy(
         ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
     """
     del inplace_backward
+    _fn._check_group(tp_group)
     hidden, weight, bias, tp_group, vocab_start = _unpack_dtensors(hidden, weight, bias,
                                                                    tp_group, vocab_start)
     # under TP with validation, this rank's own argument errors reach every rank through
@@ -584,7 +585,7 @@ def linear_cross_entropy(
         _check_chunk_size(chunk_size)
         for name, x in (("hidden", hidden), ("weight", weight)):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+                raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         hidden, weight, bias = _autocast(hidden, weight, bias)
         _check_linear_inputs(hidden, weight, bias)
         accum = _check_accum_dtype(accum_dtype, weight.dtype)

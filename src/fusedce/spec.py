@@ -50,6 +50,12 @@ REDUCTIONS = ("none", "sum", "mean")
 BACKENDS = ("auto", "torch", "triton")
 
 
+class InputError(TypeError, ValueError):
+    """A bad argument: the wrong type or dtype of a tensor or option. Both a TypeError and
+    a ValueError, so that either ``except`` clause catches it (the spec says bad targets
+    raise ValueError; Python raises TypeError for a wrong type)."""
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """Loss options shared by every path (validated by the public functions)."""

@@ -19,6 +19,8 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from ..spec import InputError
+
 
 def inner_forward(ctx, x: torch.Tensor, need_grad: bool,
                   fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -105,7 +107,7 @@ def masked_labels(labels: torch.Tensor, mask: Optional[torch.Tensor],
     if mask is None:
         return labels
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise InputError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     mask = plain_tensor(mask)
     if mask.device != labels.device:
         mask = mask.to(labels.device)
@@ -122,7 +124,7 @@ def masked_labels(labels: torch.Tensor, mask: Optional[torch.Tensor],
 def target_like(target: torch.Tensor, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
     """``target`` viewed with the logits' leading shape (a flat target is accepted)."""
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     lead = logits.shape[:-1]
     if target.shape == lead:
         return target
@@ -153,7 +155,7 @@ def divide_by_count(loss_sum_fn: Callable[..., torch.Tensor], count: Count) -> t
         loss = loss_sum_fn(normalizer=torch.where(positive, n, torch.ones_like(n)))
         return torch.where(positive.to(loss.device), loss, loss * 0.0)
     if isinstance(count, bool) or not isinstance(count, (int, float)):
-        raise TypeError(f"num_label_tokens must be a number or a tensor, got {count!r}")
+        raise InputError(f"num_label_tokens must be a number or a tensor, got {count!r}")
     if count == 0:
         return loss_sum_fn(normalizer=None) * 0.0
     if not (math.isfinite(count) and count > 0):

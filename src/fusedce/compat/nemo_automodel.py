@@ -49,6 +49,7 @@ import torch
 
 import fusedce as _fce
 
+from ..spec import InputError
 from ._common import (
     check_choice,
     divide_by_count,
@@ -78,12 +79,17 @@ _REDUCTIONS = ("none", "mean", "sum")
 Count = Union[None, int, float, torch.Tensor]
 
 
+def _shape_of(labels) -> tuple:
+    """The caller's labels shape ("none" losses come back in it), before any reshaping."""
+    return tuple(labels.shape) if isinstance(labels, torch.Tensor) else ()
+
+
 def _prepare(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor],
              ignore_index: int) -> torch.Tensor:
     """Labels on the logits' device, viewed with the logits' leading shape, masked."""
     labels = plain_tensor(labels)
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise InputError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.device != logits.device:
         labels = labels.to(logits.device)
     return target_like(masked_labels(labels, mask, ignore_index), logits, "labels")
@@ -125,6 +131,7 @@ class TEParallelCrossEntropy:
             fp32 loss: a scalar ("sum", "mean") or shaped like labels ("none").
         """
         logits, group = local_logits(logits, self.tp_group)
+        shape = _shape_of(labels)
         labels = _prepare(logits, labels, mask, self.ignore_index)
         start = self.vocab_start if group is not None else None
 
@@ -137,12 +144,15 @@ class TEParallelCrossEntropy:
             if self.reduction != "sum":
                 raise ValueError("loss_weights is only supported when reduction is 'sum'")
             loss_weights = plain_tensor(loss_weights)
-            if tuple(loss_weights.shape) != tuple(labels.shape):
+            if tuple(loss_weights.shape) != shape:
                 raise ValueError(f"loss_weights.shape must match labels.shape, got "
-                                 f"{tuple(loss_weights.shape)} and {tuple(labels.shape)}")
-            rows = core("none") * loss_weights.to(device=logits.device, dtype=torch.float32)
+                                 f"{tuple(loss_weights.shape)} and {shape}")
+            rows = core("none") * loss_weights.reshape(labels.shape).to(
+                device=logits.device, dtype=torch.float32)
             return divide_by_count(lambda normalizer: rows.sum() if normalizer is None
                                    else rows.sum() / normalizer, num_label_tokens)
+        if self.reduction == "none":
+            return core("none").reshape(shape)
         if self.reduction != "sum":
             return core(self.reduction)
         return divide_by_count(lambda normalizer: core("sum", normalizer), num_label_tokens)
@@ -234,6 +244,12 @@ class ChunkedCrossEntropy(torch.nn.Module):
         self.reduction = reduction
         self.inplace_grad = inplace_grad
 
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None,
+                 num_label_tokens: Count = None) -> torch.Tensor:
+        """The seed's signature; runs ``forward`` through nn.Module (hooks included)."""
+        return super().__call__(logits, labels, mask, num_label_tokens)
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 mask: Optional[torch.Tensor] = None,
                 num_label_tokens: Count = None) -> torch.Tensor:
@@ -246,9 +262,13 @@ class ChunkedCrossEntropy(torch.nn.Module):
             num_label_tokens: "sum" only: divide the sum by it (0 gives a zero loss).
         Returns:
             fp32: the sum over counted tokens (default), their mean, or per-token losses
-            shaped like the logits' leading dims ("none").
+            shaped like ``labels`` ("none").
         """
+        shape = _shape_of(labels)
         labels = _prepare(logits, labels, mask, self.ignore_index)
+        # created on the first call with compile=True, as Automodel does (the "sum" path
+        # runs the core and does not call it)
+        compiled = _get_compiled_compute_cross_entropy() if self.compile else None
         if self.reduction == "sum":
             return divide_by_count(
                 lambda normalizer: _fce.cross_entropy(
@@ -257,8 +277,9 @@ class ChunkedCrossEntropy(torch.nn.Module):
                 num_label_tokens)
         if num_label_tokens is not None:
             raise ValueError("num_label_tokens is only supported when reduction is 'sum'")
-        fn = _get_compiled_compute_cross_entropy() if self.compile else compute_cross_entropy
-        return fn(logits, labels, self.ignore_index, self.reduction)
+        fn = compiled if compiled is not None else compute_cross_entropy
+        out = fn(logits, labels, self.ignore_index, self.reduction)
+        return out.reshape(shape) if self.reduction == "none" else out
 
     def extra_repr(self) -> str:
         return (f"chunk_len={self.chunk_len}, compile={self.compile}, "

@@ -42,6 +42,7 @@ import torch
 
 import fusedce as _fce
 
+from ..spec import InputError
 from ._common import inner_backward, inner_forward
 
 __all__ = [
@@ -60,7 +61,7 @@ def _shard_start(vocab_parallel_logits: torch.Tensor, vocab_start_index: int,
     for name, v in (("vocab_start_index", vocab_start_index),
                     ("vocab_end_index", vocab_end_index)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {v!r}")
+            raise InputError(f"{name} must be an int, got {v!r}")
     v_local = vocab_parallel_logits.shape[-1]
     if vocab_end_index - vocab_start_index != v_local:
         raise ValueError(f"vocab_end_index - vocab_start_index = {vocab_end_index} - "

@@ -8,8 +8,8 @@ or (SQ, B, V) (any [..., V] works), targets t and label smoothing a, per row
     loss = (1 - a) * (lse - x_t) + (a / V) * sum_j (lse - x_j),   lse = log sum_j exp(x_j)
 
 computed in fp32 (0 on rows whose target is ``ignore_idx``); ``reduce_loss=True`` gives the
-mean over non-ignored rows, otherwise the fp32 per-row losses shaped like the logits'
-leading dims. The gradient, dx_j = g * ((1 - a) * (p_j - [j = t]) + a * (p_j - 1 / V))
+mean over non-ignored rows, otherwise the fp32 per-row losses shaped like the target
+(TE itself returns (B, SQ) whatever the target's shape). The gradient, dx_j = g * ((1 - a) * (p_j - [j = t]) + a * (p_j - 1 / V))
 with p = softmax(x), comes back in the logits' dtype. With ``dist_process_group`` each rank
 holds a vocabulary shard (rank r: columns [r * V_local, (r + 1) * V_local)) and targets are
 global ids; ranks exchange per-row statistics only. Everything is computed by
@@ -58,10 +58,13 @@ __all__ = [
 def _core_loss(x: torch.Tensor, target: torch.Tensor, label_smoothing: float, reduce_loss: bool,
                dist_process_group, ignore_idx: int, inplace: bool = False,
                vocab_start: Optional[int] = None) -> torch.Tensor:
-    return _fce.cross_entropy(x, target_like(target, x), ignore_index=ignore_idx,
+    loss = _fce.cross_entropy(x, target_like(target, x), ignore_index=ignore_idx,
                               reduction="mean" if reduce_loss else "none",
                               label_smoothing=label_smoothing, tp_group=dist_process_group,
                               vocab_start=vocab_start, inplace_backward=inplace)
+    # reduce_loss=False: one loss per target, shaped like the target (a flat [B * SQ]
+    # target gives a flat loss)
+    return loss if reduce_loss else loss.reshape(target.shape)
 
 
 def parallel_cross_entropy(
@@ -92,7 +95,7 @@ def parallel_cross_entropy(
         vocab_start: keyword-only extension: this rank's first global column, for uneven
             shards (default, as TE: rank * V_local).
     Returns:
-        fp32 loss: a scalar, or shaped like the logits' leading dims.
+        fp32 loss: a scalar, or shaped like ``target``.
     """
     if inp is None:
         inp = _input
@@ -151,7 +154,7 @@ def cross_entropy_forward(
         target, label_smoothing, reduce_loss, dist_process_group, ignore_idx, vocab_start:
             as :func:`parallel_cross_entropy`.
     Returns:
-        (loss, _input): fp32 loss (a scalar or shaped like the leading dims), and the very
+        (loss, _input): fp32 loss (a scalar or shaped like target), and the very
         tensor passed in, now holding the gradient.
     """
     x = _input.detach()
