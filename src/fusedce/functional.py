@@ -382,7 +382,7 @@ def cross_entropy(
                     vocab_start=start, group=group, normalizer=normalizer,
                     inplace=bool(inplace_backward), need_grad=need_grad,
                     need_aux=bool(return_aux))
-    loss, lse, zl, acc = _ag.CrossEntropyFunction.apply(logits, target, weight, plan)
+    loss, lse, zl, acc = _ag.apply(_ag.CrossEntropyFunction, plan, logits, target, weight)
     if return_aux:
         return CrossEntropyOutput(loss, lse, zl, acc)
     return loss
@@ -448,4 +448,4 @@ def entropy(
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     plan = _ag.Plan(opts=opts, backend=_pick_backend(backend, logits), vocab_size=vocab_size,
                     vocab_start=start, group=group, need_grad=need_grad)
-    return _ag.EntropyFunction.apply(logits, plan)
+    return _ag.apply(_ag.EntropyFunction, plan, logits)

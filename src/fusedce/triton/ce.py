@@ -466,13 +466,13 @@ def stats_config(V: int, elem_size: int) -> StatsConfig:
     warps, next chunk prefetched; within 1% of the best of the sweep in notes/KERNELS.md."""
     if "stats" in _OVERRIDE:
         return _OVERRIDE["stats"]
-    block = min(4096, triton.next_power_of_2(max(V, 16)))
+    block = min(4096, _pow2(max(V, 16)))
     return StatsConfig(block=block, num_warps=max(1, min(8, block // 512)), prefetch=True)
 
 
 def _grad_block(V: int, elem_size: int) -> int:
     b = _OVERRIDE.get("grad_block") or (4096 if elem_size <= 2 else 2048)
-    return min(b, triton.next_power_of_2(max(V, 16)))
+    return min(b, _pow2(max(V, 16)))
 
 
 _SM_COUNT: dict = {}
@@ -487,6 +487,16 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions in Triton >= 3.4, a few us of
+    # host time per call on the launch path
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def _maxnreg(num_warps: int, per_sm: int) -> int:
     # 64K registers per SM shared by per_sm programs of num_warps * 32 threads, in units of 8
     r = 65536 // (per_sm * num_warps * 32)
@@ -495,6 +505,8 @@ def _maxnreg(num_warps: int, per_sm: int) -> int:
 
 def _is_traced(*ts) -> bool:
     """True for fake / functional tensors (torch.compile tracing, meta kernels)."""
+    if all(t is None or type(t) is torch.Tensor for t in ts):  # eager: the common case
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
     return any(isinstance(t, torch.Tensor) and is_fake(t) for t in ts)
@@ -623,12 +635,12 @@ def tr_row_stats(
     if n == 0 or _skip(x3):
         return outs[0], outs[1], outs[2], outs[3], am, sez
     cfg = stats_config(V, x3.element_size())
-    n_blocks = triton.cdiv(V, cfg.block)
+    n_blocks = _cdiv(V, cfg.block)
     # enough programs to fill the device: split rows into segments only when rows are few
     want = 8 * _sm_count(dev)
-    S = max(1, min(n_blocks, triton.cdiv(want, n)))
-    seg_len = triton.cdiv(n_blocks, S) * cfg.block
-    S = triton.cdiv(V, seg_len)
+    S = max(1, min(n_blocks, _cdiv(want, n)))
+    seg_len = _cdiv(n_blocks, S) * cfg.block
+    S = _cdiv(V, seg_len)
     if S == 1:
         dst = outs + [am, sez]
     else:
@@ -652,8 +664,8 @@ def tr_row_stats(
     )
     if S > 1:
         rows = 64
-        sp2 = triton.next_power_of_2(S)
-        _launcher(_fold_kernel)[(triton.cdiv(n, rows),)](
+        sp2 = _pow2(S)
+        _launcher(_fold_kernel)[(_cdiv(n, rows),)](
             dst[0], dst[1], dst[2], dst[3], dst[4],
             dst[5] if need_sez else _placeholder(dst[0], traced),
             outs[0], outs[1], outs[2], outs[3], am,
@@ -672,7 +684,7 @@ def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, igno
     block = _grad_block(V, x3.element_size())
     fl = _opts_flags(logit_scale, softcap)
     dummy = lse
-    _launcher(_grad_kernel)[(n, triton.cdiv(V, block))](
+    _launcher(_grad_kernel)[(n, _cdiv(V, block))](
         x3, *_strides3(x3),
         out, *_strides3(out), T, V,
         target if target is not None else dummy, ignore_index, vocab_start,
@@ -738,7 +750,7 @@ def tr_fused(
 
     fused_rows.launch(
         x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, programs=P,
-        block=min(cfg.block, triton.next_power_of_2(max(V, 16))), num_warps=cfg.num_warps,
+        block=min(cfg.block, _pow2(max(V, 16))), num_warps=cfg.num_warps,
         stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
@@ -824,7 +836,7 @@ def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
     fused_rows.launch(
         x3, out, target, None, None, w_local, w_total, None, None, None, None,
         am if need_am else _placeholder(lse, traced), programs=P,
-        block=min(cfg.block, triton.next_power_of_2(max(V, 16))), num_warps=cfg.num_warps,
+        block=min(cfg.block, _pow2(max(V, 16))), num_warps=cfg.num_warps,
         stages=cfg.stages, reverse=cfg.reverse, hints=cfg.hints, prefetch=cfg.prefetch,
         maxnreg=maxnreg, ignore_index=ignore_index, vocab_size=vocab_size,
         label_smoothing=label_smoothing, z_loss=z_loss, flags=_opts_flags(logit_scale, softcap),
@@ -920,7 +932,7 @@ def _launch_scale(buf3: torch.Tensor, factor: torch.Tensor, per_row: bool) -> No
     n = B * T
     if n == 0 or V == 0:
         return
-    block = min(4096, triton.next_power_of_2(max(V, 16)))
+    block = min(4096, _pow2(max(V, 16)))
     P = min(n, 8 * _sm_count(buf3.device)) if not INTERPRET else min(n, 3)
     _launcher(_scale_kernel)[(P,)](
         buf3, *_strides3(buf3), T, V, n, factor, P,

@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ce import (_LOG2E, MAX_SPLIT, _chunk_stats, _col_off, _dims3, _exp2, _placeholder,
-                 _row_ptr, _strides3, _z_of)
+from .ce import (_LOG2E, MAX_SPLIT, _cdiv, _chunk_stats, _col_off, _dims3, _exp2,
+                 _placeholder, _pow2, _row_ptr, _strides3, _z_of)
 
 
 @triton.jit
@@ -632,13 +632,13 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         if split > 1 and peer[0].shape[1] < peer[3] * split:
             raise ValueError("split: the exchange buffer has too few slots")
     else:
-        split = max(1, min(int(split), MAX_SPLIT, triton.cdiv(V, block), int(programs)))
+        split = max(1, min(int(split), MAX_SPLIT, _cdiv(V, block), int(programs)))
     if split > 1:
         if gathered is not None:
             raise ValueError("split: not with gathered statistics")
-        segw = triton.cdiv(triton.cdiv(V, split), block) * block
+        segw = _cdiv(_cdiv(V, split), block) * block
         if peer is None:
-            split = triton.cdiv(V, segw)  # (no empty segment)
+            split = _cdiv(V, segw)  # (no empty segment)
             programs = min(n, programs // split) * split
         else:
             programs = (programs // split) * split  # all resident: every row's parts wait
@@ -680,7 +680,7 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
         EARLY=((peer is not None or split > 1) and need_grad and bool(prefetch) and early
                and row_out is not None),
         SPLIT=split,
-        SPLIT_P2=triton.next_power_of_2(split * (peer[3] if peer is not None else 1)),
+        SPLIT_P2=_pow2(split * (peer[3] if peer is not None else 1)),
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
