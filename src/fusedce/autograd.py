@@ -70,10 +70,10 @@ def _accuracy(plan: Plan, am, t: torch.Tensor, valid: Optional[torch.Tensor],
     return _unused(device)
 
 
-def _unused(device) -> torch.Tensor:
+def _unused(device) -> None:
     """An output slot nobody reads (the z-loss part and accuracy without return_aux, which
-    the public functions drop): allocated, not filled, so no launch."""
-    return torch.empty((), device=device)
+    the public functions drop): None, so neither a launch nor an allocation."""
+    return None
 
 
 class _NoGradCtx:
@@ -98,6 +98,16 @@ def apply(fn, plan: Plan, *args):
     return fn.forward(_NoGradCtx(), *args, plan)
 
 
+def _shaped(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row values [N] shaped like ``target`` (no view op when it is 1-D already)."""
+    return rows if target.dim() == 1 else rows.view(target.shape)
+
+
+def _scalar(g: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient as a 0-d fp32 tensor (itself when it is one already)."""
+    return g if g.dim() == 0 and g.dtype == torch.float32 else g.float().reshape(())
+
+
 def _keep(ctx, plan: Plan, reduced: bool, eager: bool, logits: torch.Tensor) -> None:
     ctx.plan = plan
     ctx.reduced = reduced
@@ -115,14 +125,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         # fills per backward otherwise)
         ctx.set_materialize_grads(False)
         opts, be = plan.opts, plan.backend
-        x3 = as_rows3d(logits)
-        t = target.reshape(-1)
-        v_local = x3.shape[-1]
+        t = target if target.dim() == 1 else target.reshape(-1)
         eager = plan.need_grad and getattr(be, "eager_grad", False)
         one_kernel = hasattr(be, "fused_loss") and getattr(be, "one_kernel", lambda: True)()
         if one_kernel and (eager or not plan.need_grad):
-            return CrossEntropyFunction._forward_one_kernel(ctx, logits, x3, target, t, weight,
+            # (its kernels take [N, V] logits as they are: no [1, N, V] view to make)
+            xk = logits if logits.dim() == 2 else as_rows3d(logits)
+            return CrossEntropyFunction._forward_one_kernel(ctx, logits, xk, target, t, weight,
                                                             plan, eager)
+        x3 = as_rows3d(logits)
+        v_local = x3.shape[-1]
         wl = _weight_local(weight, plan, v_local)
         terms = spec.row_terms(t, opts, plan.vocab_size, weight)
         scale = spec.row_scale(terms, opts, plan.normalizer)
@@ -160,7 +172,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
             ctx.save_for_backward(logits, t, lse, c_p, c_t, scale, terms.valid, weight)
         lse_out = lse.view(target.shape)
-        ctx.mark_non_differentiable(lse_out, zl, acc)
+        ctx.mark_non_differentiable(*(v for v in (lse_out, zl, acc) if v is not None))
         return loss, lse_out, zl, acc
 
     @staticmethod
@@ -191,23 +203,24 @@ class CrossEntropyFunction(torch.autograd.Function):
                                  need_sz=smooth, need_am=plan.need_aux)
             gathered = gather_packed_stats(stats, plan.group, need_sz=smooth)
         gbuf = _grad_buffer(logits, plan) if eager else None
+        out = None if gbuf is None else gbuf if gbuf.dim() == x3.dim() else as_rows3d(gbuf)
         loss_rows, lse, zpart, am = be.fused_loss(
             x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
-            out=as_rows3d(gbuf) if eager else None, need_am=plan.need_aux, gathered=gathered,
+            out=out, need_am=plan.need_aux, gathered=gathered,
             vocab_start=plan.vocab_start, **({"peer": peer} if peer is not None else {}))
         if not plan.need_aux:
             zl = _unused(lse.device)
         elif zpart is None:
             zl = torch.zeros(() if reduced else target.shape, device=lse.device)
         else:
-            zl = zpart.sum() if reduced else zpart.view(target.shape)
-        loss = loss_rows.sum() if reduced else loss_rows.view(target.shape)
+            zl = zpart.sum() if reduced else _shaped(zpart, target)
+        loss = loss_rows.sum() if reduced else _shaped(loss_rows, target)
         acc = _accuracy(plan, am, t, None, lse.device)
         _keep(ctx, plan, reduced, eager, logits)
         if eager:
             ctx.save_for_backward(gbuf)
-        lse_out = lse.view(target.shape)
-        ctx.mark_non_differentiable(lse_out, zl, acc)
+        lse_out = lse if target.dim() == 1 else lse.view(target.shape)
+        ctx.mark_non_differentiable(*(v for v in (lse_out, zl, acc) if v is not None))
         return loss, lse_out, zl, acc
 
     @staticmethod
@@ -226,7 +239,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             (gbuf,) = ctx.saved_tensors
             be = plan.backend
             if ctx.reduced:
-                be.scale_(gbuf, grad_loss.float().reshape(()))
+                be.scale_(gbuf, _scalar(grad_loss))
             else:
                 be.scale_rows_(as_rows3d(gbuf), grad_loss.float().reshape(-1))
             # a fresh view, so that AccumulateGrad can take the buffer as the leaf's .grad

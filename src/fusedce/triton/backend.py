@@ -105,6 +105,8 @@ def _vec(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _ids(target: torch.Tensor) -> torch.Tensor:
+    if target.dim() == 1 and target.is_contiguous():
+        return target  # (no view op: a few us of host time each on slow hosts)
     return target.reshape(-1).contiguous()
 
 
@@ -275,7 +277,8 @@ def peer_parts(vocab_size: int, world: int, elem_size: int) -> int:
 
 def scale_(buf: torch.Tensor, factor0d: torch.Tensor) -> None:
     """buf *= factor (0-d); a device-side no-op when the factor is 1 (no host sync)."""
-    f = factor0d.float().reshape(())
+    f = factor0d if factor0d.dim() == 0 and factor0d.dtype == torch.float32 else \
+        factor0d.float().reshape(())
     if buf.dim() == 2:
         _call("tr_scale_")(buf, f)
         return
