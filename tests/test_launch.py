@@ -181,3 +181,26 @@ def test_ops_are_opaque_unless_triton_op_is_asked_for():
     for setting in ("triton_op", " Triton_Op "):
         assert not ce._opaque_ops(setting, interpret=False)
         assert ce._opaque_ops(setting, interpret=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the CPU interpreter's calls")
+def test_host_ops_per_call():
+    """A call's aten ops do not grow back (benchmarks/host_ops.py; on slow GPU hosts each is
+    ~10-20 us before the kernel launch): no_grad mean 7 (ne + sum for the denominator, four
+    outputs, the loss sum), logprobs 5, forward+backward in place 11, into a new buffer 12."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host_ops.py")
+    spec = importlib.util.spec_from_file_location("host_ops", path)
+    host_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_ops)
+    x = torch.randn(64, 40)
+    t = torch.randint(0, 40, (64,))
+    limits = {"no_grad": 7, "logprobs inference_only": 5, "fb in place": 11,
+              "fb new buffer": 12}
+    for name, fn in host_ops.calls(x, t).items():
+        ops = host_ops.count(fn)
+        assert len(ops) <= limits[name], (name, ops)
+        assert not any("view" in o or "select" in o or "unsqueeze" in o for o in ops
+                       if not name.startswith("fb")), (name, ops)
