@@ -676,6 +676,38 @@ def test_second_backward_through_eager_loss_raises():
     assert torch.allclose(first.double(), ref.grad, atol=1e-6)
 
 
+def test_persistent_grid_is_balanced_in_place(monkeypatch):
+    """In place, rows up to 96 KB take the fewest programs that need no more rounds over the
+    rows than the SM slots would (run 66): N = 16384 rows on 4 x 132 slots (V = 32000) ->
+    512 programs of 32 rows, not 528 with 512 of them idle in the 32nd round. Into a new
+    buffer (where it measured slower), for resident grids (PEER) and for cooperating parts,
+    every slot is kept."""
+    for n, slots in ((16384, 528), (100, 528), (528, 528), (529, 528), (1, 7), (10**6, 264),
+                     (16384, 132), (16383, 66), (2, 1), (8192, 528)):
+        p = ce._balanced(n, slots)
+        rounds = -(-n // slots)
+        assert p <= min(n, slots) and -(-n // p) == rounds, (n, slots, p)
+        assert p == 1 or -(-n // (p - 1)) > rounds, (n, slots, p)  # the fewest
+    assert ce._balanced(16384, 528) == 512 and ce._balanced(0, 528) == 528
+    monkeypatch.setattr(ce, "INTERPRET", False)  # the GPU table
+    monkeypatch.setattr(ce, "_sm_count", lambda device: 132)
+    x3 = torch.empty(1, 16384, 32000, dtype=torch.bfloat16, device="meta")
+    cfg, P, _ = ce._rows_grid(x3, x3, None, None, True, traced=False)
+    assert (cfg.per_sm, cfg.split, cfg.balance, P) == (4, 1, True, 512)
+    # (meta tensors all have data pointer 0: real, stride-0 views tell the buffers apart)
+    xr = torch.empty(1, dtype=torch.bfloat16).expand(1, 16384, 32000)
+    new = torch.empty(1, dtype=torch.bfloat16).expand(1, 16384, 32000)
+    assert ce._rows_grid(xr, xr, None, None, True, traced=False)[1] == 512
+    assert ce._rows_grid(xr, new, None, None, True, traced=False)[1] == 528
+    assert ce._rows_grid(x3, x3, None, None, True, resident=True, traced=False)[1] == 528
+    # statistics only: one program per row, as before
+    assert ce._rows_grid(x3, x3, None, None, False, traced=False)[1] == 16384
+    # cooperating parts (128256 in bf16: 4 parts of 64 KB): every slot
+    x3 = torch.empty(1, 200, 128256, dtype=torch.bfloat16, device="meta")
+    cfg, P, _ = ce._rows_grid(x3, x3, None, None, True, traced=False)
+    assert cfg.split == 4 and not cfg.balance and P == 4 * 132
+
+
 def test_split_table_and_launcher_cap_the_parts(monkeypatch):
     """The table asks for at most ce.MAX_SPLIT = 8 cooperating programs per row at any V and
     dtype (longer rows take longer segments): rows of 192-256 KB take 4 parts of 8 warps, 4
@@ -698,7 +730,9 @@ def test_split_table_and_launcher_cap_the_parts(monkeypatch):
             # backwards and store around L1 (.cg), into a new buffer forwards
             own = ce.fused_config(V, es, in_place=True)
             if V * es <= 96 * 1024:
-                assert cfg.reverse and own == cfg
+                # (run 66: in place, a balanced grid)
+                assert cfg.reverse and own == dataclasses.replace(cfg, balance=True)
+                assert not cfg.balance
             elif V * es > 384 * 1024:
                 assert (cfg.reverse, cfg.hints, own.reverse, own.hints) == (False, 1, True, 3)
                 assert dataclasses.replace(own, reverse=False, hints=1) == cfg

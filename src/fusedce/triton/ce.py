@@ -356,6 +356,9 @@ class RowsConfig:
     # (an override) vocabulary parallel with the in-kernel exchange (PEER), shard rows are
     # split in ``split`` parts too (the table decides by width: _peer_config)
     peer_split: bool = False
+    # (persistent, one program per row at a time, not resident) the fewest programs that
+    # need as many rounds over the rows as per_sm x SMs programs would (_balanced)
+    balance: bool = False
 
 
 # At most 8 cooperating programs per row (SPLIT), in the table and at launch: the poll of
@@ -405,7 +408,8 @@ def fused_config(V: int, elem_size: int, in_place: bool = False) -> RowsConfig:
     rows walk pass 2 backwards too (the first chunks it reads are still in L1: 1.25x ->
     1.22x at 32000, 1.35x -> 1.29x at 49152, in place); ``in_place`` (the gradient written
     over the logits) rows over 384 KB walk backwards and store around L1 (.cg), which the
-    new-buffer call does not gain from (in place 1.34x -> 1.32x at 262144)."""
+    new-buffer call does not gain from (in place 1.34x -> 1.32x at 262144); in place, rows up
+    to 96 KB take a balanced grid (_balanced; run 66)."""
     if "fused" in _OVERRIDE:
         return _OVERRIDE["fused"]
     if INTERPRET:
@@ -414,7 +418,7 @@ def fused_config(V: int, elem_size: int, in_place: bool = False) -> RowsConfig:
     per_chunk = 8192 // elem_size  # 8 KB of columns per 8 warps
     if V * elem_size <= 96 * 1024:
         return RowsConfig(block=per_chunk, num_warps=8, per_sm=4, prefetch=True, reverse=True,
-                          tvec=False)
+                          tvec=False, balance=in_place)
     if 192 * 1024 < V * elem_size <= 256 * 1024:
         # 4 segments of <= 64 KB, each taken as a short row is (run 47: 1.30x vs 1.34x at
         # 128256 in bf16, 1.40x vs 1.50x at 100000; 151936 (297 KB) and 65536 gain nothing)
@@ -803,12 +807,25 @@ def _rows_grid(x3: torch.Tensor, out: torch.Tensor, softcap, weight, need_grad: 
         P = n
     else:
         P = min(n, cfg.per_sm * _sm_count(x3.device))
+        if cfg.balance and not resident:
+            P = _balanced(n, P)
     maxnreg = None
     if cfg.persistent and not INTERPRET and not traced:
         # under torch.compile the launch carries no register cap (it is only a hint for
         # occupancy: programs that wait on others take their places from a ticket)
         maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
     return cfg, P, maxnreg
+
+
+def _balanced(n: int, slots: int) -> int:
+    """The fewest programs that take ``n`` rows round-robin in as many rounds as ``slots``
+    programs would: N = 16384 rows on 4 x 132 slots -> 512 programs of 32 rows, where 528
+    leave 512 of them idle through the 32nd round (run 66: in place 1.224x -> 1.207-1.210x
+    at V = 32000, 1.264x -> 1.258-1.261x at N = 8192; into a new buffer it lost 0.01-0.02x,
+    so the table asks for it in place only)."""
+    if n <= 0 or slots <= 0:
+        return max(slots, 0)
+    return _cdiv(n, _cdiv(n, slots))
 
 
 def _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,
