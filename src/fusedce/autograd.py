@@ -162,8 +162,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = loss_rows.sum() * scale
             zl = zpart.sum() * scale if plan.need_aux else _unused(lse.device)
         else:
-            loss = loss_rows.view(target.shape)
-            zl = zpart.view(target.shape)
+            loss = _shaped(loss_rows, target)
+            zl = _shaped(zpart, target)
         acc = _accuracy(plan, stats.am, t, terms.valid, lse.device)
         _keep(ctx, plan, reduced, eager, logits)
         if eager:
@@ -171,7 +171,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif plan.need_grad:
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
             ctx.save_for_backward(logits, t, lse, c_p, c_t, scale, terms.valid, weight)
-        lse_out = lse.view(target.shape)
+        lse_out = _shaped(lse, target)
         ctx.mark_non_differentiable(*(v for v in (lse_out, zl, acc) if v is not None))
         return loss, lse_out, zl, acc
 
@@ -219,7 +219,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         _keep(ctx, plan, reduced, eager, logits)
         if eager:
             ctx.save_for_backward(gbuf)
-        lse_out = lse if target.dim() == 1 else lse.view(target.shape)
+        lse_out = _shaped(lse, target)
         ctx.mark_non_differentiable(*(v for v in (lse_out, zl, acc) if v is not None))
         return loss, lse_out, zl, acc
 

@@ -22,8 +22,9 @@ Differences from NeMo Automodel (the signatures and results are the same):
   place); the masked labels are a new tensor.
 * ``TEParallelCrossEntropy``: no host sync in the computation (``num_label_tokens == 0``
   is decided on the device for tensors; the core's default input validation syncs once,
-  ``fusedce.set_validation(False)`` removes it); never unavailable, so ``HAVE_TE_PARALLEL_CE`` is True; an invalid
-  ``reduction`` raises ValueError at construction instead of after computing the loss.
+  ``fusedce.set_validation(False)`` removes it); never unavailable, so
+  ``HAVE_TE_PARALLEL_CE`` is True; an invalid ``reduction`` raises ValueError at
+  construction instead of after computing the loss.
   Vocabulary shards may be uneven: DTensor logits carry their own column ranges, and a
   keyword-only ``vocab_start`` gives this rank's first column for plain tensors (default,
   as TE: rank * V_local).

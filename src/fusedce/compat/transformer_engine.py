@@ -9,11 +9,11 @@ or (SQ, B, V) (any [..., V] works), targets t and label smoothing a, per row
 
 computed in fp32 (0 on rows whose target is ``ignore_idx``); ``reduce_loss=True`` gives the
 mean over non-ignored rows, otherwise the fp32 per-row losses shaped like the target
-(TE itself returns (B, SQ) whatever the target's shape). The gradient, dx_j = g * ((1 - a) * (p_j - [j = t]) + a * (p_j - 1 / V))
-with p = softmax(x), comes back in the logits' dtype. With ``dist_process_group`` each rank
-holds a vocabulary shard (rank r: columns [r * V_local, (r + 1) * V_local)) and targets are
-global ids; ranks exchange per-row statistics only. Everything is computed by
-:func:`fusedce.cross_entropy`.
+(TE itself returns (B, SQ) whatever the target's shape). The gradient,
+dx_j = g * ((1 - a) * (p_j - [j = t]) + a * (p_j - 1 / V)) with p = softmax(x), comes back
+in the logits' dtype. With ``dist_process_group`` each rank holds a vocabulary shard
+(rank r: columns [r * V_local, (r + 1) * V_local)) and targets are global ids; ranks
+exchange per-row statistics only. Everything is computed by :func:`fusedce.cross_entropy`.
 
 Differences from TransformerEngine (the signatures and results are the same):
 

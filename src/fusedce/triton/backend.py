@@ -66,25 +66,22 @@ def _runner(raw):
     """An eager call of the launcher ``raw``. The opaque ops (the default) launch through
     fusedce's fast launcher whatever wrap_triton's switch says, so only the triton_op form
     turns it off around the call (a context manager: ~2 us of host time)."""
-    if ce.OPAQUE:
-        def run(*args):
-            # Triton launches on the current device's stream: make it the logits' device (a
-            # process driving several GPUs may call with tensors on another one)
-            dev = args[0].device
-            if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-                with torch.cuda.device(dev):
-                    return raw(*args)
-            return raw(*args)
 
+    def run(*args):
+        # Triton launches on the current device's stream: make it the logits' device (a
+        # process driving several GPUs may call with tensors on another one)
+        dev = args[0].device
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return raw(*args)
+        return raw(*args)
+
+    if ce.OPAQUE:
         return run
 
     def run_wrapped(*args):
-        dev = args[0].device
         with _wrap_enabled(False):
-            if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-                with torch.cuda.device(dev):
-                    return raw(*args)
-            return raw(*args)
+            return run(*args)
 
     return run_wrapped
 
