@@ -10,31 +10,22 @@ Usage: python benchmarks/host_ops.py
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fusedce as fce  # noqa: E402
 from fusedce.triton import ce  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oplog import OpLog  # noqa: E402
 
 
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *a, **k: None
-
-
-class OpLog(TorchDispatchMode):
-    """Records the name of every aten op dispatched while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def calls(x: torch.Tensor, t: torch.Tensor) -> dict:

@@ -13,25 +13,11 @@ import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
 import fusedce as fce  # noqa: E402,I001
-
-
-class _Ops(TorchDispatchMode):
-    """The aten ops a call dispatches (the launches beside the kernels), in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if not any(k in name for k in ("empty", "view", "detach", "unsqueeze", "reshape",
-                                         "select", "alias", "as_strided", "expand", "slice")):
-            self.ops.append(name.replace("aten.", "").replace(".default", ""))
-        return func(*args, **(kwargs or {}))
+from oplog import OpLog, launches  # noqa: E402
 
 
 def main():
@@ -58,12 +44,13 @@ def main():
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-            with _Ops() as log:
+            with OpLog(keep=launches) as log:
                 loss = fce.cross_entropy(x, t, inplace_backward=inplace)
                 n_fwd = len(log.ops)
                 loss.backward()
+            ops = [o.replace("aten.", "").replace(".default", "") for o in log.ops]
             print(f"\n== V={V} {'in place' if inplace else 'new buffer'}: aten ops, forward "
-                  f"{log.ops[:n_fwd]}, backward {log.ops[n_fwd:]}")
+                  f"{ops[:n_fwd]}, backward {ops[n_fwd:]}")
             x.grad = None
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
