@@ -154,55 +154,6 @@ def test_reduction_none_per_row_upstream():
     assert_close_normwise(x.grad, gref, 2 * tol(torch.bfloat16), "grad")
 
 
-@pytest.mark.parametrize("V", [1, 37, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("inplace", [False, True])
-def test_fused_rows_hold_one_chunk(V, dtype, inplace, monkeypatch):
-    """A row (or SPLIT segment) that is one chunk is held in registers from pass 1 to pass 2
-    (HOLD): no second read. Every option against the fp64 oracle, ignored rows whose logits
-    are NaN / inf get exactly zero gradient, in place too; the launch asked for HOLD."""
-    seen = []
-    orig = ce._launcher
-
-    def spy(kernel):
-        inner = orig(kernel)
-
-        class _Grid:
-            def __getitem__(self, grid):
-                def run(*a, **kw):
-                    if "HOLD" in kw:
-                        seen.append(kw["HOLD"])
-                    return inner[grid](*a, **kw)
-                return run
-        return _Grid()
-
-    monkeypatch.setattr(ce, "_launcher", spy)
-    ce.set_override(fused=ce.RowsConfig(block=64, num_warps=1, per_sm=1, prefetch=True,
-                                        reverse=True, tvec=False))
-    try:
-        kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, logit_scale=1.2,
-                  weight=torch.rand(V, device=DEV) + 0.5)
-        x0 = _x((7,), V, dtype)
-        t = _t((7,), V, ignore_frac=0.0)
-        t[2] = -100
-        t[5] = -100
-        x0[2, 0] = float("nan")
-        x0[5, -1] = float("inf")
-        x = x0.clone().requires_grad_(True)
-        loss = fce.cross_entropy(x, t, backend="triton", inplace_backward=inplace, **kw)
-        loss.backward()
-        assert seen and all(seen)
-        ok = t != -100
-        ref, gref = _ref_grad(x0[ok], t[ok], torch.tensor(1.0), **kw)
-        # the mean's denominator is the weight sum of the valid rows in both
-        assert_close_normwise(loss.detach(), ref, 2e-5, "loss")
-        assert x.grad.dtype == dtype
-        assert_close_normwise(x.grad[ok], gref.to(DEV), 2 * tol(dtype), "grad")
-        assert torch.equal(x.grad[~ok], torch.zeros_like(x.grad[~ok]))
-    finally:
-        ce.set_override(fused=None)
-
-
 def test_no_grad_runs_statistics_only(monkeypatch):
     """Under no_grad (and for logprobs inference_only) the one-kernel path runs without a
     gradient destination (one read); with autograd it writes the gradient in the same

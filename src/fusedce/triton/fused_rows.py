@@ -430,7 +430,6 @@ def _fused_rows_kernel(
     FAST: tl.constexpr, NEED_GRAD: tl.constexpr, ROW_OUT: tl.constexpr,
     SCALE_MODE: tl.constexpr, GATHERED: tl.constexpr, NF: tl.constexpr, PEER: tl.constexpr,
     TVEC: tl.constexpr, EARLY: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-    HOLD: tl.constexpr,
 ):
     # P programs; program pid takes rows pid, pid + P, ... (P = N: one row each).
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
@@ -503,19 +502,9 @@ def _fused_rows_kernel(
             # read before pass 2 overwrites it (in place)
             xt = tl.load(xb + tsafe * sxv, mask=has, other=0.0)
             zt = tl.where(has, _z_of(xt, scale, inv_cap, softcap, SOFTCAP, SCALE), 0.0)
-            if HOLD:
-                # the row (segment) is one chunk: kept in registers for pass 2, not re-read
-                xr = _load1(xb, offs, sxv, VL, HINTS, COL64X)
-                z1, m1, s1, sz1, am1, e1, a1 = _chunk_stats(
-                    xr, offs, VL, 0, lane, tl.full([NT], float("-inf"), tl.float32),
-                    tl.zeros([NT], tl.float32), tl.zeros([NT], tl.float32),
-                    tl.zeros([NT], tl.int32), w_ptr, scale, inv_cap, softcap, R, SOFTCAP, SCALE,
-                    SMOOTH, HAS_W, NEED_AM, FAST)
-                m, ss, szs, am = _fold_threads(m1, s1, sz1, am1, lane, NEED_AM)
-            else:
-                m, ss, szs, am = _pass1(xb, 0, VL, offs, lane, w_ptr, sxv, scale, inv_cap,
-                                        softcap, BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP,
-                                        SCALE, SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
+            m, ss, szs, am = _pass1(xb, 0, VL, offs, lane, w_ptr, sxv, scale, inv_cap,
+                                    softcap, BLOCK, R, HINTS, PREFETCH, STAGES, SOFTCAP, SCALE,
+                                    SMOOTH, HAS_W, NEED_AM, COL64X, FAST)
             if PEER or SPLIT > 1:
                 if NEED_AM:
                     am = (am + c0 + vocab_start).to(tl.int32)
@@ -529,7 +518,7 @@ def _fused_rows_kernel(
                     first = loc_ptr + 1 + ((kk % 2) * PG + grp) * (SPLIT * 8)
                     tl.store(first + part * 8 + tl.arange(0, 8),
                              _record(m, ss, zt, am, szs, row + 1))
-                if EARLY and not HOLD:
+                if EARLY:
                     # pass 2's first chunk (its bounds need only the target and c), loaded
                     # while the other parts' records are awaited
                     vend0 = tl.where((tv != ignore_index) & (c != 0.0), VL, 0)
@@ -582,13 +571,10 @@ def _fused_rows_kernel(
             if SPLIT > 1:
                 ob += _col_off(c0, sov, COL64O)
             lse2 = lse_g * _LOG2E
-            if HOLD:
-                # what pass 2 would have loaded: zeros past vend (rows without gradient)
-                x0 = tl.where(offs < vend, xr, 0.0)
             _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
                    tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK, HINTS,
                    PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST,
-                   TVEC, EARLY or HOLD)
+                   TVEC, EARLY)
             if not TVEC:
                 # the target column, rewritten once the whole row is (the barrier orders it
                 # after the vector store of the same column by another thread): the same
@@ -695,7 +681,6 @@ def launch(x3, out, target, g0, w_t, weight, w_total, m, s, zt, sz, am, *, progr
                and row_out is not None),
         SPLIT=split,
         SPLIT_P2=_pow2(split * (peer[3] if peer is not None else 1)),
-        HOLD=gathered is None and need_grad and bool(prefetch) and segw <= max(block, r),
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
