@@ -726,6 +726,13 @@ def _tp_nemo_rl(rank, group, seed):
     assert torch.equal(ls0, ls)
     lp0 = rl.DistributedLogprob.apply(shard.detach(), t, s, e, None, True)
     assert torch.equal(lp0, inf.detach())
+    # uneven shards for the log-softmax: the seed's signature has no offsets, and the
+    # normalisation needs none (the shards are taken in rank order)
+    for dt in (torch.float32, torch.bfloat16):
+        lsu = rl._compute_distributed_log_softmax(full[..., s:e].to(dt), group)
+        assert lsu.dtype == torch.float32 and lsu.shape == (2, 6, e - s)
+        assert_close_normwise(lsu, torch.log_softmax(full.to(dt).double(), -1)[..., s:e],
+                              1e-5, f"log_softmax tp uneven {dt}")
 
 
 TP_CASES = {"te": _tp_te, "automodel": _tp_automodel, "nemo_rl": _tp_nemo_rl}

@@ -557,6 +557,19 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
     return start, V
 
 
+def shard_start(group, v_local: int) -> int:
+    """This rank's first column when the ranks of ``group`` hold consecutive shards in rank
+    order, whatever their widths: the sum of the lower ranks' V_local (one all-gather of an
+    int64 per rank). For callers that are given no vocab_start and need none for their
+    result, yet go through the layout of a call that does (a log-softmax over the group)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return 0
+    mine = torch.tensor([int(v_local)], dtype=torch.int64, device=comm_device(group))
+    widths = _all_gather_flat(mine, group, world).reshape(-1).tolist()
+    return int(sum(widths[:dist.get_rank(group)]))
+
+
 def checked_vocab_start(vocab_start) -> Optional[int]:
     """``vocab_start`` as an int (None stays None), or the TypeError / ValueError it earns."""
     if vocab_start is None:

@@ -154,7 +154,8 @@ def _compute_distributed_log_softmax(vocab_parallel_logits: torch.Tensor,
     """fp32 log-softmax of this rank's shard, normalised over the whole vocabulary.
 
     Args:
-        vocab_parallel_logits: [..., V_local] (rank r holding columns [r * V_local, ...)).
+        vocab_parallel_logits: [..., V_local], this rank's shard (shards may be uneven: the
+            normalisation over the group does not depend on where the columns lie).
         group: the process group the vocabulary is split over (None: the default group
             where torch.distributed runs more than one rank, else one device).
     Returns:
@@ -163,8 +164,14 @@ def _compute_distributed_log_softmax(vocab_parallel_logits: torch.Tensor,
     group = _group(group)
     with torch.no_grad():
         x = vocab_parallel_logits
-        # only the per-row lse is wanted: every row ignored, no loss terms computed
+        # only the per-row lse is wanted: every row ignored, no loss terms computed; the
+        # shards are taken in rank order (their widths gathered), so uneven ones tile too
+        start = None
+        if group is not None and type(x) is torch.Tensor and x.dim() >= 1:
+            from .. import distributed
+
+            start = distributed.shard_start(group, x.shape[-1])
         rows = torch.full(x.shape[:-1], _NO_TARGET, dtype=torch.int64, device=x.device)
         lse = _fce.cross_entropy(x, rows, ignore_index=_NO_TARGET, reduction="none",
-                                 tp_group=group, return_aux=True).lse
+                                 tp_group=group, vocab_start=start, return_aux=True).lse
         return x.float() - lse.unsqueeze(-1)
