@@ -127,6 +127,28 @@ def test_all_ignored_mean_is_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_divides_by_negative_weight_sums_as_torch(backend):
+    """"mean" divides by the sum of the target weights exactly as F.cross_entropy does, a
+    negative sum included; only a zero sum (all ignored, or target weights all 0) gives 0."""
+    x = (torch.randn(13, 37) * 3).requires_grad_(True)
+    t = torch.randint(0, 37, (13,))
+    t[3] = -100
+    for w in (-torch.ones(37), torch.rand(37) - 0.9, torch.rand(37) - 0.5):
+        x.grad = None
+        loss = fce.cross_entropy(x, t, weight=w, backend=backend)
+        loss.backward()
+        xr = x.detach().double().requires_grad_(True)
+        ref = F.cross_entropy(xr, t, weight=w.double())
+        ref.backward()
+        assert_close_normwise(loss.detach(), ref, 1e-5, "loss")
+        assert_close_normwise(x.grad, xr.grad, 1e-5, "grad")
+    w0 = torch.rand(37)
+    w0[t[t != -100]] = 0.0  # target weights all 0: a zero denominator gives 0, not NaN
+    loss = fce.cross_entropy(x, t, weight=w0, backend=backend)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_have_zero_grad(backend):
     x, t = _inputs((12,), 17, torch.float32, ignore_frac=0.5)
     x.requires_grad_(True)

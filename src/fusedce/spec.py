@@ -222,8 +222,10 @@ def grad_coefficients(lse: torch.Tensor, terms: RowTerms, opts: LossOptions, voc
 def row_scale(terms: RowTerms, opts: LossOptions, normalizer) -> torch.Tensor:
     """0-d fp32 factor that turns the sum of row losses into the reduced loss.
 
-    "sum" and "none": 1; "mean": 1 / denominator (0 when nothing is counted, so an
-    all-ignored batch gives loss 0 and gradient 0); a normalizer: 1 / normalizer.
+    "sum" and "none": 1; "mean": 1 / denominator, as F.cross_entropy divides (negative
+    weight sums included), except 0 for a zero denominator, so that an all-ignored batch (or
+    one whose target weights are all 0) gives loss 0 and gradient 0, never NaN; a
+    normalizer: 1 / normalizer.
     """
     device = terms.w_t.device
     if normalizer is not None:
@@ -233,7 +235,7 @@ def row_scale(terms: RowTerms, opts: LossOptions, normalizer) -> torch.Tensor:
         return torch.full((), 1.0 / float(normalizer), device=device, dtype=torch.float32)
     if opts.reduction == "mean":
         d = terms.denom
-        return torch.where(d > 0, d.reciprocal(), 0.0)
+        return torch.where(d != 0, d.reciprocal(), 0.0)
     return torch.ones((), device=device, dtype=torch.float32)
 
 

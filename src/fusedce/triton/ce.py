@@ -879,7 +879,7 @@ def tr_fused_loss(
 
     Returns (loss, lse, zpart, am), [B*T] fp32 (zpart empty unless z_loss > 0, am int64
     empty unless need_am); loss and zpart are multiplied by the reduction factor c, and out
-    holds c * dloss_row/dx: c = 1 (scale_mode 0), 1 / den if den > 0 else 0 (1, den the 0-d
+    holds c * dloss_row/dx: c = 1 (scale_mode 0), 1 / den if den != 0 else 0 (1, den the 0-d
     "mean" denominator), or den itself (2, a normalizer's reciprocal). weight [V] fp32 class
     weights with w_total (0-d, their sum), or None. ``out`` may be ``x3``."""
     return _fused_loss(x3, target, weight, w_total, den, out, ignore_index, vocab_size,

@@ -435,7 +435,7 @@ def _fused_rows_kernel(
     # ROW_OUT = False: statistics out (m, s, z_t, sz, argmax), g and w_t read per row.
     # ROW_OUT = True: the loss itself out (loss row, lse, z-loss part, argmax; the loss rows
     # and z-loss parts already multiplied by the reduction factor c), g = c [t != ignore] and
-    # w_t computed here; c = 1 (SCALE_MODE 0), 1 / den if den > 0 else 0 (1: "mean"), or
+    # w_t computed here; c = 1 (SCALE_MODE 0), 1 / den if den != 0 else 0 (1: "mean"), or
     # read (2: a normalizer). This saves the ~20 small launches of the row terms and the row
     # loss around the kernel, which at V = 32000 cost more host time than the kernel runs.
     # GATHERED (vocabulary parallel, with ROW_OUT): no pass 1; the row statistics of the W
@@ -475,7 +475,7 @@ def _fused_rows_kernel(
         VL = V
     if SCALE_MODE == 1:
         den = tl.load(den_ptr).to(tl.float32)
-        c = tl.where(den > 0.0, 1.0 / den, 0.0)
+        c = tl.where(den != 0.0, 1.0 / den, 0.0)
     elif SCALE_MODE == 2:
         c = tl.load(den_ptr).to(tl.float32)
     else:
