@@ -456,8 +456,12 @@ def test_dtensor_single_rank_error_and_replicate():
         mesh = dt.DeviceMesh("cpu", [0])
         h, w, _, t = _inputs((6,), 5, 13, torch.float32)
         wd = dt.distribute_tensor(w.detach(), mesh, [dt.Shard(0)])
+        # a Shard(0) weight is a vocabulary shard over its mesh (here one rank: the whole head)
+        loss = fce.linear_cross_entropy(h, wd, t)
+        assert_close_normwise(loss, _ref(h, w, None, t)[0], 2e-5, "Shard(0) DTensor")
+        wd2 = dt.distribute_tensor(w.detach(), mesh, [dt.Shard(1)])
         with pytest.raises(ValueError, match="FSDP2"):
-            fce.linear_cross_entropy(h, wd, t)
+            fce.linear_cross_entropy(h, wd2, t)
         wr = dt.distribute_tensor(w.detach(), mesh, [dt.Replicate()])
         loss = fce.linear_cross_entropy(h, wr, t)
         assert_close_normwise(loss, _ref(h, w, None, t)[0], 2e-5, "replicated DTensor")
@@ -521,15 +525,25 @@ def _tp_dtensor_case(rank, group):
     t = torch.randint(0, TP_V, (N,), generator=gen)
     wd = distribute_tensor(w_full.clone(), mesh, [Shard(0)]).requires_grad_(True)
     h = h_full.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="tp_group"):
-        fce.linear_cross_entropy(h, wd, t)
-    loss = fce.linear_cross_entropy(h, wd, t, tp_group=mesh.get_group(), chunk_size=4)
+    # hidden that differs per rank (an FSDP2-sharded head called outside its forward):
+    # refused on every rank by the validation, which then still agrees on the group
+    with pytest.raises(ValueError, match="FSDP2"):
+        fce.linear_cross_entropy(h_full + rank, wd, t)
     ref, hr, wr, _ = _ref(h_full, w_full, None, t)
-    assert_close_normwise(loss, ref, 2e-5, "dtensor loss")
-    loss.backward()
-    ref.backward()
-    assert_close_normwise(h.grad, hr.grad, 2e-5, "dtensor dh")
-    assert_close_normwise(wd.grad.full_tensor(), wr.grad, 2e-5, "dtensor dW")
+    # the weight's mesh is the vocabulary group, named or not (then hidden is checked)
+    for kw in (dict(), dict(tp_group=mesh.get_group())):
+        h.grad = wd.grad = None
+        loss = fce.linear_cross_entropy(h, wd, t, chunk_size=4, **kw)
+        assert_close_normwise(loss, ref, 2e-5, f"dtensor loss {kw}")
+        loss.backward()
+        assert_close_normwise(h.grad, torch.autograd.grad(ref, hr, retain_graph=True)[0],
+                              2e-5, "dtensor dh")
+        assert_close_normwise(wd.grad.full_tensor(),
+                              torch.autograd.grad(ref, wr, retain_graph=True)[0], 2e-5,
+                              "dtensor dW")
+    with fce.validation(False):
+        assert_close_normwise(fce.linear_cross_entropy(h, wd, t), ref, 2e-5,
+                              "dtensor loss, validation off")
     # replicated DTensor hidden on the same mesh marks the weight as a vocab shard
     hd = distribute_tensor(h_full.clone(), mesh, [Replicate()]).requires_grad_(True)
     wd.grad = None

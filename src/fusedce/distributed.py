@@ -389,8 +389,8 @@ def resolve_layout(group, v_local: int, vocab_start, validate: bool = False,
 
 # int64 header per rank; positions of its fields
 (_H_ERR, _H_N, _H_START, _H_GIVEN, _H_VLOCAL, _H_OP, _H_OPTS, _H_WLEN, _H_WCHECK, _H_VHINT,
- _H_NVALID, _H_TMIN, _H_TMIN_POS, _H_TMAX, _H_TMAX_POS, _H_TCHECK) = range(16)
-_H_LEN = 16
+ _H_NVALID, _H_TMIN, _H_TMIN_POS, _H_TMAX, _H_TMAX_POS, _H_TCHECK, _H_XCHECK) = range(17)
+_H_LEN = 17
 
 
 def _target_summary(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -417,6 +417,18 @@ def _checksum(v: torch.Tensor) -> torch.Tensor:
     return (v * (2 * pos + 1) + pos).sum()
 
 
+def _values_fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """int64 0-d fingerprint of a floating tensor's values: the position-weighted checksum
+    of its fp64 row and column sums over the last dimension (two reductions, no copy of
+    ``x``; equal tensors give equal fingerprints on every rank)."""
+    x = x.detach()
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=x.device)
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
+    sums = torch.cat([x2.sum(dim=1, dtype=torch.float64), x2.sum(dim=0, dtype=torch.float64)])
+    return _checksum(sums.view(torch.int64))
+
+
 def options_fingerprint(*options) -> int:
     """A process-independent 62-bit fingerprint of loss options (for the validation header)."""
     return zlib.crc32(repr(options).encode()) | (len(repr(options)) << 32)
@@ -426,7 +438,8 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
              target: Optional[torch.Tensor], ignore_index: int,
              weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None,
              options: int = 0, local_error: Optional[BaseException] = None,
-             device: Optional[torch.device] = None, weight_sharded: bool = False):
+             device: Optional[torch.device] = None, weight_sharded: bool = False,
+             replicated: Optional[torch.Tensor] = None, replicated_what: str = ""):
     """Validate a vocab-parallel call on every rank at once; return (vocab_start, V).
 
     One all-gather of an int64 header per rank; every rank runs the same checks on the
@@ -450,6 +463,8 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
         options: :func:`options_fingerprint` of the loss options (must agree on all ranks).
         local_error: an exception already raised by this rank's own argument checks.
         device: device for the header (the comm device of ``group`` by default).
+        replicated: a floating tensor every rank must hold with the same values (its
+            fingerprint is compared); ``replicated_what`` ends the error message if not.
     Returns:
         (vocab_start, V) as Python ints; the layout is cached for :func:`resolve_layout`.
     Raises:
@@ -477,9 +492,11 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
     if local_error is None and weight is not None and not weight_sharded:
         head[_H_WCHECK] = _checksum(weight.to(dev))
     if local_error is None and target is not None:
-        head[_H_NVALID:] = _target_summary(target.to(dev), ignore_index)
+        head[_H_NVALID:_H_TCHECK + 1] = _target_summary(target.to(dev), ignore_index)
     else:
-        head[_H_NVALID:] = 0
+        head[_H_NVALID:_H_TCHECK + 1] = 0
+    head[_H_XCHECK] = (_values_fingerprint(replicated).to(dev)
+                       if local_error is None and replicated is not None else 0)
     rows = _all_gather_flat(head, group, world).view(world, _H_LEN).tolist()
 
     if any(r[_H_ERR] for r in rows):
@@ -551,6 +568,7 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
                              f"ignore_index={ignore_index}")
     agree(_H_TCHECK, "the targets: every rank must pass the same global class ids for the "
                      "same rows")
+    agree(_H_XCHECK, replicated_what or "a tensor every rank must hold with the same values")
     start = int(rows[rank][_H_START])
     if op != OP_ENTROPY or given:
         _cache_for(group)[(start, int(v_local))] = V

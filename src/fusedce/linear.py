@@ -435,19 +435,23 @@ def _dtensor_types():
 
 
 def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
-    """Plain tensors (hidden, weight, bias), group and vocab_start from DTensor inputs.
+    """Plain tensors (hidden, weight, bias), group, vocab_start and whether hidden must be
+    checked to be the same on every rank, from DTensor inputs.
 
-    A weight DTensor sharded on dim 0 over a 1-D mesh is a vocabulary shard when the caller
-    says so: ``tp_group`` is that mesh's group, or ``hidden`` is a DTensor replicated over the
-    same mesh (as torchtitan's colwise-parallel LM head sees it). Fully replicated DTensors
-    are unwrapped. Anything else (an FSDP2 shard above all) is refused with what to do.
+    A weight DTensor sharded on dim 0 over a 1-D mesh is a vocabulary shard over that mesh's
+    group (DESIGN: DTensor inputs sharded on the vocabulary dim are unpacked automatically).
+    An FSDP2 shard looks the same (Shard(0) over the data-parallel mesh) but its ranks hold
+    different hidden states; so where neither ``tp_group`` (that mesh's group) nor a
+    replicated DTensor ``hidden`` on the mesh says it is a vocabulary shard, the validation
+    checks that hidden is the same on every rank (the last value returned) and otherwise
+    raises what to do. Fully replicated DTensors are unwrapped. Other layouts are refused.
     """
     types = _dtensor_types()
     if types is None:
-        return hidden, weight, bias, tp_group, vocab_start
+        return hidden, weight, bias, tp_group, vocab_start, False
     DTensor, Replicate, Shard = types
     if not any(isinstance(x, DTensor) for x in (hidden, weight, bias)):
-        return hidden, weight, bias, tp_group, vocab_start
+        return hidden, weight, bias, tp_group, vocab_start, False
 
     def replicated(x):
         return isinstance(x, DTensor) and all(isinstance(p, Replicate) for p in x.placements)
@@ -465,7 +469,7 @@ def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
             raise ValueError(f"bias is a DTensor ({bias.placements}) but weight is not")
         if isinstance(hidden, DTensor):
             hidden = hidden.to_local()
-        return hidden, weight, bias, tp_group, vocab_start
+        return hidden, weight, bias, tp_group, vocab_start, False
 
     mesh = weight.device_mesh
     pl = weight.placements
@@ -473,15 +477,13 @@ def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
                     and pl[0].dim in (0, -2))
     mesh_group = mesh.get_group() if mesh.ndim == 1 else None
     hidden_on_mesh = isinstance(hidden, DTensor) and hidden.device_mesh == mesh
-    if not sharded_rows or not (tp_group is mesh_group or hidden_on_mesh):
+    if not sharded_rows or not (tp_group is None or tp_group is mesh_group or hidden_on_mesh):
         raise ValueError(
             f"weight is a DTensor with placements {pl} over {mesh}. fusedce takes a DTensor "
             "weight only as a vocabulary (tensor-parallel) shard: sharded on dim 0 over a 1-D "
-            "mesh, with tp_group=weight.device_mesh.get_group() (or a replicated DTensor "
-            "hidden on that mesh). For an FSDP2-sharded LM head, call the loss inside the "
-            "FSDP-wrapped module's forward (where FSDP2 has gathered the weight into a plain "
-            "tensor) or pass weight.full_tensor(); for a manual TP shard pass "
-            "weight.to_local() with tp_group and vocab_start.")
+            "mesh, whose group is the vocabulary group (tp_group None or "
+            "weight.device_mesh.get_group()). " + _FSDP_HINT)
+    check_hidden = tp_group is None and not hidden_on_mesh
     if isinstance(bias, DTensor):
         bp = bias.placements
         if bias.device_mesh != mesh or not (len(bp) == 1 and isinstance(bp[0], Shard)):
@@ -496,7 +498,13 @@ def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
     weight = weight.to_local()
     if isinstance(hidden, DTensor):
         hidden = hidden.to_local()
-    return hidden, weight, bias, mesh_group, vocab_start
+    return hidden, weight, bias, mesh_group, vocab_start, check_hidden
+
+
+_FSDP_HINT = ("For an FSDP2-sharded LM head, call the loss inside the FSDP-wrapped module's "
+              "forward (where FSDP2 has gathered the weight into a plain tensor) or pass "
+              "weight.full_tensor(); for a manual TP shard pass weight.to_local() with "
+              "tp_group and vocab_start.")
 
 
 def _select_backend(backend: str, hidden: torch.Tensor):
@@ -541,8 +549,10 @@ def linear_cross_entropy(
         hidden: [..., D] fp32/bf16/fp16 hidden states (any strides; copied if not viewable).
         weight: [V_local, D] the LM head (same dtype and device as hidden); with ``tp_group``
             this rank's rows [vocab_start, vocab_start + V_local) of the full head. A DTensor
-            sharded on dim 0 over a 1-D mesh is taken as such a shard when ``tp_group`` is
-            its mesh group (or ``hidden`` is a replicated DTensor on that mesh).
+            sharded on dim 0 over a 1-D mesh is taken as such a shard over its mesh's group
+            (``tp_group`` None or that group); unless ``tp_group`` or a replicated DTensor
+            ``hidden`` on the mesh says so, the validation checks that every rank passes the
+            same hidden states (an FSDP2 shard, whose ranks do not, is refused).
         target: [...] (hidden's leading dims) int64/int32 global class ids.
         bias: optional [V_local] bias (this rank's slice under TP).
         class_weight: optional [V] class weights (the whole vocabulary); under TP that vector
@@ -570,8 +580,8 @@ def linear_cross_entropy(
     """
     del inplace_backward
     _fn._check_group(tp_group)
-    hidden, weight, bias, tp_group, vocab_start = _unpack_dtensors(hidden, weight, bias,
-                                                                   tp_group, vocab_start)
+    hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
+        hidden, weight, bias, tp_group, vocab_start)
     # under TP with validation, this rank's own argument errors reach every rank through
     # the group's validation (distributed.check_tp), as in cross_entropy: a bad argument on
     # one rank must not leave the others waiting in a collective
@@ -628,7 +638,11 @@ def linear_cross_entropy(
                 tp_group, op=op, v_local=v_local, vocab_start=vocab_start,
                 n_rows=target.numel(), target=target, ignore_index=ignore_index,
                 weight=class_weight, options=fp, device=hidden.device,
-                weight_sharded=w_sharded)
+                weight_sharded=w_sharded, replicated=hidden if check_hidden else None,
+                replicated_what=(
+                    "hidden: a Shard(0) DTensor weight is taken as a vocabulary "
+                    "(tensor-parallel) shard over its mesh, whose ranks must all pass the "
+                    "same hidden states; these differ, as under FSDP2. " + _FSDP_HINT))
         else:
             start, vocab_size = distributed.resolve_layout(
                 tp_group, v_local, vocab_start,
