@@ -205,6 +205,33 @@ def test_apply_revert_register_and_signature():
         fhf.ARCHITECTURES.pop("tinyllama_fork", None)
 
 
+def test_deepcopy_of_patched_model_uses_its_own_weights():
+    """A deep copy of a patched model (a reference / EMA model) runs on its own weights in
+    every path (fused training loss, eval, inference), and revert() on it restores the class
+    forward."""
+    model = fhf.apply(_tiny("llama"))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.normal_(0.0, 0.6)
+    ids, labels = _batch()
+    plain = copy.deepcopy(twin)
+    fhf.revert(plain)
+    assert "forward" not in plain.__dict__ and not fhf.is_applied(plain)
+    for train in (False, True):
+        for m in (model, twin, plain):
+            m.train(train)
+        with torch.no_grad():
+            if not train:
+                got = twin(input_ids=ids).logits
+                assert torch.equal(got, plain(input_ids=ids).logits)
+                assert not torch.equal(got, model(input_ids=ids).logits)
+            lt = twin(input_ids=ids, labels=labels).loss
+            lp = plain(input_ids=ids, labels=labels).loss
+            lm = model(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(lt, lp, rtol=2e-5, atol=2e-6)
+        assert not torch.isclose(lt, lm)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_lm_loss_matches_transformers(dtype):
     from transformers.loss.loss_utils import ForCausalLMLoss

@@ -199,6 +199,13 @@ def _make_forward(model, arch: Architecture, original: Callable, skip_default: O
     var_kw = next((p.name for p in sig.parameters.values()
                    if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     unbound = getattr(original, "__func__", original)
+    # the model's own forward is called on ``self``, not on the model apply() saw: a
+    # copy.deepcopy of the patched model (a reference or EMA model) rebinds this method to
+    # the copy, whose fallbacks must then run on the copy's weights
+    own = getattr(original, "__self__", None) is model
+
+    def call_original(self, *args, **kwargs):
+        return unbound(self, *args, **kwargs) if own else original(*args, **kwargs)
 
     @functools.wraps(unbound)
     def forward(self, *args, **kwargs):
@@ -206,7 +213,7 @@ def _make_forward(model, arch: Architecture, original: Callable, skip_default: O
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError:
-            return original(*args, **kwargs)
+            return call_original(self, *args, **kwargs)
         named = dict(bound.arguments)
         named.update(named.pop(var_kw, None) or {})
         labels = named.get("labels")
@@ -218,7 +225,7 @@ def _make_forward(model, arch: Architecture, original: Callable, skip_default: O
         head = getattr(self, arch.head_attr, None)
         if not (skip and has_labels and isinstance(keep, int) and keep == 0
                 and isinstance(head, torch.nn.Linear)):
-            return original(*args, **kwargs)
+            return call_original(self, *args, **kwargs)
         return_dict = named.get("return_dict")
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
@@ -278,7 +285,9 @@ def apply(model, *, fused: bool = True, loss_function: bool = True,
     return model
 
 
-_MISSING = object()
+# "no instance attribute before apply()": a string, so that copy.deepcopy of a patched model
+# keeps it recognisable (a bare object() would be copied into another object)
+_MISSING = "<fusedce: no instance attribute>"
 
 
 def is_applied(model) -> bool:
@@ -295,7 +304,7 @@ def revert(model):
         old = state[attr]
         if old is None:
             continue
-        if old is _MISSING:
+        if isinstance(old, str) and old == _MISSING:
             model.__dict__.pop(dict_key, None)
         else:
             model.__dict__[dict_key] = old
