@@ -136,6 +136,22 @@ def test_bench_bad_arguments():
         main(["bench", "--methods", "no-such-method", "--quiet", "--no-files"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo", "--vocab", "0"], ["demo", "--batch", "-1"], ["demo", "--seq", "x"],
+    ["demo", "--device", "bogus"], ["bench", "--dtype", "bogus", "--no-files"],
+    ["bench", "--device", "bogus", "--no-files"], ["bench", "--tokens", "0", "--no-files"],
+    ["check", "--shape", "axbxc"], ["check", "--shape", "2x3x0"], ["check", "--shape", "2x3"],
+])
+def test_bad_options_exit_with_a_message(argv, capsys):
+    """A bad option ends in one line naming it and a non-zero exit, not a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    code = exc.value.code
+    text = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None)
+    assert "fusedce" in text and "Traceback" not in text
+
+
 def test_check_torch_backend(capsys):
     rc = main(["check", "--backend", "torch", "--quick"])
     text = capsys.readouterr().out
@@ -163,6 +179,12 @@ def test_demo(capsys):
             assert r["peak_bytes"] < 0.8 * eager["peak_bytes"], r
         else:
             assert r["peak_bytes"] <= 1.01 * eager["peak_bytes"], r
+
+
+def test_python_dash_m_fusedce():
+    proc = subprocess.run([sys.executable, "-m", "fusedce", "demo", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--vocab" in proc.stdout, proc.stderr
 
 
 def test_console_script_subprocess(tmp_path):

@@ -24,10 +24,24 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"fusedce: --device {name!r}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedce: --device cuda but CUDA is not available")
     return dev
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes of the demo and the bench)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def _split(values: Optional[Sequence[str]]) -> List[str]:
@@ -83,8 +97,9 @@ def _bench_parser(sub) -> None:
                    "(llama3, qwen2.5, gemma2, gemma3); comma list")
     p.add_argument("--vocab", action="append",
                    help="vocabulary sizes or model names to sweep (with --tokens, --hidden)")
-    p.add_argument("--tokens", type=int, help="N for --vocab (default 4096)")
-    p.add_argument("--hidden", type=int, help="D for linear CE with --vocab / NxV shapes")
+    p.add_argument("--tokens", type=_positive_int, help="N for --vocab (default 4096)")
+    p.add_argument("--hidden", type=_positive_int,
+                   help="D for linear CE with --vocab / NxV shapes")
     p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (comma list)")
     p.add_argument("--methods", action="append",
                    help="method names or globs (e.g. 'fusedce-*,eager'); see --list")
@@ -131,10 +146,10 @@ def cmd_bench(args) -> int:
     bad = [o for o in ops if o not in shapes.OPS]
     if bad:
         raise SystemExit(f"fusedce bench: unknown op(s) {bad}; choose from {shapes.OPS}")
-    dtypes = [shapes.parse_dtype(d) for d in _split(args.dtype)]
     user_shapes, user_vocabs = _split(args.shape), _split(args.vocab)
     default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     try:
+        dtypes = [shapes.parse_dtype(d) for d in _split(args.dtype)]
         if user_shapes or user_vocabs:
             cases = shapes.custom_cases(ops, shapes=user_shapes, vocabs=user_vocabs,
                                         tokens=args.tokens, hidden=args.hidden,
@@ -199,9 +214,13 @@ def cmd_check(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .bench.check import run_check
 
-    shape = tuple(int(s) for s in args.shape.lower().split("x"))
-    if len(shape) != 3:
-        raise SystemExit("fusedce check: --shape must be BxTxV")
+    try:
+        shape = tuple(int(s) for s in args.shape.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise SystemExit(f"fusedce check: --shape must be BxTxV with positive sizes, got "
+                         f"{args.shape!r}")
     results = run_check(device, _split(args.backend) or None, quick=args.quick, seed=args.seed,
                         shape=shape)
     torch.cuda.synchronize() if device.type == "cuda" else None
@@ -228,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="tiny LM head: loss + backward, memory saved")
     d.add_argument("--device", default="auto")
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--seq", type=int, default=256)
-    d.add_argument("--hidden", type=int, default=256)
-    d.add_argument("--vocab", type=int, default=32000)
+    d.add_argument("--batch", type=_positive_int, default=4)
+    d.add_argument("--seq", type=_positive_int, default=256)
+    d.add_argument("--hidden", type=_positive_int, default=256)
+    d.add_argument("--vocab", type=_positive_int, default=32000)
     return p
 
 
