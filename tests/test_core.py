@@ -594,6 +594,46 @@ def test_torch_compile_fullgraph_cpu():
     assert_close_normwise(x.grad, xr.grad, 1e-5, "compiled grad")
 
 
+@pytest.mark.parametrize("shape", [(2, 5), (2, 3, 4)])
+def test_torch_compile_fullgraph_leading_dims(shape):
+    """[B, T, V] and [B, T, U, V] logits under torch.compile(fullgraph=True): the unused
+    outputs and the [B * T, V] view stay traceable (Dynamo's backward speculation, AOT
+    functionalisation of the in-place gradient), for every reduction and in place."""
+    V = 19
+    t = torch.randint(0, V, shape)
+    t[0, 0] = -100
+    for kw in (dict(label_smoothing=0.1), dict(inplace_backward=True),
+               dict(reduction="none", z_loss=1e-3)):
+        x0 = torch.randn(*shape, V)
+        x = x0.clone().requires_grad_(True)
+
+        def f(a):
+            a = a * 1.0 if kw.get("inplace_backward") else a  # (a non-leaf to write into)
+            return fce.cross_entropy(a, t, **kw)
+
+        torch._dynamo.reset()
+        loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+        loss.sum().backward()
+        ref_kw = {k: v for k, v in kw.items() if k != "inplace_backward"}
+        xr = x0.double().requires_grad_(True)
+        ref = ref_cross_entropy(xr, t, **ref_kw)
+        ref.sum().backward()
+        assert_close_normwise(loss.detach(), ref.detach(), 1e-5, f"compiled loss {kw}")
+        assert_close_normwise(x.grad, xr.grad, 1e-5, f"compiled grad {kw}")
+    for name, fn, ref_fn in (("logprobs", lambda a: fce.logprobs(a, t.clamp_min(0)),
+                              lambda a: ref_logprobs(a, t.clamp_min(0))),
+                             ("entropy", fce.entropy, ref_entropy)):
+        x = torch.randn(*shape, V, requires_grad=True)
+        torch._dynamo.reset()
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+        out.sum().backward()
+        xr = x.detach().double().requires_grad_(True)
+        ref = ref_fn(xr)
+        ref.sum().backward()
+        assert_close_normwise(out.detach(), ref.detach(), 1e-5, f"compiled {name}")
+        assert_close_normwise(x.grad, xr.grad, 1e-5, f"compiled {name} grad")
+
+
 @pytest.mark.parametrize("need_am", [True, False])
 def test_torch_backend_row_stats_fast_path(need_am):
     """row_stats takes s from the fused log_softmax (its maximum is -log s) and skips the

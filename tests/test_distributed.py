@@ -855,6 +855,62 @@ def case_cuda_graph(c: Case):
         check_grad(c, x.grad, ref_grad, start, n, torch.bfloat16, f"graph replay {salt} grad")
 
 
+def case_compile(c: Case):
+    """torch.compile(fullgraph=True) of vocab-parallel calls with validation on (it is
+    skipped while tracing, as the single-device target check is): even shards; uneven
+    shards with label smoothing, whose global V is gathered on the host: without fullgraph
+    a graph break, with fullgraph an error saying what to do until one eager call cached
+    the layout, then compiled too."""
+    from fusedce.distributed import clear_layout_cache
+
+    if c.device.type != "cpu":
+        raise SkipCase("CPU (aot_eager) only")
+    V, start, n, vs = layout(c, "even")
+    full, target = inputs(c, V, T=5)
+    g = upstream(c, ())
+
+    def loss_even(x):
+        return fce.cross_entropy(x, target, tp_group=c.group, z_loss=1e-3, backend=c.backend)
+
+    def lp_even(x):
+        return fce.logprobs(x, target, tp_group=c.group, backend=c.backend).sum()
+
+    for name, fn, ref_fn in (
+            ("ce", loss_even, lambda r: ref_cross_entropy(r, target, z_loss=1e-3)),
+            ("logprobs", lp_even, lambda r: ref_logprobs(r, target).sum())):
+        torch._dynamo.reset()
+        x = shard_of(c, full, start, n)
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+        ref_x = full.double().requires_grad_(True)
+        ref = ref_fn(ref_x)
+        close(out.detach(), ref.detach(), 2 * F32, f"compiled {name}")
+        out.backward(g.float())
+        ref.backward(g)
+        check_grad(c, x.grad, ref_x.grad, start, n, torch.float32, f"compiled {name} grad")
+    V, start, n, vs = layout(c, "uneven")
+    full, target = inputs(c, V, T=5)
+
+    def loss_uneven(x):
+        return fce.cross_entropy(x, target, tp_group=c.group, vocab_start=vs,
+                                 label_smoothing=0.1, backend=c.backend)
+
+    ref = ref_cross_entropy(full.double(), target, label_smoothing=0.1)
+    clear_layout_cache()
+    torch._dynamo.reset()
+    got = torch.compile(loss_uneven, backend="aot_eager")(shard_of(c, full, start, n))
+    close(got.detach(), ref, 2 * F32, "compiled uneven (graph break)")
+    clear_layout_cache()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="once eagerly"):
+        torch.compile(loss_uneven, fullgraph=True, backend="aot_eager")(
+            shard_of(c, full, start, n))
+    loss_uneven(shard_of(c, full, start, n))  # caches the layout
+    torch._dynamo.reset()
+    got = torch.compile(loss_uneven, fullgraph=True, backend="aot_eager")(
+        shard_of(c, full, start, n))
+    close(got.detach(), ref, 2 * F32, "compiled uneven (cached layout)")
+
+
 OTHER_CASES = {
     "return_aux": case_return_aux,
     "argmax_ties": case_argmax_ties,
@@ -866,6 +922,7 @@ OTHER_CASES = {
     "logprobs": case_logprobs,
     "entropy": case_entropy,
     "entropy_even": case_entropy_even,
+    "compile": case_compile,
     "dtensor": case_dtensor,
     "dtensor_bad_placement": case_dtensor_bad_placement,
     "group_of_one": case_tp_group_of_one,

@@ -70,9 +70,14 @@ def _accuracy(plan: Plan, am, t: torch.Tensor, valid: Optional[torch.Tensor],
     return _unused(device)
 
 
-def _unused(device) -> None:
+def _unused(device) -> Optional[torch.Tensor]:
     """An output slot nobody reads (the z-loss part and accuracy without return_aux, which
-    the public functions drop): None, so neither a launch nor an allocation."""
+    the public functions drop): None, so neither a launch nor an allocation; while
+    torch.compile traces, an unfilled 0-d tensor: Dynamo's speculation of the backward
+    retries with the gradients made contiguous and fails on a None output (torch 2.13,
+    [B, T, V] logits)."""
+    if torch.compiler.is_compiling():
+        return torch.empty((), device=device)
     return None
 
 

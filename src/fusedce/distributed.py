@@ -40,6 +40,7 @@ same values); gradients flow back into the DTensor with its placements.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import weakref
@@ -379,10 +380,31 @@ def resolve_layout(group, v_local: int, vocab_start, validate: bool = False,
         return start, cache[key]
     if not need_vocab_size:
         return start, start + int(v_local)
-    mine = torch.tensor([start, int(v_local)], dtype=torch.int64, device=comm_device(group))
-    pieces = _all_gather_flat(mine, group, world).view(world, 2).tolist()
-    cache[key] = _tile(pieces, True)
+    if torch.compiler.is_compiling():
+        # the gathered layout is read on the host: a graph break (run eagerly), or under
+        # fullgraph=True an error that says what to do
+        _graph_break((
+            "fusedce: uneven vocabulary shards (vocab_start given) whose global V is needed "
+            "(label smoothing, the linear loss's chunks) and not yet known: run the call "
+            "once eagerly with this layout (it is cached per group), or compile without "
+            "fullgraph=True"))
+    cache[key] = _gather_layout(group, world, start, int(v_local))
     return start, cache[key]
+
+
+def _graph_break(msg: str) -> None:
+    # (the message argument is recent in torch)
+    if "msg" in inspect.signature(torch._dynamo.graph_break).parameters:
+        torch._dynamo.graph_break(msg=msg)
+    else:  # pragma: no cover - older torch
+        torch._dynamo.graph_break()
+
+
+def _gather_layout(group, world: int, start: int, v_local: int) -> int:
+    """The global V of shards (vocab_start, V_local) gathered from every rank and checked
+    to tile [0, V)."""
+    mine = torch.tensor([start, v_local], dtype=torch.int64, device=comm_device(group))
+    return _tile(_all_gather_flat(mine, group, world).view(world, 2).tolist(), True)
 
 
 # ---------------------------------------------------------------------------- validation

@@ -293,9 +293,12 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
     start, vocab_size = distributed.tp_call_layout(
         tp_group, op=codes[op], logits=logits, vocab_start=u.vocab_start,
         vocab_size=u.vocab_size, target=target, ignore_index=ignore_index, weight=weight,
-        local_checks=local_checks, validate=_VALIDATE,
+        # (not while torch.compile traces: the group's validation reads the gathered header
+        # on the host, as the single-device target check does, which is skipped there too)
+        local_checks=local_checks, validate=_VALIDATE and not _compiling(),
         need_vocab_size=op == "ce_smoothed" and weight is None,
-        options=distributed.options_fingerprint(*map(_fp, options)) if _VALIDATE else 0,
+        options=(distributed.options_fingerprint(*map(_fp, options))
+                 if _VALIDATE and not _compiling() else 0),
         weight_sharded=w_sharded)
     if w_sharded:
         weight = distributed.gather_weight(weight, tp_group, start, vocab_size)

@@ -43,7 +43,9 @@ def as_rows2d(x3: torch.Tensor) -> torch.Tensor | None:
     if T == 1:
         return x3[:, 0]
     if x3.stride(0) == T * x3.stride(1):
-        return x3.as_strided((B * T, V), (x3.stride(1), x3.stride(2)))
+        # a view, not as_strided: torch.compile cannot functionalise a mutation through an
+        # as_strided view chain (an in-place gradient of [B, T, ..., V] logits)
+        return x3.view(B * T, V)
     return None
 
 

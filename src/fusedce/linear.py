@@ -585,7 +585,7 @@ def linear_cross_entropy(
     # under TP with validation, this rank's own argument errors reach every rank through
     # the group's validation (distributed.check_tp), as in cross_entropy: a bad argument on
     # one rank must not leave the others waiting in a collective
-    validate_tp = tp_group is not None and _fn.validation_enabled()
+    validate_tp = tp_group is not None and _fn.validation_enabled() and not _fn._compiling()
     err = None
     try:
         _fn._check_options(ignore_index=ignore_index, reduction=reduction,
