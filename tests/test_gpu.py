@@ -217,6 +217,38 @@ def test_ignored_rows_with_non_finite_logits_get_zero_gradient(V):
         assert torch.isfinite(grad).all()
 
 
+def test_cuda_graph_capture_with_validation_on():
+    """With validation on (the default) a capture still works: the syncing checks are
+    skipped while the stream captures (as under torch.compile) and run in eager calls."""
+    n, V = 256, 32000
+    x, t = _data(n, V)
+    static_x = x.clone().requires_grad_(True)
+    assert fce.validation_enabled()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            static_x.grad = None
+            fce.cross_entropy(static_x, t, label_smoothing=0.1, normalizer=torch.tensor(
+                100.0, device="cuda")).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    static_x.grad = None
+    norm = torch.tensor(100.0, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = fce.cross_entropy(static_x, t, label_smoothing=0.1, normalizer=norm)
+        static_loss.backward()
+    graph.replay()
+    xe = x.clone().requires_grad_(True)
+    le = fce.cross_entropy(xe, t, label_smoothing=0.1, normalizer=norm)
+    le.backward()
+    assert torch.equal(static_loss, le) and torch.equal(static_x.grad, xe.grad)
+    bad = t.clone()
+    bad[0] = V
+    with pytest.raises(ValueError, match="target"):
+        fce.cross_entropy(x, bad)  # eager calls still validate
+
+
 @pytest.mark.parametrize("V", [128256, 262144])
 def test_cuda_graph_capture_and_replay(V):
     n = 512

@@ -100,14 +100,20 @@ def _check_group(group, name: str = "tp_group") -> None:
 
 
 def _compiling() -> bool:
+    """Whether host reads of device values are impossible here: torch.compile is tracing,
+    or a CUDA graph is being captured (the syncing checks are then skipped, as documented:
+    validate eagerly, or keep the inputs in range)."""
     comp = getattr(torch, "compiler", None)
-    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
+    if comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
                         name: str = "target") -> None:
-    # under torch.compile a data-dependent raise would break the graph: the check is skipped
-    # there (validate eagerly, or keep the model's targets in range)
+    # under torch.compile a data-dependent raise would break the graph, and a CUDA graph
+    # capture cannot sync: the check is skipped there (validate eagerly, or keep the model's
+    # targets in range)
     if not _VALIDATE or target.numel() == 0 or _compiling():
         return
     t = target.reshape(-1)
