@@ -634,6 +634,33 @@ def test_torch_compile_fullgraph_leading_dims(shape):
         assert_close_normwise(x.grad, xr.grad, 1e-5, f"compiled {name} grad")
 
 
+def test_torch_compile_dynamic_true():
+    """torch.compile(dynamic=True): the option checks trace with symbolic floats (no
+    math.isfinite), and one graph serves new N and V."""
+    fns = {
+        "ce": lambda x, t: fce.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3,
+                                             normalizer=4.0),
+        "logprobs": lambda x, t: fce.logprobs(x, t).sum(),
+        "entropy": lambda x, t: fce.entropy(x, logit_scale=1.5).sum(),
+        "linear": lambda x, t: fce.linear_cross_entropy(x[..., :5], x[:3, :5] if x.dim() == 2
+                                                        else x[0, :3, :5], t.clamp_max(2)),
+    }
+    for name, fn in fns.items():
+        torch._dynamo.reset()
+        cf = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+        for shape in ((6, 11), (9, 13), (2, 5, 13)):
+            x = torch.randn(*shape, requires_grad=True)
+            t = torch.randint(0, shape[-1], shape[:-1])
+            got = cf(x, t)
+            got.backward()
+            g = x.grad.clone()
+            x.grad = None
+            want = fn(x, t)
+            want.backward()
+            assert_close_normwise(got.detach(), want.detach(), 1e-6, f"{name} {shape}")
+            assert_close_normwise(g, x.grad, 1e-6, f"{name} grad {shape}")
+
+
 @pytest.mark.parametrize("need_am", [True, False])
 def test_torch_backend_row_stats_fast_path(need_am):
     """row_stats takes s from the fused log_softmax (its maximum is -log s) and skips the

@@ -99,6 +99,12 @@ def _check_group(group, name: str = "tp_group") -> None:
                          f"{type(group).__name__}")
 
 
+def _finite(v) -> bool:
+    """math.isfinite for a Python number, written so that torch.compile with dynamic=True can
+    trace it (Dynamo makes float arguments symbolic, and math.isfinite returns no tensor)."""
+    return v == v and v != math.inf and v != -math.inf
+
+
 def _compiling() -> bool:
     """Whether host reads of device values are impossible here: torch.compile is tracing,
     or a CUDA graph is being captured (the syncing checks are then skipped, as documented:
@@ -155,11 +161,11 @@ def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_lo
             # its value needs a device sync: checked with the other syncing checks
             if _VALIDATE and not _compiling():
                 v = float(normalizer.detach().reshape(()))
-                if not (math.isfinite(v) and v > 0):
+                if not (_finite(v) and v > 0):
                     raise ValueError(f"normalizer must be positive and finite, got {v!r}")
         elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
             raise InputError(f"normalizer must be a number or a 0-d tensor, got {normalizer!r}")
-        elif not (math.isfinite(normalizer) and normalizer > 0):
+        elif not (_finite(normalizer) and normalizer > 0):
             raise ValueError(f"normalizer must be positive and finite, got {normalizer!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise InputError(f"label_smoothing must be a number, got {label_smoothing!r}")
@@ -168,12 +174,12 @@ def _check_options(*, ignore_index, reduction, normalizer, label_smoothing, z_lo
     for name, v in (("z_loss", z_loss), ("softcap", softcap), ("logit_scale", logit_scale)):
         if isinstance(v, bool):
             raise InputError(f"{name} must be a number, got {v!r}")
-    if not isinstance(z_loss, (int, float)) or not (math.isfinite(z_loss) and z_loss >= 0.0):
+    if not isinstance(z_loss, (int, float)) or not (_finite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, (int, float))
-                                or not (math.isfinite(softcap) and softcap > 0.0)):
+                                or not (_finite(softcap) and softcap > 0.0)):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if not isinstance(logit_scale, (int, float)) or not (math.isfinite(logit_scale)
+    if not isinstance(logit_scale, (int, float)) or not (_finite(logit_scale)
                                                          and logit_scale > 0.0):
         raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
     if backend not in BACKENDS:

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from ..functional import _finite
 from ..spec import InputError
 
 
@@ -158,7 +159,7 @@ def divide_by_count(loss_sum_fn: Callable[..., torch.Tensor], count: Count) -> t
         raise InputError(f"num_label_tokens must be a number or a tensor, got {count!r}")
     if count == 0:
         return loss_sum_fn(normalizer=None) * 0.0
-    if not (math.isfinite(count) and count > 0):
+    if not (_finite(count) and count > 0):
         raise ValueError(f"num_label_tokens must be >= 0 and finite, got {count!r}")
     return loss_sum_fn(normalizer=float(count))
 
