@@ -657,6 +657,23 @@ def _tp_te(rank, group, seed):
     assert_close_normwise(shard.grad, ref_g[..., s:e], 1e-5, "te uneven grad")
     f = te.parallel_cross_entropy(shard.detach(), t, 0.2, True, group, vocab_start=s)
     assert_close_normwise(f, ref, 1e-5, "parallel_cross_entropy uneven")
+    # the autograd Function under torch.compile(fullgraph=True), sharded, against eager
+    t2 = t.clone()
+    t2[0, 0] = -100
+    for reduce_loss in (False, True):
+        torch._dynamo.reset()
+        xs = full[..., s:e].clone().requires_grad_(True)
+        out = torch.compile(lambda x: te.CrossEntropyFunction.apply(
+            x, t2, 0.2, reduce_loss, group, -100, False, s), fullgraph=True,
+            backend="aot_eager")(xs)
+        xe = full[..., s:e].clone().requires_grad_(True)
+        want = te.CrossEntropyFunction.apply(xe, t2, 0.2, reduce_loss, group, -100, False, s)
+        g = torch.tensor(1.5) if reduce_loss else torch.linspace(-1, 1, t2.numel()).view(
+            t2.shape)
+        out.backward(g)
+        want.backward(g)
+        assert_close_normwise(out.detach(), want.detach(), 1e-6, "te compiled tp loss")
+        assert_close_normwise(xs.grad, xe.grad, 1e-6, "te compiled tp grad")
 
 
 def _tp_automodel(rank, group, seed):
@@ -726,6 +743,14 @@ def _tp_nemo_rl(rank, group, seed):
     assert torch.equal(ls0, ls)
     lp0 = rl.DistributedLogprob.apply(shard.detach(), t, s, e, None, True)
     assert torch.equal(lp0, inf.detach())
+    # the autograd Function under torch.compile(fullgraph=True), sharded
+    torch._dynamo.reset()
+    xs = full[..., s:e].clone().requires_grad_(True)
+    out = torch.compile(lambda x: rl.DistributedLogprob.apply(x, t, s, e, group),
+                        fullgraph=True, backend="aot_eager")(xs)
+    assert_close_normwise(out.detach(), ref, 1e-5, "DistributedLogprob compiled tp")
+    out.backward(g)
+    assert_close_normwise(xs.grad, ref_g[..., s:e], 1e-5, "DistributedLogprob compiled tp grad")
     # uneven shards for the log-softmax: the seed's signature has no offsets, and the
     # normalisation needs none (the shards are taken in rank order)
     for dt in (torch.float32, torch.bfloat16):
@@ -768,3 +793,41 @@ def tp_results():
 def test_tensor_parallel(tp_results, case):
     failures = [f"rank {r}:\n{res[case]}" for r, res in enumerate(tp_results) if res[case]]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autograd_function_adapters_compile_fullgraph(dtype):
+    """DistributedLogprob and TE's CrossEntropyFunction under torch.compile(fullgraph=True)
+    with an input that requires grad: while traced they keep the core's lse and write the
+    gradient from it (Dynamo cannot trace the autograd.grad of the eager form); loss and
+    gradient equal eager's, ignored rows with NaN logits included."""
+    x0 = (torch.randn(2, 3, 11) * 2).to(dtype)
+    t = torch.randint(0, 11, (2, 3))
+    t[0, 1] = -100
+    x0[0, 1, 3] = float("nan")
+    cases = [("DistributedLogprob",
+              lambda x: rl.DistributedLogprob.apply(x, t.clamp_min(0), 0, 11, None),
+              torch.randn(2, 3))]
+    for a in (0.0, 0.1):
+        for red in (False, True):
+            cases.append((f"CrossEntropyFunction a={a} reduce={red}",
+                          lambda x, a=a, red=red: te.CrossEntropyFunction.apply(x, t, a, red),
+                          torch.tensor(1.7) if red else torch.randn(2, 3)))
+    for name, fn, g in cases:
+        if name == "DistributedLogprob":
+            x0c = x0.clone()
+            x0c[0, 1, 3] = 0.0  # (no ignore index there: every row counts)
+        else:
+            x0c = x0
+        torch._dynamo.reset()
+        x = x0c.clone().requires_grad_(True)
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+        out.backward(g)
+        xe = x0c.clone().requires_grad_(True)
+        want = fn(xe)
+        want.backward(g)
+        assert out.dtype == want.dtype and out.shape == want.shape, name
+        assert torch.equal(torch.isnan(out), torch.isnan(want)), name
+        assert_close_normwise(out.detach(), want.detach(), 1e-6, name)
+        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all(), name
+        assert_close_normwise(x.grad, xe.grad, 1e-6, f"{name} grad")

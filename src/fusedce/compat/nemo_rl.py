@@ -111,6 +111,19 @@ class DistributedLogprob(torch.autograd.Function):
         [vocab_start_index, vocab_end_index); the group over which the vocabulary is split.
         Returns [B, S] fp32 log-probabilities."""
         need = bool(ctx.needs_input_grad[0]) and not inference_only
+        ctx.fce_traced = need and torch.compiler.is_compiling()
+        if ctx.fce_traced:
+            # torch.compile traces this backward too, and cannot trace the autograd.grad of
+            # the private graph: keep the core's row lse instead (see backward)
+            x = vocab_parallel_logits
+            grp = _group(group)
+            start = _shard_start(x, vocab_start_index, vocab_end_index, grp)
+            with torch.no_grad():
+                out = _fce.cross_entropy(x, target, ignore_index=_NO_TARGET, reduction="none",
+                                         tp_group=grp, vocab_start=start, return_aux=True)
+            ctx.fce_start = vocab_start_index if grp is not None else 0
+            ctx.save_for_backward(x, target, out.lse)
+            return -out.loss  # log p(t) = z_t - lse
         return inner_forward(
             ctx, vocab_parallel_logits, need,
             lambda x: _logprobs(x, target, vocab_start_index, vocab_end_index, group,
@@ -119,6 +132,17 @@ class DistributedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor):
         """Gradient w.r.t. the logits (their dtype); None for the other arguments."""
+        if getattr(ctx, "fce_traced", False):
+            # d log p(t) / dz_j = [j = t] - p_j, p_j = exp(z_j - lse) (the lse of the whole
+            # vocabulary, from the core), on this rank's columns
+            x, target, lse = ctx.saved_tensors
+            g = grad_outputs[0].float()
+            dx = -g.unsqueeze(-1) * torch.exp(x.float() - lse.unsqueeze(-1))
+            local = target.long() - ctx.fce_start
+            inside = (local >= 0) & (local < x.shape[-1])
+            dx = dx.scatter_add(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1),
+                                (g * inside).unsqueeze(-1))
+            return dx.to(x.dtype), None, None, None, None, None
         dx = inner_backward(ctx, grad_outputs[0], "DistributedLogprob")
         return dx, None, None, None, None, None
 

@@ -121,6 +121,11 @@ class CrossEntropyFunction(torch.autograd.Function):
                 is_cg_capturable: bool = False, vocab_start: Optional[int] = None
                 ) -> torch.Tensor:
         """Args as :func:`parallel_cross_entropy`. Returns the fp32 loss."""
+        ctx.fce_traced = bool(ctx.needs_input_grad[0]) and torch.compiler.is_compiling()
+        if ctx.fce_traced:
+            return _traced_forward(ctx, _input, target, float(label_smoothing),
+                                   bool(reduce_loss), dist_process_group, ignore_idx,
+                                   vocab_start)
         return inner_forward(
             ctx, _input, ctx.needs_input_grad[0],
             lambda x: _core_loss(x, target, label_smoothing, bool(reduce_loss),
@@ -129,8 +134,55 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         """Gradient w.r.t. ``_input`` (its dtype); None for the other arguments."""
+        if getattr(ctx, "fce_traced", False):
+            return _traced_backward(ctx, grad_output), None, None, None, None, None, None, None
         dx = inner_backward(ctx, grad_output, "CrossEntropyFunction")
         return dx, None, None, None, None, None, None, None
+
+
+def _traced_forward(ctx, x, target, a, reduce_loss, group, ignore_idx, vocab_start):
+    """CrossEntropyFunction's forward while torch.compile traces it: Dynamo cannot trace the
+    autograd.grad of the private graph that the eager form keeps, so the core's per-row
+    losses and lse are kept instead and :func:`_traced_backward` writes the spec's gradient
+    from them."""
+    from .. import distributed
+
+    t = target_like(target, x)
+    with torch.no_grad():
+        out = _fce.cross_entropy(x, t, ignore_index=ignore_idx, reduction="none",
+                                 label_smoothing=a, tp_group=group, vocab_start=vocab_start,
+                                 return_aux=True)
+    if group is None:
+        start, vocab = 0, x.shape[-1]
+    else:
+        start, vocab = distributed.resolve_layout(group, x.shape[-1], vocab_start)
+    valid = t != ignore_idx
+    count = valid.sum()
+    ctx.fce_args = (a, reduce_loss, start, vocab)
+    ctx.save_for_backward(x, t, out.lse, valid, count)
+    if reduce_loss:
+        return torch.where(count > 0, out.loss.sum() / count.clamp_min(1), 0.0)
+    return out.loss.reshape(target.shape)
+
+
+def _traced_backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    """g (p_j - (1 - a) [j = t] - a / V) on this rank's columns (the spec's gradient without
+    class weights or z-loss), p_j = exp(z_j - lse); 0 on ignored rows."""
+    a, reduce_loss, start, vocab = ctx.fce_args
+    x, t, lse, valid, count = ctx.saved_tensors
+    g = grad_output.float()
+    if reduce_loss:
+        g = torch.where(count > 0, g / count.clamp_min(1), 0.0).expand(t.shape)
+    else:
+        g = g.reshape(t.shape)
+    g = torch.where(valid, g, 0.0)
+    dx = g.unsqueeze(-1) * (torch.exp(x.float() - lse.unsqueeze(-1)) - a / vocab)
+    local = t.long() - start
+    inside = valid & (local >= 0) & (local < x.shape[-1])
+    dx = dx.scatter_add(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1),
+                        (-(1.0 - a) * g * inside).unsqueeze(-1))
+    # exactly 0 on ignored rows, whatever their logits hold (NaN, inf)
+    return torch.where(valid.unsqueeze(-1), dx, 0.0).to(x.dtype)
 
 
 def cross_entropy_forward(
