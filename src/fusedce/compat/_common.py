@@ -66,6 +66,27 @@ def inner_backward(ctx, grad: torch.Tensor, what: str) -> Optional[torch.Tensor]
     return dx
 
 
+def traced_grad(x: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                start: int, a: float = 0.0, vocab: int = 1,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The spec's gradient without class weights or z-loss, g (p_j - (1 - a) [j = t] - a / V)
+    with p_j = exp(z_j - lse), on this rank's columns [start, start + V_local) of x (its
+    dtype); rows outside ``valid`` get exactly 0. What the autograd-Function adapters write
+    while torch.compile traces them (it cannot trace their eager backward's autograd.grad).
+    """
+    dx = g.unsqueeze(-1) * (torch.exp(x.float() - lse.unsqueeze(-1)) - a / vocab)
+    local = t.long() - start
+    inside = (local >= 0) & (local < x.shape[-1])
+    if valid is not None:
+        inside = inside & valid
+    dx = dx.scatter_add(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1),
+                        (-(1.0 - a) * g * inside).unsqueeze(-1))
+    if valid is not None:
+        # exactly 0 on those rows, whatever their logits hold (NaN, inf)
+        dx = torch.where(valid.unsqueeze(-1), dx, 0.0)
+    return dx.to(x.dtype)
+
+
 def local_logits(logits, tp_group):
     """(logits, group) to hand to the core, unwrapping DTensors as NeMo Automodel does.
 

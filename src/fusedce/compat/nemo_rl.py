@@ -43,7 +43,7 @@ import torch
 import fusedce as _fce
 
 from ..spec import InputError
-from ._common import inner_backward, inner_forward
+from ._common import inner_backward, inner_forward, traced_grad
 
 __all__ = [
     "DistributedLogprob",
@@ -136,13 +136,8 @@ class DistributedLogprob(torch.autograd.Function):
             # d log p(t) / dz_j = [j = t] - p_j, p_j = exp(z_j - lse) (the lse of the whole
             # vocabulary, from the core), on this rank's columns
             x, target, lse = ctx.saved_tensors
-            g = grad_outputs[0].float()
-            dx = -g.unsqueeze(-1) * torch.exp(x.float() - lse.unsqueeze(-1))
-            local = target.long() - ctx.fce_start
-            inside = (local >= 0) & (local < x.shape[-1])
-            dx = dx.scatter_add(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1),
-                                (g * inside).unsqueeze(-1))
-            return dx.to(x.dtype), None, None, None, None, None
+            dx = traced_grad(x, target, lse, -grad_outputs[0].float(), ctx.fce_start)
+            return dx, None, None, None, None, None
         dx = inner_backward(ctx, grad_outputs[0], "DistributedLogprob")
         return dx, None, None, None, None, None
 

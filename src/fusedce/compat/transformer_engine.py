@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 import torch
 
 import fusedce as _fce
-from ._common import inner_backward, inner_forward, target_like
+from ._common import inner_backward, inner_forward, target_like, traced_grad
 
 __all__ = [
     "parallel_cross_entropy",
@@ -175,14 +175,7 @@ def _traced_backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         g = torch.where(count > 0, g / count.clamp_min(1), 0.0).expand(t.shape)
     else:
         g = g.reshape(t.shape)
-    g = torch.where(valid, g, 0.0)
-    dx = g.unsqueeze(-1) * (torch.exp(x.float() - lse.unsqueeze(-1)) - a / vocab)
-    local = t.long() - start
-    inside = valid & (local >= 0) & (local < x.shape[-1])
-    dx = dx.scatter_add(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1),
-                        (-(1.0 - a) * g * inside).unsqueeze(-1))
-    # exactly 0 on ignored rows, whatever their logits hold (NaN, inf)
-    return torch.where(valid.unsqueeze(-1), dx, 0.0).to(x.dtype)
+    return traced_grad(x, t, lse, torch.where(valid, g, 0.0), start, a, vocab, valid)
 
 
 def cross_entropy_forward(
