@@ -25,8 +25,8 @@ Two gradient strategies:
   logits chunk.
 * lazy (reduction "none", where every row has its own upstream gradient g_r): dW =
   sum_r g_r * dx_r h_r^T cannot be rescaled after the sum, so the forward keeps only the
-  per-row lse and the backward recomputes X_c chunk by chunk and writes dX_c for the true
-  g_r (4 GEMMs in all).
+  per-row statistics m and s and the backward recomputes X_c chunk by chunk and writes
+  dX_c for the true g_r (4 GEMMs in all).
 
 Vocabulary parallelism: each rank holds a row shard of W (and b); per chunk the row
 statistics are exchanged with :func:`fusedce.distributed.allgather_stats` (a few floats
@@ -39,6 +39,9 @@ reductions with no atomics, so results are bitwise reproducible on one device.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -176,6 +179,24 @@ def _chunk_terms(terms: spec.RowTerms, r0: int, r1: int) -> spec.RowTerms:
     return spec.RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom, terms.total_weight)
 
 
+@functools.lru_cache(maxsize=None)
+def _grad_takes_lse(grad_fn) -> bool:
+    try:
+        return "lse" in inspect.signature(grad_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _backend_grad(be, x3, target, m, s, g, c_p, c_t, opts, **kw) -> None:
+    """``be.grad`` for the row statistics m, s of the whole vocabulary. A backend's grad
+    takes (m, s) (p_j = exp(z_j - m) / s: offset-invariant) or, in the older form, lse
+    (formed here as m + log s)."""
+    if _grad_takes_lse(be.grad):
+        be.grad(x3, target, m + torch.log(s), g, c_p, c_t, opts, **kw)
+    else:
+        be.grad(x3, target, m, s, g, c_p, c_t, opts, **kw)
+
+
 def _scale_fn(be):
     if getattr(be, "eager_grad", False) and hasattr(be, "scale_"):
         return be.scale_
@@ -276,8 +297,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     lse_c = spec.lse_of(st)
                     c_p, c_t = spec.grad_coefficients(lse_c, _chunk_terms(terms, r0, r1),
                                                       opts, V)
-                    be.grad(x3, t_c, lse_c, g0[r0:r1], c_p, c_t, opts, vocab_size=V, out=x3,
-                            vocab_start=plan.vocab_start, weight_local=wl)
+                    _backend_grad(be, x3, t_c, st.m, st.s, g0[r0:r1], c_p, c_t, opts,
+                                  vocab_size=V, out=x3, vocab_start=plan.vocab_start,
+                                  weight_local=wl)
             m[r0:r1] = st.m
             s[r0:r1] = st.s
             zt[r0:r1] = st.zt
@@ -303,7 +325,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if eager:
             ctx.grads = grads.finish(plan, weight, bias)
         elif need_any:
-            ctx.save_for_backward(hidden, weight, bias, t, class_weight, lse)
+            ctx.save_for_backward(hidden, weight, bias, t, class_weight, m, s)
         ctx.mark_non_differentiable(lse, zl, acc)
         return loss, lse, zl, acc
 
@@ -327,14 +349,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if buf is not None:
                     scale_(buf, g)
             return dh, dw, db, None, None, None
-        hidden, weight, bias, t, class_weight, lse = ctx.saved_tensors
+        hidden, weight, bias, t, class_weight, m, s = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = _lazy_backward(plan, hidden, weight, bias, t, class_weight, lse,
+            dh, dw, db = _lazy_backward(plan, hidden, weight, bias, t, class_weight, m, s,
                                         grad_loss.detach().float().reshape(-1))
         return dh, dw, db, None, None, None
 
 
-def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, lse, g_rows):
+def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, m, s, g_rows):
     """Recompute each logits chunk and write its gradient for per-row upstream g_rows."""
     opts, be = plan.opts, plan.backend
     v_local = weight.shape[0]
@@ -343,12 +365,305 @@ def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, lse,
         class_weight[plan.vocab_start:plan.vocab_start + v_local]
     terms = spec.row_terms(t, opts, V, class_weight)
     g = g_rows * terms.valid
-    c_p, c_t = spec.grad_coefficients(lse, terms, opts, V)
+    c_p, c_t = spec.grad_coefficients(m + torch.log(s), terms, opts, V)
     grads = _Grads(plan, hidden, weight, bias)
     for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
         x3 = x.unsqueeze(0)
-        be.grad(x3, t[r0:r1], lse[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1], opts,
-                vocab_size=V, out=x3, vocab_start=plan.vocab_start, weight_local=wl)
+        _backend_grad(be, x3, t[r0:r1], m[r0:r1], s[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1],
+                      opts, vocab_size=V, out=x3, vocab_start=plan.vocab_start,
+                      weight_local=wl)
+        grads.add_chunk(x, h_c, weight, r0, r1)
+    return grads.finish(plan, weight, bias)
+
+
+# ---------------------------------------------------------------------------- RL ops
+#
+# Log-probabilities and entropy from hidden states. Per row, from one chunk of logits:
+#
+#     m = max_j z_j,   s = sum_j exp(z_j - m),   z_t,   u = sum_j exp(z_j - m) (z_j - m)
+#     log p_t = (z_t - m) - log s,               H = log s - u / s
+#
+# Every quantity is a difference to the row maximum, so a common offset of the logits (a
+# row whose logits are all ~1e6) changes nothing beyond the rounding of z_j - m; the
+# lse - sum_j p_j z_j form loses the whole entropy to the rounding of lse there. Pieces of
+# the vocabulary (ranks) combine as m = max_k m_k, f_k = exp(m_k - m):
+#
+#     s = sum_k f_k s_k,   u = sum_k f_k (u_k + (m_k - m) s_k),   z_t = sum_k z_t,k
+#
+# With c = u / s = log s - H and upstream row gradients g_t (log-prob; 0 on ignored rows)
+# and g_h (entropy), the gradient with respect to z_j is
+#
+#     dz_j = g_t [j = t] - p_j (g_t - g_h c + g_h (z_j - m)),   p_j = exp((z_j - m) - log s)
+#
+# (dH/dz_j = -p_j ((z_j - m) - c) is -p_j (z_j - (lse - H)) written without lse), then
+# chained through the softcap and logit_scale like every other gradient of the spec.
+
+# fp32 temporaries of the chunk math: rows are taken in sub-chunks of at most this many
+# bytes per temporary (a chunk of logits is sized for the GEMMs, which want it large; the
+# elementwise passes only want their temporaries bounded)
+MATH_BYTES_CUDA: int = 64 << 20
+MATH_BYTES_CPU: int = 8 << 20
+
+
+def _math_rows(v_local: int, device: torch.device) -> int:
+    budget = MATH_BYTES_CUDA if device.type == "cuda" else MATH_BYTES_CPU
+    return max(1, budget // (4 * max(1, v_local)))
+
+
+def _chunk_stats(x: torch.Tensor, local: Optional[torch.Tensor], inside: Optional[torch.Tensor],
+                 opts: LossOptions, want_ent: bool, rows: int, m: torch.Tensor, s: torch.Tensor,
+                 zt: torch.Tensor, u: torch.Tensor) -> None:
+    """Write m, s, z_t (with a target) and u (with ``want_ent``) of the logits chunk ``x``
+    [C, V_local] into the [C] slices given."""
+    C = x.shape[0]
+    for a in range(0, C, rows):
+        b = min(C, a + rows)
+        z = spec.transform(x[a:b], opts)  # (x itself for fp32 without transform: read only)
+        mc = z.amax(dim=1)
+        m[a:b] = mc
+        # an all -inf row has no finite maximum to subtract; 0 gives s = 0 and u = 0
+        shift = torch.where(torch.isneginf(mc), torch.zeros_like(mc), mc)
+        d = z - shift.unsqueeze(1)
+        if local is not None:
+            zc = z.gather(1, local[a:b].unsqueeze(1)).squeeze(1)
+            zt[a:b] = torch.where(inside[a:b], zc, torch.zeros_like(zc))
+        if want_ent:
+            e = d.exp()
+            s[a:b] = e.sum(dim=1)
+            # exp(-inf) * -inf is NaN; such a column contributes 0
+            d.mul_(e).masked_fill_(e == 0, 0.0)
+            u[a:b] = d.sum(dim=1)
+        else:
+            s[a:b] = d.exp_().sum(dim=1)
+
+
+def _chunk_grad(x: torch.Tensor, local: Optional[torch.Tensor], inside: Optional[torch.Tensor],
+                opts: LossOptions, m: torch.Tensor, log_s: torch.Tensor,
+                g_t: Optional[torch.Tensor], a_coef: Optional[torch.Tensor],
+                g_h: Optional[torch.Tensor], zero: torch.Tensor, rows: int) -> None:
+    """Overwrite the logits chunk ``x`` [C, V_local] with dx for the row coefficients [C]:
+
+        dz_j = g_t [j = t] - p_j (a + g_h (z_j - m))      (a = g_t - g_h c)
+        dz_j = g_t [j = t] - p_j g_t                      (g_h None: log-probs only)
+
+    ``g_t`` None: no log-prob term. Rows flagged in ``zero`` get exactly 0 (rows without
+    upstream gradient, whatever their logits hold: NaN, inf)."""
+    C = x.shape[0]
+    for a in range(0, C, rows):
+        b = min(C, a + rows)
+        xv = x[a:b]
+        z = spec.transform(xv, opts)
+        d = z - m[a:b].unsqueeze(1)
+        p = (d - log_s[a:b].unsqueeze(1)).exp_()
+        if g_h is not None:
+            d.mul_(g_h[a:b].unsqueeze(1)).add_(a_coef[a:b].unsqueeze(1)).mul_(p)
+            # p = 0 where z = -inf: 0 * inf is NaN there; the column's gradient is 0
+            out = d.masked_fill_(p == 0, 0.0).neg_()
+        else:
+            out = p.mul_(-g_t[a:b].unsqueeze(1))
+        if g_t is not None and local is not None:
+            gt = torch.where(inside[a:b], g_t[a:b], torch.zeros_like(g_t[a:b]))
+            out.scatter_add_(1, local[a:b].unsqueeze(1), gt.unsqueeze(1))
+        f = spec.chain_factor(z, opts)
+        if f is not None:
+            out.mul_(f)
+        out.masked_fill_(zero[a:b].unsqueeze(1), 0.0)
+        xv.copy_(out)
+
+
+def _combine_ranks(m, s, zt, u, group, want_lp: bool, want_ent: bool):
+    """The statistics of the whole vocabulary from every rank's piece: one all-gather of
+    the packed per-row fields (a few floats per row, never logits)."""
+    import torch.distributed as dist
+
+    from . import distributed
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return m, s, zt, u
+    fields = [m, s] + ([zt] if want_lp else []) + ([u] if want_ent else [])
+    allf = distributed._gather_on_comm_device(torch.stack(fields), group, world)  # [W, F, N]
+    m_all, s_all = allf[:, 0], allf[:, 1]
+    m_tot = m_all.amax(dim=0)
+    empty = m_all == float("-inf")  # a piece whose z are all -inf contributes nothing
+    gap = torch.where(empty, torch.zeros_like(m_all), m_all - m_tot.unsqueeze(0))
+    f = torch.where(empty, torch.zeros_like(m_all), gap.exp())
+    s_tot = (f * s_all).sum(dim=0)
+    zt_tot = allf[:, 2].sum(dim=0) if want_lp else zt
+    u_tot = u
+    if want_ent:
+        u_all = allf[:, 2 + int(want_lp)]
+        u_tot = (f * (u_all + gap * s_all)).sum(dim=0)
+    return m_tot, s_tot, zt_tot, u_tot
+
+
+@dataclass
+class RLPlan:
+    """Everything :class:`LinearLogprobEntropyFunction` needs besides tensors (the gradient
+    fields are named as :class:`LinearPlan`'s: :class:`_Grads` takes either)."""
+
+    opts: LossOptions
+    backend: Any
+    chunk_rows: int
+    want_lp: bool
+    want_ent: bool
+    vocab_start: int = 0
+    group: Any = None
+    need_dh: bool = True
+    need_dw: bool = True
+    need_db: bool = False
+    accum_dtype: Optional[torch.dtype] = None
+    reduce_hidden_grad: bool = True
+
+    @property
+    def eager(self) -> bool:
+        """Frozen head (no dW, no db), one output, one rank: the forward also writes the
+        gradient of hidden for a unit upstream gradient (dX_c, then dX_c @ W per chunk),
+        and the backward scales its rows. Two GEMMs per chunk in all instead of the three of
+        recomputing the logits (the floor of a frozen head: LoRA, RL with a fixed head)."""
+        return (self.need_dh and not self.need_dw and not self.need_db and self.group is None
+                and self.want_lp != self.want_ent)
+
+
+def _targets_local(t: Optional[torch.Tensor], opts: LossOptions, start: int, v_local: int):
+    if t is None:
+        return None, None, None
+    valid = t != opts.ignore_index
+    local, inside = _local_target(t, valid, start, v_local)
+    return valid, local, inside
+
+
+def _local_target(t, valid, start: int, v_local: int):
+    loc = t.long() - start
+    inside = valid & (loc >= 0) & (loc < v_local)
+    return loc.clamp(0, v_local - 1), inside
+
+
+class LinearLogprobEntropyFunction(torch.autograd.Function):
+    """Per-row log p(target) and/or entropy of softmax(z(hidden @ weight.T + bias)), fp32;
+    every output differentiable. Returns the outputs the plan asks for, log-probs first."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                target: Optional[torch.Tensor], plan: RLPlan):
+        ctx.set_materialize_grads(False)  # an output without upstream gradient is skipped
+        with torch.autocast(hidden.device.type, enabled=False):
+            return LinearLogprobEntropyFunction._forward(ctx, hidden, weight, bias, target, plan)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, t, plan: RLPlan):
+        opts, be = plan.opts, plan.backend
+        n = hidden.shape[0]
+        v_local = weight.shape[0]
+        dev = hidden.device
+        want_lp, want_ent = plan.want_lp, plan.want_ent
+        valid, local, inside = _targets_local(t, opts, plan.vocab_start, v_local)
+        m = torch.empty(n, device=dev, dtype=torch.float32)
+        s = torch.empty_like(m)
+        zt = torch.zeros_like(m)
+        u = torch.zeros_like(m)
+        rows = _math_rows(v_local, dev)
+        # a statistics kernel of the backend reads each chunk once for m, s and z_t; the
+        # centred entropy sum u is computed here (the backends' entropy statistic is
+        # sum_j exp(z_j - m) z_j, which a large common offset of the logits ruins)
+        kernel_stats = (not want_ent and getattr(be, "name", "torch") != "torch"
+                        and hasattr(be, "row_stats"))
+        eager = plan.eager
+        need_any = plan.need_dh or plan.need_dw or plan.need_db
+        dh0 = torch.empty_like(hidden) if eager else None
+        if eager:
+            ones = torch.ones_like(m)
+            g_t0 = valid.float() if want_lp else None
+            g_h0 = None if want_lp else ones
+            zero0 = ~valid if want_lp else torch.zeros(n, dtype=torch.bool, device=dev)
+        for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
+            if kernel_stats:
+                st = be.row_stats(x.unsqueeze(0), t[r0:r1], opts, vocab_start=plan.vocab_start,
+                                  need_am=False)
+                m[r0:r1], s[r0:r1], zt[r0:r1] = st.m, st.s, st.zt
+            else:
+                _chunk_stats(x, None if local is None else local[r0:r1],
+                             None if inside is None else inside[r0:r1], opts, want_ent, rows,
+                             m[r0:r1], s[r0:r1], zt[r0:r1], u[r0:r1])
+            if eager:
+                ls_c = torch.log(s[r0:r1])
+                a_c = None if want_lp else -(u[r0:r1] / s[r0:r1])
+                _chunk_grad(x, None if local is None else local[r0:r1],
+                            None if inside is None else inside[r0:r1], opts, m[r0:r1], ls_c,
+                            None if g_t0 is None else g_t0[r0:r1], a_c,
+                            None if g_h0 is None else g_h0[r0:r1], zero0[r0:r1], rows)
+                torch.mm(x, weight, out=dh0[r0:r1])
+        if plan.group is not None:
+            m, s, zt, u = _combine_ranks(m, s, zt, u, plan.group, want_lp, want_ent)
+        log_s = torch.log(s)
+        outs = []
+        if want_lp:
+            # where, not a product: ignored rows give +0.0 whatever their logits hold
+            outs.append(torch.where(valid, (zt - m) - log_s, 0.0))
+        c = None
+        if want_ent:
+            c = u / s
+            outs.append(log_s - c)
+        ctx.plan = plan
+        if eager:
+            ctx.dh0 = dh0
+        elif need_any:
+            ctx.save_for_backward(hidden, weight, bias, t, m, log_s, c)
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan = ctx.plan
+        it = iter(grads)
+        g_lp = next(it) if plan.want_lp else None
+        g_ent = next(it) if plan.want_ent else None
+        none = (None, None, None, None, None)
+        if g_lp is None and g_ent is None:
+            return none
+        if plan.eager:
+            g = (g_lp if plan.want_lp else g_ent).detach().float().reshape(-1, 1)
+            if not ctx.needs_input_grad[0]:
+                return none
+            dh0 = ctx.dh0
+            # rows without upstream gradient get 0 even where dh0 holds NaN
+            dh = torch.where(g != 0, dh0 * g, torch.zeros((), dtype=dh0.dtype,
+                                                           device=dh0.device))
+            return dh.to(dh0.dtype), None, None, None, None
+        hidden, weight, bias, t, m, log_s, c = ctx.saved_tensors
+        need = dataclasses.replace(
+            plan, need_dh=plan.need_dh and ctx.needs_input_grad[0],
+            need_dw=plan.need_dw and ctx.needs_input_grad[1],
+            need_db=plan.need_db and ctx.needs_input_grad[2])
+        if not (need.need_dh or need.need_dw or need.need_db):
+            return none
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = _rl_backward(need, hidden, weight, bias, t, m, log_s, c,
+                                      None if g_lp is None else g_lp.detach().float().reshape(-1),
+                                      None if g_ent is None else g_ent.detach().float().reshape(-1))
+        return dh, dw, db, None, None
+
+
+def _rl_backward(plan: RLPlan, hidden, weight, bias, t, m, log_s, c, g_lp, g_ent):
+    """Recompute each logits chunk, overwrite it with dx and accumulate dH, dW, db."""
+    v_local = weight.shape[0]
+    valid, local, inside = _targets_local(t, plan.opts, plan.vocab_start, v_local)
+    g_t = None
+    if g_lp is not None:
+        g_t = torch.where(valid, g_lp, torch.zeros_like(g_lp))
+    a_coef = None
+    if g_ent is not None:
+        a_coef = -g_ent * c if g_t is None else g_t - g_ent * c
+        zero = g_ent == 0 if g_t is None else (g_t == 0) & (g_ent == 0)
+    else:
+        zero = g_t == 0
+    rows = _math_rows(v_local, hidden.device)
+    grads = _Grads(plan, hidden, weight, bias)
+    for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
+        _chunk_grad(x, None if local is None else local[r0:r1],
+                    None if inside is None else inside[r0:r1], plan.opts, m[r0:r1],
+                    log_s[r0:r1], None if g_t is None else g_t[r0:r1],
+                    None if a_coef is None else a_coef[r0:r1],
+                    None if g_ent is None else g_ent[r0:r1], zero[r0:r1], rows)
         grads.add_chunk(x, h_c, weight, r0, r1)
     return grads.finish(plan, weight, bias)
 
@@ -695,6 +1010,120 @@ def linear_cross_entropy(
     return loss
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be a bool, got {value!r}")
+
+
+def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ignore_index,
+             return_entropy: bool, tp_group, vocab_start, inference_only, chunk_size,
+             reduce_hidden_grad, accum_dtype, backend):
+    """Validate, resolve the vocabulary layout and run :class:`LinearLogprobEntropyFunction`.
+
+    ``op`` is "logprobs" (``target`` given; log-probs, with the entropy when
+    ``return_entropy``) or "entropy" (``target`` None). Returns the [N] outputs and the
+    leading shape of hidden.
+    """
+    _fn._check_group(tp_group)
+    hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
+        hidden, weight, bias, tp_group, vocab_start)
+    # under TP with validation, this rank's argument errors reach every rank through the
+    # group's validation, so that no rank is left waiting in a collective
+    validate_tp = tp_group is not None and _fn.validation_enabled() and not _fn._compiling()
+    flags = (("return_entropy", return_entropy), ("inference_only", inference_only),
+             ("reduce_hidden_grad", reduce_hidden_grad))
+    err = None
+    try:
+        _fn._check_options(ignore_index=ignore_index, reduction="none", normalizer=None,
+                           label_smoothing=0.0, z_loss=0.0, softcap=softcap,
+                           logit_scale=logit_scale, backend=backend)
+        for name, value in flags:
+            _check_flag(name, value)
+        _check_chunk_size(chunk_size)
+        for name, x in (("hidden", hidden), ("weight", weight)):
+            if not isinstance(x, torch.Tensor):
+                raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        hidden, weight, bias = _autocast(hidden, weight, bias)
+        _check_linear_inputs(hidden, weight, bias)
+        accum = _check_accum_dtype(accum_dtype, weight.dtype)
+        if op == "logprobs":
+            _fn._check_target(target, hidden.shape[:-1], hidden.device)
+            target = _fn._widened(target, ignore_index)
+        if tp_group is not None:
+            from .distributed import checked_vocab_start
+
+            vocab_start = checked_vocab_start(vocab_start)
+    except (TypeError, ValueError) as exc:
+        if not validate_tp:
+            raise
+        err = exc
+    v_local = 0 if err is not None else weight.shape[0]
+    if tp_group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
+        start = 0
+        if op == "logprobs":
+            _fn._check_target_range(target, v_local, ignore_index)
+    else:
+        from . import distributed
+
+        code = distributed.OP_CROSS_ENTROPY if op == "logprobs" else distributed.OP_ENTROPY
+        if err is not None:
+            distributed.check_tp(tp_group, op=code, v_local=0, vocab_start=None, n_rows=0,
+                                 target=None, ignore_index=ignore_index, local_error=err)
+        if validate_tp:
+            # every option that changes the collectives (the statistics exchanged, the
+            # all-reduce of hidden's gradient) must agree on every rank
+            fp = distributed.options_fingerprint(*map(_fn._fp, (
+                "linear_" + op, ignore_index, softcap, logit_scale, return_entropy,
+                inference_only, reduce_hidden_grad)))
+            start, _ = distributed.check_tp(
+                tp_group, op=code, v_local=v_local, vocab_start=vocab_start,
+                n_rows=math.prod(hidden.shape[:-1]), target=target, ignore_index=ignore_index,
+                options=fp, device=hidden.device,
+                replicated=hidden if check_hidden else None,
+                replicated_what=(
+                    "hidden: a Shard(0) DTensor weight is taken as a vocabulary "
+                    "(tensor-parallel) shard over its mesh, whose ranks must all pass the "
+                    "same hidden states; these differ, as under FSDP2. " + _FSDP_HINT))
+        else:
+            start, _ = distributed.resolve_layout(tp_group, v_local, vocab_start,
+                                                  need_vocab_size=False)
+
+    opts = LossOptions(ignore_index=ignore_index, reduction="none",
+                       softcap=None if softcap is None else float(softcap),
+                       logit_scale=float(logit_scale))
+    lead = hidden.shape[:-1]
+    D = hidden.shape[-1]
+    h2 = hidden.reshape(-1, D)
+    if h2.stride(-1) != 1 or (h2.shape[0] > 1 and h2.stride(0) != D):
+        h2 = h2.contiguous()
+    t1 = None if target is None else target.reshape(-1)
+    n = h2.shape[0]
+    # the statistics are exchanged once for all rows (not per chunk), so ranks may cut
+    # different chunks: each sizes them from its own shard
+    rows = int(chunk_size) if chunk_size != "auto" else \
+        auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
+    grad_on = torch.is_grad_enabled() and not inference_only
+    plan = RLPlan(
+        opts=opts, backend=_select_backend(backend, hidden), chunk_rows=rows,
+        want_lp=op == "logprobs", want_ent=op == "entropy" or return_entropy,
+        vocab_start=start, group=tp_group,
+        need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
+        need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
+        reduce_hidden_grad=reduce_hidden_grad)
+    if weight.stride(-1) != 1 and weight.stride(0) != 1:
+        weight = weight.contiguous()  # GEMMs take either row- or column-major heads as they are
+    if plan.need_dh or plan.need_dw or plan.need_db:
+        out = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, plan)
+    else:
+        # nothing to differentiate: no graph, nothing kept
+        with torch.no_grad():
+            out = LinearLogprobEntropyFunction._forward(_ag._NoGradCtx(), h2, weight, bias, t1,
+                                                        plan)
+    return (out if isinstance(out, tuple) else (out,)), lead
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -702,31 +1131,127 @@ def linear_logprobs(
     *,
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     ignore_index: int = -100,
+    return_entropy: bool = False,
     tp_group=None,
     vocab_start: Optional[int] = None,
     inference_only: bool = False,
     chunk_size: Union[str, int] = "auto",
+    reduce_hidden_grad: bool = True,
+    accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
-) -> torch.Tensor:
-    """log softmax(logit_scale * (hidden @ weight.T + bias))[target] per row, no logits.
+) -> Union[torch.Tensor, tuple]:
+    """log softmax(z)[target] per row (and the entropy of softmax(z)), without the logits.
 
-    RL scoring from hidden states: log-probabilities of the targets, chunk by chunk.
+    RL scoring and policy gradients from hidden states: with x = hidden @ weight.T + bias
+    and z = softcap * tanh(logit_scale * x / softcap) (z = logit_scale * x without softcap),
+
+        log p_t = (z_t - m) - log s,   H = log s - sum_j p_j (z_j - m),
+        m = max_j z_j,  s = sum_j exp(z_j - m),
+
+    both offset-invariant (rows whose logits are all ~1e6 give the right values). One chunk
+    of logits [chunk rows, V_local] exists at a time and the forward computes it once (one
+    GEMM per chunk, all statistics from it). The backward recomputes each chunk (its GEMM
+    again) and forms dH = dX @ W, dW = dX^T @ H and db = 1^T dX, only those whose input
+    needs a gradient; with a frozen head (no gradient of weight or bias), one output and
+    no ``tp_group``, the forward writes hidden's gradient for a unit upstream gradient
+    (two GEMMs per chunk in all) and the backward only scales its rows.
 
     Args:
-        hidden: [..., D]; weight: [V_local, D]; target: [...] global ids (``ignore_index``
-            rows give 0 and no gradient); bias: optional [V_local].
-        tp_group, vocab_start: vocabulary sharding of ``weight`` (as linear_cross_entropy).
-        inference_only: keep nothing for backward; the result has no graph.
-        chunk_size: rows per chunk or "auto" (see linear_cross_entropy).
+        hidden: [..., D] fp32/bf16/fp16 hidden states (any strides; copied if not viewable).
+        weight: [V_local, D] the LM head (same dtype and device as hidden); with ``tp_group``
+            this rank's rows [vocab_start, vocab_start + V_local) of the full head. A DTensor
+            sharded on dim 0 over a 1-D mesh is taken as such a shard over its mesh's group
+            (as in :func:`linear_cross_entropy`).
+        target: [...] (hidden's leading dims) int64/int32 global class ids.
+        bias: optional [V_local] bias (this rank's slice under TP).
+        logit_scale: z = logit_scale * x before the softcap; sampling temperature T is
+            ``logit_scale=1 / T``.
+        softcap: None, or z = softcap * tanh(logit_scale * x / softcap).
+        ignore_index: rows whose target equals it give log-prob +0.0 and no gradient
+            through the log-prob; their entropy is still that row's entropy (the entropy
+            takes no target: mask it yourself where such rows must not count).
+        return_entropy: also return the entropy of every row, computed from the same chunks
+            of logits (no second pass); differentiable, exact gradient (not detached).
+        tp_group: process group over which the vocabulary (weight rows) is sharded; ranks
+            exchange a few floats per row (one all-gather per call), never logits.
+        vocab_start: first global row of this rank's shard (default rank * V_local).
+        inference_only: keep nothing for backward; the results have no graph.
+        chunk_size: rows per chunk, or "auto": as many rows as fit
+            :data:`DEFAULT_CHUNK_BYTES` of logits on CUDA, :data:`DEFAULT_CHUNK_BYTES_CPU`
+            elsewhere (env FUSEDCE_LINEAR_CHUNK_BYTES).
+        reduce_hidden_grad: under TP, all-reduce hidden's gradient over ``tp_group`` (True);
+            False leaves this rank's partial gradient to the caller.
+        accum_dtype: dW accumulator across chunks: None (the weight's dtype) or
+            torch.float32 (see :func:`linear_cross_entropy`).
+        backend: "auto", "triton" or "torch": the backend's statistics kernel computes m, s
+            and z_t of each chunk for the log-probs alone; the entropy statistic and every
+            gradient are computed by PyTorch ops on the chunk on every backend.
     Returns:
-        [...] fp32 log-probabilities, differentiable w.r.t. hidden, weight and bias (the
-        backward recomputes the logits chunk by chunk).
+        [...] fp32 log-probabilities shaped like ``target``; with ``return_entropy`` a tuple
+        (log-probabilities, entropies), both [...] fp32, both differentiable w.r.t. hidden,
+        weight and bias (when an upstream gradient reaches both, the backward sums both
+        contributions in one recompute).
     """
-    kw = dict(bias=bias, ignore_index=ignore_index, reduction="none", logit_scale=logit_scale,
-              tp_group=tp_group, vocab_start=vocab_start, chunk_size=chunk_size,
-              backend=backend)
-    if inference_only:
-        with torch.no_grad():
-            return -linear_cross_entropy(hidden, weight, target, **kw)
-    return -linear_cross_entropy(hidden, weight, target, **kw)
+    outs, lead = _rl_call("logprobs", hidden, weight, target, bias=bias,
+                          logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+                          return_entropy=return_entropy, tp_group=tp_group,
+                          vocab_start=vocab_start, inference_only=inference_only,
+                          chunk_size=chunk_size, reduce_hidden_grad=reduce_hidden_grad,
+                          accum_dtype=accum_dtype, backend=backend)
+    if return_entropy:
+        return outs[0].view(lead), outs[1].view(lead)
+    return outs[0].view(lead)
+
+
+def linear_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    inference_only: bool = False,
+    chunk_size: Union[str, int] = "auto",
+    reduce_hidden_grad: bool = True,
+    accum_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Entropy of softmax(z) per row, without the logits, differentiable (not detached).
+
+    With x = hidden @ weight.T + bias and z as in :func:`linear_logprobs`,
+    H = log s - sum_j p_j (z_j - m) (m = max_j z_j, s = sum_j exp(z_j - m)): offset-invariant,
+    so rows whose logits are all ~1e6 give the right entropy. dH/dz_j = -p_j ((z_j - m) -
+    (log s - H)), chained through the softcap and logit_scale. Chunks, GEMMs and memory as in
+    :func:`linear_logprobs`.
+
+    Args:
+        hidden: [..., D] fp32/bf16/fp16 hidden states.
+        weight: [V_local, D] the LM head, or this rank's row shard with ``tp_group`` (a
+            Shard(0) DTensor is taken as one, as in :func:`linear_cross_entropy`).
+        bias: optional [V_local] bias (this rank's slice under TP).
+        logit_scale: z = logit_scale * x before the softcap (temperature T: 1 / T).
+        softcap: None, or z = softcap * tanh(logit_scale * x / softcap).
+        tp_group: process group over which the vocabulary (weight rows) is sharded.
+        vocab_start: accepted for symmetry (the entropy does not depend on the column
+            order); checked to tile the vocabulary when given under validation.
+        inference_only: keep nothing for backward; the result has no graph.
+        chunk_size: rows per chunk, or "auto" (see :func:`linear_logprobs`).
+        reduce_hidden_grad: under TP, all-reduce hidden's gradient over ``tp_group``.
+        accum_dtype: dW accumulator across chunks: None (the weight's dtype) or
+            torch.float32.
+        backend: "auto", "triton" or "torch" (the entropy's chunk math is PyTorch ops on
+            every backend).
+    Returns:
+        [...] fp32 entropies (natural log), shaped like hidden's leading dimensions.
+    """
+    outs, lead = _rl_call("entropy", hidden, weight, None, bias=bias, logit_scale=logit_scale,
+                          softcap=softcap, ignore_index=-100, return_entropy=True,
+                          tp_group=tp_group, vocab_start=vocab_start,
+                          inference_only=inference_only, chunk_size=chunk_size,
+                          reduce_hidden_grad=reduce_hidden_grad, accum_dtype=accum_dtype,
+                          backend=backend)
+    return outs[0].view(lead)
