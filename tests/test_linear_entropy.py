@@ -264,13 +264,14 @@ class _Spy:
         monkeypatch.setattr(fce_linear, "_Grads", Grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_frozen_head_no_dw(mode, monkeypatch):
+def test_frozen_head_no_dw(mode, backend, monkeypatch):
     """LoRA / frozen LM head: no dW GEMM, weight.grad stays None, dH exact. One output
     takes the forward-time dH (the logits of each chunk are formed once); both outputs take
     the recomputing backward (twice)."""
     spy = _Spy(monkeypatch)
-    _check("torch", torch.float32, mode, lead=(21,), D=9, V=31, chunk_size=6,
+    _check(_backend(backend), torch.float32, mode, lead=(21,), D=9, V=31, chunk_size=6,
            frozen=("weight", "bias"))
     assert spy.dw_calls == 0
     assert sum(spy.logit_rows) == (21 if mode != "both" else 42)
@@ -311,7 +312,8 @@ def test_inference_only(mode, monkeypatch):
 # ---------------------------------------------------------------- edges
 
 
-def test_ignored_rows_and_nan_logits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_and_nan_logits(backend):
     """Ignored rows give +0.0 log-probs and no log-prob gradient, whatever their logits
     hold (+-inf here, from a hidden state whose products overflow fp32); their entropy is
     their row's entropy (not finite for such a row), and a zero upstream gradient there
@@ -321,7 +323,8 @@ def test_ignored_rows_and_nan_logits():
     t[5] = -100
     with torch.no_grad():
         h[2] = 3e38
-    lp, ent = linear_logprobs(h, w, t, bias=b, return_entropy=True, chunk_size=4)
+    be = _backend(backend)
+    lp, ent = linear_logprobs(h, w, t, bias=b, return_entropy=True, chunk_size=4, backend=be)
     assert lp[2].item() == 0.0 and not torch.signbit(lp[[2, 5]]).any()
     assert not torch.isfinite(ent[2]) and torch.isfinite(ent[torch.arange(9) != 2]).all()
     g_ent = torch.ones(9)
@@ -331,7 +334,7 @@ def test_ignored_rows_and_nan_logits():
     assert torch.isfinite(b.grad).all() and torch.count_nonzero(h.grad[2]) == 0
     # without entropy, an ignored row has no gradient at all
     h.grad = None
-    linear_logprobs(h, w, t, bias=b, chunk_size=4).sum().backward()
+    linear_logprobs(h, w, t, bias=b, chunk_size=4, backend=be).sum().backward()
     assert torch.count_nonzero(h.grad[[2, 5]]) == 0 and torch.isfinite(w.grad).all()
     # the entropy of an ignored finite row is its entropy, with its gradient
     refs, _ = _ref(h, w, b, t, "ent")
@@ -406,11 +409,13 @@ class _PoisonTorch:
         return self._poison(torch.empty_like(*a, **k))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("frozen", [(), ("weight", "bias")], ids=["trained", "frozen_head"])
 @pytest.mark.parametrize("mode", MODES)
-def test_poisoned_buffers(mode, frozen, monkeypatch):
+def test_poisoned_buffers(mode, frozen, backend, monkeypatch):
+    be = _backend(backend)
     monkeypatch.setattr(fce_linear, "torch", _PoisonTorch())
-    _check("torch", torch.float32, mode, lead=(19,), D=8, V=27, chunk_size=6, frozen=frozen,
+    _check(be, torch.float32, mode, lead=(19,), D=8, V=27, chunk_size=6, frozen=frozen,
            softcap=6.0)
 
 

@@ -180,9 +180,9 @@ def _chunk_terms(terms: spec.RowTerms, r0: int, r1: int) -> spec.RowTerms:
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_takes_lse(grad_fn) -> bool:
+def _takes(fn, name: str) -> bool:
     try:
-        return "lse" in inspect.signature(grad_fn).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
 
@@ -191,7 +191,7 @@ def _backend_grad(be, x3, target, m, s, g, c_p, c_t, opts, **kw) -> None:
     """``be.grad`` for the row statistics m, s of the whole vocabulary. A backend's grad
     takes (m, s) (p_j = exp(z_j - m) / s: offset-invariant) or, in the older form, lse
     (formed here as m + log s)."""
-    if _grad_takes_lse(be.grad):
+    if _takes(be.grad, "lse"):
         be.grad(x3, target, m + torch.log(s), g, c_p, c_t, opts, **kw)
     else:
         be.grad(x3, target, m, s, g, c_p, c_t, opts, **kw)
@@ -539,6 +539,54 @@ def _local_target(t, valid, start: int, v_local: int):
     return loc.clamp(0, v_local - 1), inside
 
 
+def _uses_kernels(be) -> bool:
+    """Whether the chunk statistics and single-output gradients go through the backend's
+    kernels (one read / one read-write of the chunk each) rather than PyTorch ops here."""
+    return getattr(be, "name", "torch") != "torch"
+
+
+def _backend_entropy_grad(be, x3, m, s, ent, g, opts, *, out) -> None:
+    """``be.entropy_grad`` for m, s of the whole vocabulary (or, in the older form, lse)."""
+    if _takes(be.entropy_grad, "lse"):
+        be.entropy_grad(x3, m + torch.log(s), ent, g, opts, out=out)
+    else:
+        be.entropy_grad(x3, m, s, ent, g, opts, out=out)
+
+
+def _write_dx(plan: RLPlan, x: torch.Tensor, t_c, local_c, inside_c, m_c, s_c, c_c, g_t, g_h,
+              rows: int) -> None:
+    """Overwrite the logits chunk ``x`` [C, V_local] with dx for the upstream row gradients
+    ``g_t`` (log-probs, 0 on ignored rows) and ``g_h`` (entropy), either None.
+
+    One output: the backend's gradient kernel (the CE gradient with c_p = c_t = 1 and g
+    negated is d log p_t / dz; or its entropy gradient). Both, or the torch backend: the
+    PyTorch form of :func:`_chunk_grad`, which sums both terms in one pass.
+    """
+    be = plan.backend
+    if _uses_kernels(be) and (g_t is None) != (g_h is None):
+        x3 = x.unsqueeze(0)
+        if g_h is None:
+            ones = torch.ones_like(g_t)
+            _backend_grad(be, x3, t_c, m_c, s_c, -g_t, ones, ones, plan.opts,
+                          vocab_size=x.shape[1], out=x3, vocab_start=plan.vocab_start)
+        else:
+            _backend_entropy_grad(be, x3, m_c, s_c, torch.log(s_c) - c_c, g_h, plan.opts,
+                                  out=x3)
+        return
+    if g_h is None:
+        a_coef, zero = None, g_t == 0
+    elif g_t is None:
+        a_coef, zero = -g_h * c_c, g_h == 0
+    else:
+        a_coef, zero = g_t - g_h * c_c, (g_t == 0) & (g_h == 0)
+    _chunk_grad(x, local_c, inside_c, plan.opts, m_c, torch.log(s_c), g_t, a_coef, g_h, zero,
+                rows)
+
+
+def _sl(x: Optional[torch.Tensor], r0: int, r1: int) -> Optional[torch.Tensor]:
+    return None if x is None else x[r0:r1]
+
+
 class LinearLogprobEntropyFunction(torch.autograd.Function):
     """Per-row log p(target) and/or entropy of softmax(z(hidden @ weight.T + bias)), fp32;
     every output differentiable. Returns the outputs the plan asks for, log-probs first."""
@@ -563,35 +611,33 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         zt = torch.zeros_like(m)
         u = torch.zeros_like(m)
         rows = _math_rows(v_local, dev)
-        # a statistics kernel of the backend reads each chunk once for m, s and z_t; the
-        # centred entropy sum u is computed here (the backends' entropy statistic is
-        # sum_j exp(z_j - m) z_j, which a large common offset of the logits ruins)
-        kernel_stats = (not want_ent and getattr(be, "name", "torch") != "torch"
-                        and hasattr(be, "row_stats"))
+        kernels = _uses_kernels(be)
+        # the statistics kernel takes a target: ignored everywhere for the entropy alone
+        t_stats = t if t is not None or not kernels else \
+            torch.full((n,), opts.ignore_index, dtype=torch.int64, device=dev)
         eager = plan.eager
         need_any = plan.need_dh or plan.need_dw or plan.need_db
         dh0 = torch.empty_like(hidden) if eager else None
-        if eager:
-            ones = torch.ones_like(m)
-            g_t0 = valid.float() if want_lp else None
-            g_h0 = None if want_lp else ones
-            zero0 = ~valid if want_lp else torch.zeros(n, dtype=torch.bool, device=dev)
+        g_t0 = valid.float() if eager and want_lp else None
+        g_h0 = torch.ones_like(m) if eager and want_ent else None
         for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
-            if kernel_stats:
-                st = be.row_stats(x.unsqueeze(0), t[r0:r1], opts, vocab_start=plan.vocab_start,
+            if kernels:
+                st = be.row_stats(x.unsqueeze(0), t_stats[r0:r1], opts,
+                                  vocab_start=plan.vocab_start, need_sez=want_ent,
                                   need_am=False)
-                m[r0:r1], s[r0:r1], zt[r0:r1] = st.m, st.s, st.zt
+                m[r0:r1], s[r0:r1] = st.m, st.s
+                if want_lp:
+                    zt[r0:r1] = st.zt
+                if want_ent:
+                    u[r0:r1] = st.sez
             else:
-                _chunk_stats(x, None if local is None else local[r0:r1],
-                             None if inside is None else inside[r0:r1], opts, want_ent, rows,
+                _chunk_stats(x, _sl(local, r0, r1), _sl(inside, r0, r1), opts, want_ent, rows,
                              m[r0:r1], s[r0:r1], zt[r0:r1], u[r0:r1])
             if eager:
-                ls_c = torch.log(s[r0:r1])
-                a_c = None if want_lp else -(u[r0:r1] / s[r0:r1])
-                _chunk_grad(x, None if local is None else local[r0:r1],
-                            None if inside is None else inside[r0:r1], opts, m[r0:r1], ls_c,
-                            None if g_t0 is None else g_t0[r0:r1], a_c,
-                            None if g_h0 is None else g_h0[r0:r1], zero0[r0:r1], rows)
+                # (one rank: the chunk's statistics are the whole vocabulary's)
+                _write_dx(plan, x, _sl(t, r0, r1), _sl(local, r0, r1), _sl(inside, r0, r1),
+                          m[r0:r1], s[r0:r1], u[r0:r1] / s[r0:r1], _sl(g_t0, r0, r1),
+                          _sl(g_h0, r0, r1), rows)
                 torch.mm(x, weight, out=dh0[r0:r1])
         if plan.group is not None:
             m, s, zt, u = _combine_ranks(m, s, zt, u, plan.group, want_lp, want_ent)
@@ -608,7 +654,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         if eager:
             ctx.dh0 = dh0
         elif need_any:
-            ctx.save_for_backward(hidden, weight, bias, t, m, log_s, c)
+            ctx.save_for_backward(hidden, weight, bias, t, m, s, c)
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
@@ -629,7 +675,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
             dh = torch.where(g != 0, dh0 * g, torch.zeros((), dtype=dh0.dtype,
                                                            device=dh0.device))
             return dh.to(dh0.dtype), None, None, None, None
-        hidden, weight, bias, t, m, log_s, c = ctx.saved_tensors
+        hidden, weight, bias, t, m, s, c = ctx.saved_tensors
         need = dataclasses.replace(
             plan, need_dh=plan.need_dh and ctx.needs_input_grad[0],
             need_dw=plan.need_dw and ctx.needs_input_grad[1],
@@ -637,33 +683,22 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         if not (need.need_dh or need.need_dw or need.need_db):
             return none
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = _rl_backward(need, hidden, weight, bias, t, m, log_s, c,
+            dh, dw, db = _rl_backward(need, hidden, weight, bias, t, m, s, c,
                                       None if g_lp is None else g_lp.detach().float().reshape(-1),
                                       None if g_ent is None else g_ent.detach().float().reshape(-1))
         return dh, dw, db, None, None
 
 
-def _rl_backward(plan: RLPlan, hidden, weight, bias, t, m, log_s, c, g_lp, g_ent):
+def _rl_backward(plan: RLPlan, hidden, weight, bias, t, m, s, c, g_lp, g_ent):
     """Recompute each logits chunk, overwrite it with dx and accumulate dH, dW, db."""
     v_local = weight.shape[0]
     valid, local, inside = _targets_local(t, plan.opts, plan.vocab_start, v_local)
-    g_t = None
-    if g_lp is not None:
-        g_t = torch.where(valid, g_lp, torch.zeros_like(g_lp))
-    a_coef = None
-    if g_ent is not None:
-        a_coef = -g_ent * c if g_t is None else g_t - g_ent * c
-        zero = g_ent == 0 if g_t is None else (g_t == 0) & (g_ent == 0)
-    else:
-        zero = g_t == 0
+    g_t = None if g_lp is None else torch.where(valid, g_lp, torch.zeros_like(g_lp))
     rows = _math_rows(v_local, hidden.device)
     grads = _Grads(plan, hidden, weight, bias)
     for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
-        _chunk_grad(x, None if local is None else local[r0:r1],
-                    None if inside is None else inside[r0:r1], plan.opts, m[r0:r1],
-                    log_s[r0:r1], None if g_t is None else g_t[r0:r1],
-                    None if a_coef is None else a_coef[r0:r1],
-                    None if g_ent is None else g_ent[r0:r1], zero[r0:r1], rows)
+        _write_dx(plan, x, _sl(t, r0, r1), _sl(local, r0, r1), _sl(inside, r0, r1), m[r0:r1],
+                  s[r0:r1], _sl(c, r0, r1), _sl(g_t, r0, r1), _sl(g_ent, r0, r1), rows)
         grads.add_chunk(x, h_c, weight, r0, r1)
     return grads.finish(plan, weight, bias)
 
@@ -1185,9 +1220,9 @@ def linear_logprobs(
             False leaves this rank's partial gradient to the caller.
         accum_dtype: dW accumulator across chunks: None (the weight's dtype) or
             torch.float32 (see :func:`linear_cross_entropy`).
-        backend: "auto", "triton" or "torch": the backend's statistics kernel computes m, s
-            and z_t of each chunk for the log-probs alone; the entropy statistic and every
-            gradient are computed by PyTorch ops on the chunk on every backend.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". Triton
+            computes each chunk's statistics in one read and the gradient of one output in
+            one read-write; the gradient of both outputs at once is PyTorch ops on the chunk.
     Returns:
         [...] fp32 log-probabilities shaped like ``target``; with ``return_entropy`` a tuple
         (log-probabilities, entropies), both [...] fp32, both differentiable w.r.t. hidden,
@@ -1243,8 +1278,7 @@ def linear_entropy(
         reduce_hidden_grad: under TP, all-reduce hidden's gradient over ``tp_group``.
         accum_dtype: dW accumulator across chunks: None (the weight's dtype) or
             torch.float32.
-        backend: "auto", "triton" or "torch" (the entropy's chunk math is PyTorch ops on
-            every backend).
+        backend: "auto", "triton" or "torch" (as in :func:`linear_logprobs`).
     Returns:
         [...] fp32 entropies (natural log), shaped like hidden's leading dimensions.
     """
