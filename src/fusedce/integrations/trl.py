@@ -104,13 +104,6 @@ def _once(key, level: int, msg: str) -> None:
 # ------------------------------------------------------------------------------ the math
 
 
-def _linear_logprobs_params() -> frozenset:
-    # the signature of fusedce's own function (not of a counting wrapper put in its place)
-    from fusedce import linear as _linear
-
-    return frozenset(inspect.signature(_linear.linear_logprobs).parameters)
-
-
 def _same_dtype(hidden, weight, bias):
     """The operands in one dtype, as TRL's head computes: the autocast dtype under autocast
     (fusedce casts then), else the hidden states' dtype (``cast_lm_head_to_fp32`` passes fp32
@@ -141,33 +134,6 @@ def _chunk_rows(n: int, v: int, device: torch.device) -> int:
     from fusedce.linear import auto_chunk_rows
 
     return auto_chunk_rows(max(n, 1), v, torch.float32, device)
-
-
-def _entropy_by_chunks(hidden, weight, bias, scale, cap) -> torch.Tensor:
-    """Entropy of softmax(z) per row through fusedce.entropy on row chunks of the logits,
-    each recomputed in the backward (checkpointed), for a fusedce whose linear_logprobs has
-    no ``return_entropy`` yet."""
-
-    def chunk(h):
-        x = F.linear(h, weight, bias)
-        if cap is None:
-            return _fce.entropy(x, logit_scale=scale)
-        return _fce.entropy(_transformed(x, scale, cap))
-
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    rows = _chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    parts = []
-    for h in hidden.split(rows):
-        if grad:
-            from torch.utils.checkpoint import checkpoint
-
-            parts.append(checkpoint(chunk, h, use_reentrant=False))
-        else:
-            parts.append(chunk(h))
-    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -229,29 +195,19 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     scale = float(logit_scale) / float(temperature)
     cap = None if softcap is None else float(softcap) / float(temperature)
     hidden, weight, bias = _same_dtype(hidden, weight, bias)
-    want_entropy = "entropy" in outputs
-    params = _linear_logprobs_params()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    kw: Dict[str, Any] = dict(bias=bias, logit_scale=scale, softcap=cap, chunk_size=chunk_size,
+                              inference_only=not grad)
+    if grad and weight.requires_grad and weight.dtype in (torch.bfloat16, torch.float16):
+        # one fp32 rounding of the head's gradient, as TRL's kernel accumulates it
+        kw["accum_dtype"] = torch.float32
     entropy = None
-    if cap is None or "softcap" in params:
-        kw: Dict[str, Any] = dict(bias=bias, logit_scale=scale, chunk_size=chunk_size)
-        if cap is not None:
-            kw["softcap"] = cap
-        if not grad:
-            kw["inference_only"] = True
-        if want_entropy and "return_entropy" in params:
-            log_probs, entropy = _fce.linear_logprobs(hidden, weight, targets,
-                                                      return_entropy=True, **kw)
-        else:
-            log_probs = _fce.linear_logprobs(hidden, weight, targets, **kw)
+    if "entropy" in outputs:
+        log_probs, entropy = _fce.linear_logprobs(hidden, weight, targets, return_entropy=True,
+                                                  **kw)
     else:
-        # a fusedce whose linear_logprobs takes no softcap: the same row losses, negated
-        log_probs = -_fce.linear_cross_entropy(hidden, weight, targets, bias=bias,
-                                               reduction="none", softcap=cap,
-                                               logit_scale=scale, chunk_size=chunk_size)
-    if want_entropy and entropy is None:
-        entropy = _entropy_by_chunks(hidden, weight, bias, scale, cap)
+        log_probs = _fce.linear_logprobs(hidden, weight, targets, **kw)
     wanted = {"is_top1", "mean_logits", "log_sum_sq_probs"} & set(outputs)
     extra = _metric_outputs(hidden.detach(), weight.detach(),
                             None if bias is None else bias.detach(), targets, scale, cap,
