@@ -125,7 +125,7 @@ def _rloo(model, tmp_path):
                            processing_class=_tokenizer())
 
 
-def _dpo(model, tmp_path, use_weighting=False):
+def _dpo(model, tmp_path, use_weighting=False, peft_config=None):
     r = random.Random(4)
     ds = datasets.Dataset.from_dict({
         "prompt": [_text(r, 4) for _ in range(8)],
@@ -135,7 +135,7 @@ def _dpo(model, tmp_path, use_weighting=False):
     args = trl.DPOConfig(**_common(tmp_path, max_steps=2, per_device_train_batch_size=4,
                                    max_length=32, use_weighting=use_weighting))
     return trl.DPOTrainer(model=model, args=args, train_dataset=ds,
-                          processing_class=_tokenizer())
+                          processing_class=_tokenizer(), peft_config=peft_config)
 
 
 def _kto(model, tmp_path):
@@ -148,6 +148,12 @@ def _kto(model, tmp_path):
                                    max_length=32))
     return trl.KTOTrainer(model=model, args=args, train_dataset=ds,
                           processing_class=_tokenizer())
+
+
+def _lora():
+    peft = pytest.importorskip("peft")
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
 def _history(trainer):
@@ -183,6 +189,9 @@ TRAINERS = {
                             "logits/chosen", "mean_token_accuracy", "entropy")),
     "dpo_wpo": (lambda model, path: _dpo(model, path, use_weighting=True), "llama",
                 ("logps/chosen", "logits/chosen")),
+    # LoRA: TRL's head sits on the base model and the reference is the adapter disabled
+    "dpo_lora": (lambda model, path: _dpo(model, path, peft_config=_lora()), "qwen2",
+                 ("rewards/chosen", "logps/chosen", "entropy")),
     "kto": (_kto, "qwen2", ("rewards/chosen", "logps/chosen", "logits/chosen", "kl",
                             "entropy")),
 }
