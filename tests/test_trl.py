@@ -354,14 +354,17 @@ def test_transformers_integration_after_trainer(models, tmp_path, caplog):
     trainer = _sft(_sft_model(models), tmp_path)
     try:
         fce_hf.apply(trainer.model)
-    except Exception as exc:  # an architecture the transformers integration refuses
+    except (ValueError, RuntimeError) as exc:  # an architecture it refuses
         pytest.skip(f"fusedce.integrations.transformers.apply refused the model: {exc}")
+    hidden = not ftrl._is_trl_forward(trainer.model)
     with caplog.at_level(logging.WARNING, logger="fusedce"):
         ftrl.apply(trainer)
     with ftrl.count_calls() as calls:
         trainer.train()
     assert calls["linear_logprobs"] == len(_history(trainer)) > 0
-    assert any("reverted it" in r.getMessage() for r in caplog.records)
+    if hidden:  # a transformers integration whose forward drops fused_lm_head calls
+        assert any("reverted it" in r.getMessage() for r in caplog.records)
+        assert not fce_hf.is_applied(trainer.model)
 
 
 def test_transformers_integration_before_trainer(models, tmp_path):
@@ -370,7 +373,7 @@ def test_transformers_integration_before_trainer(models, tmp_path):
     model = _sft_model(models)
     try:
         fce_hf.apply(model)
-    except Exception as exc:
+    except (ValueError, RuntimeError) as exc:
         pytest.skip(f"fusedce.integrations.transformers.apply refused the model: {exc}")
     trainer = _sft(model, tmp_path)
     ftrl.apply(trainer)

@@ -64,15 +64,15 @@ import fusedce as _fce
 
 __all__ = [
     "OUTPUTS",
-    "head_logprobs",
     "apply",
-    "revert",
-    "is_applied",
-    "patch",
-    "unpatch",
-    "is_patched",
     "count_calls",
+    "head_logprobs",
+    "is_applied",
+    "is_patched",
+    "patch",
+    "revert",
     "stats",
+    "unpatch",
 ]
 
 logger = logging.getLogger("fusedce")
@@ -401,9 +401,10 @@ def _lift_hf_integration(model, label: str) -> None:
         from . import transformers as fce_hf
     except ImportError:  # pragma: no cover - transformers is TRL's dependency
         return
-    if not fce_hf.is_applied(model):
+    is_applied, revert = getattr(fce_hf, "is_applied", None), getattr(fce_hf, "revert", None)
+    if is_applied is None or revert is None or not is_applied(model):
         return
-    fce_hf.revert(model)
+    revert(model)
     if _is_trl_forward(model):
         logger.warning(
             f"fusedce.integrations.trl: {label}: fusedce.integrations.transformers.apply() "
@@ -434,7 +435,8 @@ def apply(target, *, label: Optional[str] = None):
             and its reference model are covered) or a causal LM (before or after a trainer
             is built around it; a reference model the trainer builds later is not covered,
             and says so in a warning at its first call).
-        label: the name the log uses for the model (default: its class and attribute).
+        label: the name the log gives the model (default: its class), followed by its
+            attribute on the trainer.
     Returns:
         ``target``. :func:`revert` undoes it. Nothing changes (a warning says why) when TRL
         is missing or its fused head is not the one this integration knows.
@@ -444,7 +446,7 @@ def apply(target, *, label: Optional[str] = None):
     heads = []
     for attr, model in _models_of(target):
         base = _base_model(model)
-        name = label or f"{type(base).__name__} ({attr})"
+        name = f"{label or type(base).__name__} ({attr})"
         _lift_hf_integration(base, name)
         get_head = getattr(base, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
