@@ -15,7 +15,7 @@ def _fused(x3, target, opts, *, g0, terms, vocab_size, out, weight_local):
                                  need_sz=opts.label_smoothing > 0.0)
     lse = spec.lse_of(st)
     c_p, c_t = spec.grad_coefficients(lse, terms, opts, vocab_size)
-    torch_backend.grad(x3, target, lse, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
+    torch_backend.grad(x3, target, st.m, st.s, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
                        weight_local=weight_local)
     return st
 

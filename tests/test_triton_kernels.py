@@ -341,17 +341,18 @@ def test_stats_and_grad_kernels_on_a_vocab_shard():
     picked = z.gather(1, (got.am.cpu() - start).view(-1, 1)).squeeze(1)
     best = z.max(dim=1).values
     assert ((best - picked) <= 1e-6 * best.abs().clamp_min(1.0)).all(), (got.am, ref.am)
-    lse = torch.randn(7, device=DEV) + 6
+    mrow = torch.randn(7, device=DEV) + 4
+    srow = torch.rand(7, device=DEV) * 50 + 1
     g = torch.randn(7, device=DEV)
     g[2] = 0.0
     c_p, c_t = torch.rand(7, device=DEV) + 0.5, torch.rand(7, device=DEV)
     for dtype in (torch.float32, torch.bfloat16):
         xd = x3.to(dtype)
         o_ref = torch.empty_like(xd)
-        torch_backend.grad(xd, t, lse, g, c_p, c_t, opts, vocab_size=V, out=o_ref,
+        torch_backend.grad(xd, t, mrow, srow, g, c_p, c_t, opts, vocab_size=V, out=o_ref,
                            vocab_start=start, weight_local=wl)
         out = _poison(xd.shape, dtype)
-        tb.grad(xd, t, lse, g, c_p, c_t, opts, vocab_size=V, out=out, vocab_start=start,
+        tb.grad(xd, t, mrow, srow, g, c_p, c_t, opts, vocab_size=V, out=out, vocab_start=start,
                 weight_local=wl)
         assert not torch.isnan(out).any()
         assert_close_normwise(out, o_ref, 2 * tol(dtype), "shard grad")
@@ -380,7 +381,8 @@ def test_fused_kernel_matches_two_pass(dtype, case):
     lse = spec.lse_of(ref)
     c_p, c_t = spec.grad_coefficients(lse, terms, opts, V)
     o_ref = torch.empty_like(x)
-    torch_backend.grad(x, t, lse, g0, c_p, c_t, opts, vocab_size=V, out=o_ref, weight_local=w)
+    torch_backend.grad(x, t, ref.m, ref.s, g0, c_p, c_t, opts, vocab_size=V, out=o_ref,
+                       weight_local=w)
     assert not torch.isnan(out).any()
     assert_close_normwise(out, o_ref, 2 * tol(dtype), "fused grad")
     # in place: out is the logits buffer itself; without the argmax (am = -1) the rest is

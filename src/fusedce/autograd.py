@@ -17,7 +17,7 @@ No Triton code here; validation happens in :mod:`fusedce.functional`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -113,10 +113,20 @@ def _scalar(g: torch.Tensor) -> torch.Tensor:
     return g if g.dim() == 0 and g.dtype == torch.float32 else g.float().reshape(())
 
 
-def _keep(ctx, plan: Plan, reduced: bool, eager: bool, logits: torch.Tensor) -> None:
+def _keep(ctx, plan: Plan, reduced: bool, eager: bool) -> None:
     ctx.plan = plan
     ctx.reduced = reduced
     ctx.eager = eager
+
+
+def written(x: torch.Tensor) -> None:
+    """Tell autograd that a backend overwrote ``x`` (the logits, with inplace_backward): its
+    version counter moves, so an op that saved ``x`` for its own backward (exp, tanh, a
+    softcap written by hand) raises instead of differentiating garbage. Triton kernels write
+    through raw pointers, which autograd cannot see; torch ops bump it themselves and one
+    more bump is harmless. While torch.compile traces, the ops' declared mutation does it."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(x)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -130,7 +140,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         opts, be = plan.opts, plan.backend
         t = target if target.dim() == 1 else target.reshape(-1)
-        eager = plan.need_grad and getattr(be, "eager_grad", False)
+        reduced = opts.reduction != "none" or plan.normalizer is not None
+        # The gradient is written in the forward only where the upstream gradient is one
+        # scalar (a reduced loss): the backward then scales it by that scalar. A per-row
+        # upstream gradient (reduction="none", e.g. RL advantages) is applied in the backward
+        # from the saved statistics instead, so a bf16 / fp16 gradient is rounded once.
+        eager = plan.need_grad and reduced and getattr(be, "eager_grad", False)
         one_kernel = hasattr(be, "fused_loss") and getattr(be, "one_kernel", lambda: True)()
         if one_kernel and (eager or not plan.need_grad):
             # (its kernels take [N, V] logits as they are: no [1, N, V] view to make)
@@ -142,11 +157,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         wl = _weight_local(weight, plan, v_local)
         terms = spec.row_terms(t, opts, plan.vocab_size, weight)
         scale = spec.row_scale(terms, opts, plan.normalizer)
-        reduced = opts.reduction != "none" or plan.normalizer is not None
         am_kw = {"need_am": plan.need_aux} if getattr(be, "optional_argmax", False) else {}
         gbuf = None
         if eager and plan.group is None and getattr(be, "supports_fused", False):
-            g0 = terms.valid.float() * scale if reduced else terms.valid.float()
+            g0 = terms.valid.float() * scale
             gbuf = _grad_buffer(logits, plan)
             stats = be.fused(x3, t, opts, g0=g0, terms=terms, vocab_size=plan.vocab_size,
                              out=as_rows3d(gbuf), weight_local=wl, **am_kw)
@@ -156,11 +170,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             stats = _exchange(stats, plan.group, need_sz=opts.label_smoothing > 0.0)
         loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, plan.vocab_size)
         if eager and gbuf is None:
-            g0 = terms.valid.float() * scale if reduced else terms.valid.float()
+            g0 = terms.valid.float() * scale
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
             gbuf = _grad_buffer(logits, plan)
-            be.grad(x3, t, lse, g0, c_p, c_t, opts, vocab_size=plan.vocab_size,
+            be.grad(x3, t, stats.m, stats.s, g0, c_p, c_t, opts, vocab_size=plan.vocab_size,
                     out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
+        if eager and plan.inplace:
+            written(logits)
 
         if reduced:
             loss = loss_rows.sum() * scale
@@ -169,12 +185,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = _shaped(loss_rows, target)
             zl = _shaped(zpart, target)
         acc = _accuracy(plan, stats.am, t, terms.valid, lse.device)
-        _keep(ctx, plan, reduced, eager, logits)
+        _keep(ctx, plan, reduced, eager)
         if eager:
             ctx.save_for_backward(gbuf)
         elif plan.need_grad:
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
-            ctx.save_for_backward(logits, t, lse, c_p, c_t, scale, terms.valid, weight)
+            ctx.save_for_backward(logits, t, stats.m, stats.s, c_p, c_t, scale, terms.valid,
+                                  weight)
         lse_out = _shaped(lse, target)
         ctx.mark_non_differentiable(*(v for v in (lse_out, zl, acc) if v is not None))
         return loss, lse_out, zl, acc
@@ -212,6 +229,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
             out=out, need_am=plan.need_aux, gathered=gathered,
             vocab_start=plan.vocab_start, **({"peer": peer} if peer is not None else {}))
+        if eager and plan.inplace:
+            written(logits)
         if not plan.need_aux:
             zl = _unused(lse.device)
         elif zpart is None:
@@ -220,7 +239,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             zl = zpart.sum() if reduced else _shaped(zpart, target)
         loss = loss_rows.sum() if reduced else _shaped(loss_rows, target)
         acc = _accuracy(plan, am, t, None, lse.device)
-        _keep(ctx, plan, reduced, eager, logits)
+        _keep(ctx, plan, reduced, eager)
         if eager:
             ctx.save_for_backward(gbuf)
         lse_out = _shaped(lse, target)
@@ -249,15 +268,17 @@ class CrossEntropyFunction(torch.autograd.Function):
             # a fresh view, so that AccumulateGrad can take the buffer as the leaf's .grad
             # instead of copying it (gbuf may be the leaf itself with inplace_backward)
             return gbuf.view_as(gbuf), None, None, None
-        logits, t, lse, c_p, c_t, scale, valid, weight = ctx.saved_tensors
+        logits, t, m, s, c_p, c_t, scale, valid, weight = ctx.saved_tensors
         g = grad_loss.float()
         g = (g * scale * valid) if ctx.reduced else g.reshape(-1) * valid
         g = g.expand(t.shape).contiguous() if g.dim() == 0 else g
         gbuf = _grad_buffer(logits, plan)
         x3 = as_rows3d(logits)
         wl = _weight_local(weight, plan, x3.shape[-1])
-        plan.backend.grad(x3, t, lse, g, c_p, c_t, plan.opts, vocab_size=plan.vocab_size,
+        plan.backend.grad(x3, t, m, s, g, c_p, c_t, plan.opts, vocab_size=plan.vocab_size,
                           out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
+        if plan.inplace:
+            written(logits)
         return gbuf.view_as(gbuf), None, None, None
 
 
@@ -272,20 +293,53 @@ class EntropyFunction(torch.autograd.Function):
         stats = plan.backend.row_stats(x3, dummy, plan.opts, vocab_start=plan.vocab_start,
                                        need_sez=True)
         stats = _exchange(stats, plan.group)
-        lse = spec.lse_of(stats)
-        ent = lse - stats.sez / stats.s
+        ent = spec.entropy_of(stats)
         ctx.plan = plan
         if plan.need_grad:
-            ctx.save_for_backward(logits, lse, ent)
+            ctx.save_for_backward(logits, stats.m, stats.s, ent)
         return ent.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_ent):
         plan = ctx.plan
-        logits, lse, ent = ctx.saved_tensors
+        logits, m, s, ent = ctx.saved_tensors
         gbuf = _grad_buffer(logits, plan)
-        plan.backend.entropy_grad(as_rows3d(logits), lse, ent, grad_ent.float().reshape(-1),
+        plan.backend.entropy_grad(as_rows3d(logits), m, s, ent, grad_ent.float().reshape(-1),
                                   plan.opts, out=as_rows3d(gbuf))
+        return gbuf.view_as(gbuf), None
+
+
+class LseFunction(torch.autograd.Function):
+    """lse = log sum_j exp(z_j) per row, fp32, differentiable (d lse / dz_j = p_j): the
+    ``lse`` of ``return_aux`` when it is asked to carry gradient (user regularisers)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, plan: Plan):
+        x3 = as_rows3d(logits)
+        n = x3.shape[0] * x3.shape[1]
+        dummy = torch.full((n,), plan.opts.ignore_index, dtype=torch.int64, device=logits.device)
+        stats = plan.backend.row_stats(x3, dummy, plan.opts, vocab_start=plan.vocab_start)
+        stats = _exchange(stats, plan.group, need_sz=False)
+        ctx.plan = plan
+        if plan.need_grad:
+            ctx.save_for_backward(logits, stats.m, stats.s)
+        return spec.lse_of(stats).view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        plan = ctx.plan
+        logits, m, s = ctx.saved_tensors
+        x3 = as_rows3d(logits)
+        n = x3.shape[0] * x3.shape[1]
+        g = grad_lse.float().reshape(-1).contiguous()
+        # the CE gradient with c_p = 1, c_t = 0 and no smoothing is g * p_j
+        opts = replace(plan.opts, label_smoothing=0.0, z_loss=0.0)
+        ones = torch.ones(n, device=logits.device, dtype=torch.float32)
+        dummy = torch.full((n,), opts.ignore_index, dtype=torch.int64, device=logits.device)
+        gbuf = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        plan.backend.grad(x3, dummy, m, s, g, ones, torch.zeros_like(ones), opts,
+                          vocab_size=plan.vocab_size, out=as_rows3d(gbuf),
+                          vocab_start=plan.vocab_start)
         return gbuf.view_as(gbuf), None
 
 

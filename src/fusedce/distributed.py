@@ -50,6 +50,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from . import spec
 from .spec import InputError, RowStats
 
 # operation codes carried by the validation header: ranks must run the same collective
@@ -121,20 +122,15 @@ def allgather_stats(stats: RowStats, group, *, need_sz: bool = True) -> RowStats
     world = dist.get_world_size(group)
     if world == 1:
         return stats
-    entropy_mode = stats.sez is not None
     out = gather_packed_stats(stats, group, need_sz=need_sz)  # [world, F, N]
     m_all, s_all = out[:, 0], out[:, 1]
-    m, factor = _fold_max(m_all)
-    s = (s_all * factor).sum(dim=0)
-    if entropy_mode:
-        sez = (out[:, 2] * factor).sum(dim=0)
-        zeros = torch.zeros_like(m)
-        am = torch.zeros(m.shape, dtype=torch.int64, device=m.device)
-        return RowStats(m, s, zeros, zeros, am, sez)
-    zt = out[:, 2].sum(dim=0)
+    zeros = torch.zeros_like(m_all)
+    if stats.sez is not None:
+        am_all = torch.zeros(m_all.shape, dtype=torch.int64, device=m_all.device)
+        return spec.combine_stacked(m_all, s_all, zeros, zeros, am_all, out[:, 2])
     am_all = out[:, 3].contiguous().view(torch.int32).long()
-    sz = out[:, 4].sum(dim=0) if need_sz else torch.zeros_like(m)
-    return RowStats(m, s, zt, sz, _fold_argmax(m_all, m, am_all), None)
+    sz_all = out[:, 4] if need_sz else zeros
+    return spec.combine_stacked(m_all, s_all, out[:, 2], sz_all, am_all)
 
 
 def gather_packed_stats(stats: RowStats, group, *, need_sz: bool = True) -> torch.Tensor:
@@ -152,25 +148,6 @@ def gather_packed_stats(stats: RowStats, group, *, need_sz: bool = True) -> torc
             fields.append(stats.sz)
     packed = torch.stack([f.float() if f.dtype != torch.float32 else f for f in fields])
     return _gather_on_comm_device(packed, group, world).contiguous()
-
-
-def _fold_max(m_all: torch.Tensor):
-    """(m, factor): the row maximum over pieces and exp(m_r - m) per piece ([W, N]).
-
-    A piece whose maximum is -inf (all its z are -inf) contributes a factor 0, not the NaN
-    of exp(-inf - -inf).
-    """
-    m = m_all.amax(dim=0)
-    factor = torch.exp(m_all - m.unsqueeze(0))
-    factor = torch.where(m_all == float("-inf"), torch.zeros_like(factor), factor)
-    return m, factor
-
-
-def _fold_argmax(m_all: torch.Tensor, m: torch.Tensor, am_all: torch.Tensor) -> torch.Tensor:
-    """The smallest id among the pieces that hold the row maximum (NaN rows: piece 0's)."""
-    big = torch.full_like(am_all, torch.iinfo(torch.int64).max)
-    cand = torch.where(m_all == m.unsqueeze(0), am_all, big).amin(dim=0)
-    return torch.where(cand == big[0], am_all[0], cand)
 
 
 # ---------------------------------------------------------------------------- DTensor

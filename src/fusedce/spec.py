@@ -13,30 +13,35 @@ A vocabulary piece reduces to the statistics
     zt  = z_t if t lies in the piece else 0
     sz  = sum_j w_j * z_j            (w_j = 1 without class weights)
     am  = global index of the first argmax (for accuracy)
-    sez = sum_j exp(z_j - m) * z_j   (entropy only: H = lse - sez / s)
+    sez = sum_j exp(z_j - m) * (z_j - m)   (entropy only: H = log s - sez / s)
 
 and two pieces combine associatively:
 
-    m = max(m1, m2);  s = s1 * exp(m1 - m) + s2 * exp(m2 - m);  zt = zt1 + zt2;
+    m = max(m1, m2);  f_k = exp(m_k - m);  s = f_1 s1 + f_2 s2;  zt = zt1 + zt2;
     sz = sz1 + sz2;   am = am2 if m2 > m1 else am1   (pieces in vocabulary order);
-    sez rescales like s
+    sez = f_1 (sez1 + s1 (m1 - m)) + f_2 (sez2 + s2 (m2 - m))
 
 Blocks in a Triton kernel, chunks in PyTorch and ranks of a process group all use this
 combine. From the combined statistics, with W = sum_j w_j:
 
     lse  = m + log s
-    loss = (1 - a) * w_t * (lse - zt) + (a / V) * (W * lse - sz) + zl * lse^2
+    loss = (1 - a) * w_t * ((m - zt) + log s) + (a / V) * (W * lse - sz) + zl * lse^2
 
-and the gradient with respect to z_j, for an upstream row gradient g, is
+The negative log-likelihood is formed as (m - zt) + log s, never (m + log s) - zt: the
+difference m - zt is exact where the logits are large and close (a row of equal logits
+1e8 gives log V, not 0), so every output is invariant to a common offset of a row's logits
+beyond the rounding of the differences. For the same reason the gradient uses the shifted
+exponentials and s, never exp(z_j - lse):
 
-    dz_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j),   p_j = exp(z_j - lse),
+    dz_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j),   p_j = exp(z_j - m) / s,
     c_p  = (1 - a) * w_t + (a / V) * W + 2 * zl * lse,         c_t = (1 - a) * w_t,
 
 chained through the softcap and scale: dx_j = dz_j * logit_scale * (1 - (z_j / softcap)^2)
 (without softcap: dx_j = dz_j * logit_scale). Ignored rows have g = 0.
 
-Log-probabilities are -(lse - z_t) (the a = zl = 0, unweighted case, with g negated).
-Entropy is H = lse - sum_j p_j z_j = lse - sez / s, with dH/dz_j = -p_j * (z_j - (lse - H)).
+Log-probabilities are -((m - z_t) + log s) (the a = zl = 0, unweighted case, with g negated).
+Entropy is H = log s - sum_j p_j (z_j - m) = log s - sez / s, with
+dH/dz_j = -p_j * ((z_j - m) - (log s - H)).
 """
 
 from __future__ import annotations
@@ -67,10 +72,6 @@ class LossOptions:
     softcap: Optional[float] = None
     logit_scale: float = 1.0
 
-    @property
-    def needs_sum_z(self) -> bool:
-        return self.label_smoothing > 0.0
-
 
 class RowStats(NamedTuple):
     """Per-row statistics of one vocabulary piece; every field is [N] (am int64, rest fp32)."""
@@ -80,7 +81,7 @@ class RowStats(NamedTuple):
     zt: torch.Tensor
     sz: torch.Tensor
     am: torch.Tensor
-    sez: Optional[torch.Tensor] = None  # sum_j exp(z_j - m) * z_j, only for entropy
+    sez: Optional[torch.Tensor] = None  # sum_j exp(z_j - m) * (z_j - m), only for entropy
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -105,25 +106,25 @@ def combine(a: RowStats, b: RowStats) -> RowStats:
     am = torch.where(b.m > a.m, b.am, a.am)
     sez = None
     if a.sez is not None:
-        sez = _rescale(a.sez, a.m, m) + _rescale(b.sez, b.m, m)
+        sez = _rescale_sez(a.sez, a.s, a.m, m) + _rescale_sez(b.sez, b.s, b.m, m)
     return RowStats(m, s, a.zt + b.zt, a.sz + b.sz, am, sez)
 
 
 def combine_stacked(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor, sz: torch.Tensor,
                     am: torch.Tensor, sez: Optional[torch.Tensor] = None) -> RowStats:
-    """Combine K pieces given as [K, N] stacks (piece k before piece k+1 in vocab order).
+    """Combine K pieces given as [K, N] stacks (in any order of the vocabulary).
 
-    The same combine as :func:`combine`, folded over K at once (used by the all-gather
-    of statistics across ranks).
+    The same combine as :func:`combine`, folded over K at once (the all-gathered statistics
+    of the ranks of a process group, whose shards may lie in any rank order). The argmax is
+    the smallest global id among the pieces that hold the maximum (piece 0's on NaN rows),
+    which is :func:`combine`'s left fold when the pieces are in vocabulary order.
     """
     mmax = m.max(dim=0).values
     s_tot = _rescale(s, m, mmax.unsqueeze(0)).sum(dim=0)
-    # first piece holding the maximum wins the argmax, as in a left fold
-    first = (m == mmax.unsqueeze(0)).to(torch.int8).argmax(dim=0, keepdim=True)
-    am_tot = am.gather(0, first).squeeze(0)
-    nan_rows = torch.isnan(mmax)
-    am_tot = torch.where(nan_rows, am[0], am_tot)
-    sez_tot = None if sez is None else _rescale(sez, m, mmax.unsqueeze(0)).sum(dim=0)
+    big = torch.iinfo(am.dtype).max
+    cand = torch.where(m == mmax.unsqueeze(0), am, torch.full_like(am, big)).amin(dim=0)
+    am_tot = torch.where(cand == big, am[0], cand)
+    sez_tot = None if sez is None else _rescale_sez(sez, s, m, mmax.unsqueeze(0)).sum(dim=0)
     return RowStats(mmax, s_tot, zt.sum(dim=0), sz.sum(dim=0), am_tot, sez_tot)
 
 
@@ -133,9 +134,29 @@ def _rescale(s: torch.Tensor, m_piece: torch.Tensor, m_all: torch.Tensor) -> tor
     return torch.where(m_piece == float("-inf"), torch.zeros_like(s), s * factor)
 
 
+def _rescale_sez(sez: torch.Tensor, s: torch.Tensor, m_piece: torch.Tensor,
+                 m_all: torch.Tensor) -> torch.Tensor:
+    # sum exp(z - M) (z - M) = exp(m - M) (sez + s (m - M)); an all -inf piece, or one so far
+    # below M that exp(m - M) = 0 (where s (m - M) may overflow), adds 0
+    live = m_piece != float("-inf")
+    d = torch.where(live, m_piece - m_all, torch.zeros_like(m_piece))
+    f = torch.exp(d)
+    return torch.where(live & (f > 0), (sez + s * d) * f, torch.zeros_like(sez))
+
+
 def lse_of(stats: RowStats) -> torch.Tensor:
     """lse = m + log s, fp32 [N]."""
     return stats.m + torch.log(stats.s)
+
+
+def nll_of(stats: RowStats) -> torch.Tensor:
+    """lse - z_t formed as (m - z_t) + log s (offset-invariant), fp32 [N]."""
+    return (stats.m - stats.zt) + torch.log(stats.s)
+
+
+def entropy_of(stats: RowStats) -> torch.Tensor:
+    """H = log s - sez / s (offset-invariant), fp32 [N]."""
+    return torch.log(stats.s) - stats.sez / stats.s
 
 
 def transform(x: torch.Tensor, opts: LossOptions) -> torch.Tensor:
@@ -191,7 +212,7 @@ def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: in
     lse = lse_of(stats)
     a = opts.label_smoothing
     weighted = isinstance(terms.total_weight, torch.Tensor)
-    loss = lse - stats.zt
+    loss = nll_of(stats)
     if weighted:
         loss = loss * (terms.w_t * (1.0 - a) if a > 0.0 else terms.w_t)
     elif a > 0.0:

@@ -4,7 +4,7 @@ Rows are processed in chunks, so at most one fp32 chunk of logits (``rows x V_lo
 exists at a time. The forward keeps only the per-row statistics (m, s, z_t, sum w*z,
 argmax); the backward recomputes z for each chunk and writes
 
-    dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx
+    dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx,   p_j = exp(z_j - m) / s
 
 straight into the gradient buffer (or into the logits themselves with inplace_backward).
 The same functions serve a vocabulary shard: ``vocab_start`` maps global target ids to
@@ -51,7 +51,7 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
         target: [B*T] global ids (ignored rows hold opts.ignore_index).
         weight_local: class weights of the local columns [V_local], or None.
         need_sz: compute sum_j w_j z_j (label smoothing).
-        need_sez: compute sum_j exp(z_j - m) z_j (entropy).
+        need_sez: compute sum_j exp(z_j - m) (z_j - m) (entropy).
         need_am: compute the argmax (else am holds -1).
     Returns:
         RowStats with [B*T] fields (fp32; am int64 global column ids).
@@ -79,11 +79,12 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
         if need_sez:
             # an all -inf row has no finite shift; use 0 so that s = 0 and lse = -inf
             shift = torch.where(torch.isneginf(mc), torch.zeros_like(mc), mc)
-            e = (z - shift.unsqueeze(1)).exp_()
+            zs = z - shift.unsqueeze(1)
+            e = zs.exp()
             s[r0:r1] = e.sum(dim=-1)
-            # z * exp(z - m) with exp(-inf) = 0 must give 0, not NaN
-            sez[r0:r1] = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(dim=-1)
-            del e
+            # (z - m) exp(z - m) with exp(-inf) = 0 must give 0, not NaN
+            sez[r0:r1] = torch.where(e > 0, e * zs, torch.zeros_like(e)).sum(dim=-1)
+            del e, zs
         else:
             # s = sum_j exp(z_j - m) from the fused log_softmax (~2.5x faster on CPUs than
             # the sub / exp / sum passes): its maximum is 0 - log(s), rounded once
@@ -97,16 +98,17 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     return RowStats(m, s, zt, sz, am, sez)
 
 
-def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-         c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *, vocab_size: int,
-         out: torch.Tensor, vocab_start: int = 0, weight_local: Optional[torch.Tensor] = None,
-         chunk_rows: Optional[int] = None) -> None:
+def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+         g: torch.Tensor, c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *,
+         vocab_size: int, out: torch.Tensor, vocab_start: int = 0,
+         weight_local: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None) -> None:
     """Write dx (in ``out``'s dtype) for the loss spec.
 
     Args:
         x3: logits [B, T, V_local].
-        target, lse, g, c_p, c_t: [B*T] (global ids; fp32 lse, upstream row gradient and
-            the coefficients of :func:`fusedce.spec.grad_coefficients`).
+        target, m, s, g, c_p, c_t: [B*T] (global ids; fp32 row maximum and sum of
+            exp(z - m) over the whole vocabulary, upstream row gradient and the coefficients
+            of :func:`fusedce.spec.grad_coefficients`).
         vocab_size: the global V (label smoothing spreads a / V over it).
         out: [B, T, V_local] destination; may be ``x3`` itself (in-place backward).
     """
@@ -114,17 +116,20 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     valid = target != opts.ignore_index
     local, inside = _local_target(target, valid, vocab_start, V)
     a = opts.label_smoothing
-    gp = g * c_p
+    # p_j = exp(z_j - m) / s: the shifted exponential, exact where the logits are large and
+    # close, and 1 / s folded into the per-row factors (no extra pass)
+    inv_s = s.reciprocal()
+    gp = g * c_p * inv_s
     # the target column is written as g * (c_t * (p_t - 1) + (c_p - c_t) * p_t), which is
     # exact where p_t = 1 (a one-class row), instead of p_t * c_p - c_t, which cancels there
     gt = g * c_t
     gr = g * (c_p - c_t)
     wl = None if weight_local is None else weight_local.float()
     # rows without upstream gradient (ignored) get exactly 0 even where their logits are NaN
-    # or inf (0 * exp(z - lse) is NaN there); such rows have a non-finite lse. They are rare:
+    # or inf (0 * exp(z - m) is NaN there); such rows have a non-finite m or s. They are rare:
     # in eager CPU calls the fill runs only for chunks holding one; on GPUs (no host sync)
     # and under torch.compile (no data-dependent branch) always
-    zero_rows = (g == 0) & ~torch.isfinite(lse)
+    zero_rows = (g == 0) & ~(torch.isfinite(m) & (s > 0) & torch.isfinite(s))
     always = x3.device.type != "cpu" or torch.compiler.is_compiling()
     rows = chunk_rows or _chunk_rows(x3)
     for r0, r1, xv in iter_row_chunks(x3, rows):
@@ -136,8 +141,8 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
         d = ov if direct else torch.empty_like(z)
         idx = local[r0:r1].unsqueeze(1)
         # read before d (which may alias z) is written
-        p_t = (z.gather(1, idx).squeeze(1) - lse[r0:r1]).exp_()
-        torch.sub(z, lse[r0:r1].unsqueeze(1), out=d)
+        p_t = (z.gather(1, idx).squeeze(1) - m[r0:r1]).exp_() * inv_s[r0:r1]
+        torch.sub(z, m[r0:r1].unsqueeze(1), out=d)
         d.exp_().mul_(gp[r0:r1].unsqueeze(1))
         exact = gt[r0:r1] * (p_t - 1.0) + gr[r0:r1] * p_t
         keep = d.gather(1, idx).squeeze(1)
@@ -155,18 +160,22 @@ def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Ten
             ov.copy_(d.view(ov.shape))
 
 
-def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor,
-                 opts: LossOptions, *, out: torch.Tensor, chunk_rows: Optional[int] = None) -> None:
-    """Write dH/dx scaled by g: dz_j = -g * p_j * (z_j - (lse - H))."""
+def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor,
+                 g: torch.Tensor, opts: LossOptions, *, out: torch.Tensor,
+                 chunk_rows: Optional[int] = None) -> None:
+    """Write dH/dx scaled by g: dz_j = -g * p_j * ((z_j - m) - (log s - H)), p_j = exp(z_j - m) / s
+    (m, s: the row maximum and sum of exp(z - m) over the whole vocabulary)."""
     B, T, V = x3.shape
-    mean_z = lse - ent
+    mean_zs = torch.log(s) - ent  # sum_j p_j (z_j - m)
+    coef = -g / s
     rows = chunk_rows or _chunk_rows(x3)
     for r0, r1, xv in iter_row_chunks(x3, rows):
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
-        p = (z - lse[r0:r1].unsqueeze(1)).exp_()
-        centred = z - mean_z[r0:r1].unsqueeze(1)
-        d = torch.where(p > 0, p * centred, torch.zeros_like(p)).mul_(-g[r0:r1].unsqueeze(1))
+        zs = z - m[r0:r1].unsqueeze(1)
+        e = zs.exp()
+        centred = zs - mean_zs[r0:r1].unsqueeze(1)
+        d = torch.where(e > 0, e * centred, torch.zeros_like(e)).mul_(coef[r0:r1].unsqueeze(1))
         f = chain_factor(z, opts)
         if f is not None:
             d.mul_(f)

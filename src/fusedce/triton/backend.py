@@ -4,7 +4,7 @@ kernels of :mod:`fusedce.triton.ce`.
 Same math as :mod:`fusedce.spec`: per-row statistics (m, s, z_t, sum w z, argmax[, sum
 exp(z - m) z]) that combine across vocabulary pieces, and
 
-    dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx,   p_j = exp(z_j - lse).
+    dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx,   p_j = exp(z_j - m) / s.
 
 eager_grad: when autograd needs the gradient, ``fused`` computes the statistics and writes dx
 for the upstream row gradient g0 in one pass over the logits; the backward then only scales
@@ -130,26 +130,27 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     return RowStats(m, s, zt, sz, am, sez if need_sez else None)
 
 
-def grad(x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-         c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *, vocab_size: int,
-         out: torch.Tensor, vocab_start: int = 0,
+def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+         g: torch.Tensor, c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *,
+         vocab_size: int, out: torch.Tensor, vocab_start: int = 0,
          weight_local: Optional[torch.Tensor] = None) -> None:
-    """Write dx into ``out`` [B, T, V_local] (may be ``x3``) for per-row lse, g, c_p, c_t [B*T]."""
+    """Write dx into ``out`` [B, T, V_local] (may be ``x3``) for per-row m, s (the whole row's
+    maximum and sum of exp(z - m)), g, c_p, c_t [B*T]."""
     n = x3.shape[0] * x3.shape[1]
     w = None
     if opts.label_smoothing > 0.0 and weight_local is not None:
         w = weight_local.float().contiguous()
     _call("tr_grad")(
-        _k(x3), _ids(target), _vec(lse, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n), _k(out), w,
+        _k(x3), _ids(target), _vec(m, n), _vec(s, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n), _k(out), w,
         int(vocab_start), int(vocab_size), int(opts.ignore_index), float(opts.label_smoothing),
         float(opts.logit_scale), opts.softcap)
 
 
-def entropy_grad(x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor,
-                 opts: LossOptions, *, out: torch.Tensor) -> None:
-    """Write dH/dx * g into ``out`` [B, T, V] (may be ``x3``); lse, ent, g are [B*T] fp32."""
+def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor,
+                 g: torch.Tensor, opts: LossOptions, *, out: torch.Tensor) -> None:
+    """Write dH/dx * g into ``out`` [B, T, V] (may be ``x3``); m, s, ent, g are [B*T] fp32."""
     n = x3.shape[0] * x3.shape[1]
-    _call("tr_entropy_grad")(_k(x3), _vec(lse, n), _vec(ent, n), _vec(g, n), _k(out),
+    _call("tr_entropy_grad")(_k(x3), _vec(m, n), _vec(s, n), _vec(ent, n), _vec(g, n), _k(out),
                              float(opts.logit_scale), opts.softcap)
 
 
@@ -185,9 +186,8 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
     if _needs_fallback(x3):
         stats = row_stats(x3, t, opts, weight_local=weight_local, need_sz=smooth,
                           need_am=need_am)
-        lse = spec.lse_of(stats)
-        c_p, c_t = spec.grad_coefficients(lse, terms, opts, vocab_size)
-        grad(x3, t, lse, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
+        c_p, c_t = spec.grad_coefficients(spec.lse_of(stats), terms, opts, vocab_size)
+        grad(x3, t, stats.m, stats.s, g0, c_p, c_t, opts, vocab_size=vocab_size, out=out,
              weight_local=weight_local)
         return stats
     w_total = None

@@ -4,19 +4,27 @@ log-probabilities and entropy on materialised logits [B, T, V] with any strides.
 Math (see :mod:`fusedce.spec`). Per row r with target t and upstream row gradient g:
 
     z_j  = softcap * tanh(scale * x_j / softcap)   (or scale * x_j)
-    m    = max_j z_j,  s = sum_j exp(z_j - m),  lse = m + log s
-    zt   = z_t,  sz = sum_j w_j z_j,  am = first argmax_j z_j,  sez = sum_j exp(z_j - m) z_j
-    dz_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j),   p_j = exp(z_j - lse)
+    m    = max_j z_j,  s = sum_j exp(z_j - m),  lse = m + log s,  nll = (m - z_t) + log s
+    zt   = z_t,  sz = sum_j w_j z_j,  am = first argmax_j z_j,
+    sez  = sum_j exp(z_j - m) (z_j - m)
+    dz_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j),   p_j = exp(z_j - m) / s
     c_p  = (1 - a) * w_t + (a / V) * W + 2 * zl * lse,   c_t = (1 - a) * w_t
     dx_j = dz_j * scale * (1 - (z_j / softcap)^2)   (or dz_j * scale)
-    entropy: dz_j = -g * p_j * (z_j - (lse - H))
+    entropy: H = log s - sez / s,  dz_j = -g * p_j * ((z_j - m) - (log s - H))
 
-tanh is computed as sign(u) * (1 - e) / (1 + e), e = exp(-2|u|), which never overflows and
-needs no libdevice (the CPU interpreter runs the same code).
+tanh(u) is an odd polynomial in u for |u| < 0.625 and sign(u) * (1 - e) / (1 + e), e =
+exp(-2|u|), above: within 2 ulp of tanh everywhere (the exp form alone loses the relative
+accuracy of small |u|, the usual case of logits well below the cap), never overflowing, and
+without libdevice (the CPU interpreter runs the same code).
+
+Every exponential is taken of z - m (the row maximum), never of z * log2(e) - m * log2(e):
+the difference is exact where the logits are large and close, and m * log2(e) overflows
+for a maximum near the fp32 limit.
 
 Vocabulary pieces (chunks inside a program, segments across programs) fold with the spec's
 combine: m = max(m1, m2), s = s1 exp(m1 - m) + s2 exp(m2 - m) (a piece with m = -inf adds 0),
-z_t and sz add, am keeps the first piece that holds the maximum, sez rescales like s.
+z_t and sz add, am keeps the first piece that holds the maximum, sez_k becomes
+exp(m_k - m) (sez_k + s_k (m_k - m)).
 
 Kernels:
   _stats_kernel   forward statistics only (one read). A program takes one (row, segment);
@@ -47,19 +55,38 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+# the interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest even)
+_ROUND_BF16 = tl.constexpr(INTERPRET)
 
 
 # ----------------------------------------------------------------------------- jit helpers
 
 
 @triton.jit
+def _tanh(u):
+    a = tl.abs(u)
+    # |u| < 0.625: tanh(u) / u as a polynomial in u^2 (least squares on Chebyshev nodes,
+    # within 2 ulp in fp32 Horner form); above: (1 - e) / (1 + e) with e <= exp(-1.25), where
+    # 1 - e cancels little
+    t = u * u
+    q = -0.0008011311387323488
+    q = q * t + 0.0032256064616023455
+    q = q * t - 0.008749526384907596
+    q = q * t + 0.02184943923764236
+    q = q * t - 0.0539663095666941
+    q = q * t + 0.1333332400597344
+    q = q * t - 0.33333333162135725
+    small = u + u * (q * t)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    return tl.where(a < 0.625, small, tl.where(u < 0.0, -big, big))
+
+
+@triton.jit
 def _z_of(x, scale, inv_cap, softcap, SOFTCAP: tl.constexpr, SCALE: tl.constexpr):
     z = x.to(tl.float32)
     if SOFTCAP:
-        u = z * inv_cap
-        e = tl.exp(-2.0 * tl.abs(u))
-        th = (1.0 - e) / (1.0 + e)
-        z = softcap * tl.where(u < 0.0, -th, th)
+        z = softcap * _tanh(z * inv_cap)
     elif SCALE:
         z = z * scale
     return z
@@ -84,6 +111,16 @@ def _exp2(x, FAST: tl.constexpr):
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.exp2(x)
+
+
+@triton.jit
+def _to_out(d, ty: tl.constexpr):
+    """d (fp32) in the output dtype, rounded once to nearest even on every platform."""
+    if _ROUND_BF16 and ty == tl.bfloat16:
+        bits = d.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        d = bits.to(tl.float32, bitcast=True)
+    return d.to(ty)
 
 
 @triton.jit
@@ -128,11 +165,32 @@ def _chunk_stats(x, cols, end, c0, lane, m, s, sz, am, w_ptr, scale, inv_cap, so
         mc = tl.max(z, axis=1)
     m_new = tl.maximum(m, mc)
     # an all -inf piece has no finite shift: use 0 so that it adds exp(-inf) = 0
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new) * _LOG2E
-    e = _exp2(z * _LOG2E - shift[:, None], FAST)
-    alpha = _exp2(m * _LOG2E - shift, FAST)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = _exp2((z - shift[:, None]) * _LOG2E, FAST)
+    alpha = _exp2((m - shift) * _LOG2E, FAST)
     s = s * alpha + tl.sum(e, axis=1)
     return z, m_new, s, sz, am, e, alpha
+
+
+@triton.jit
+def _sez_step(sez, s_old, m_old, alpha, z, e, m_new):
+    """The running sum exp(z - m) (z - m) after a chunk moved the maximum m_old -> m_new
+    (e = exp(z - m_new), alpha = exp(m_old - m_new) from _chunk_stats)."""
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # alpha = 0 (an empty past, or one far below the new maximum) adds 0: s_old (m_old -
+    # shift) may overflow to -inf there
+    old = tl.where(alpha > 0.0, alpha * (sez + s_old * (m_old - shift)), 0.0)
+    return old + tl.sum(tl.where(e > 0.0, e * (z - shift[:, None]), 0.0), axis=1)
+
+
+@triton.jit
+def _rescale_sez(sez, s, m, mm):
+    """A piece's sez (about its own maximum m) about the maximum mm of several pieces."""
+    live = m != float("-inf")
+    d = tl.where(live, m - tl.where(mm == float("-inf"), 0.0, mm), 0.0)
+    f = tl.exp(d)
+    # a piece far below the maximum (f = 0) adds 0: s * d may overflow to -inf there
+    return tl.where(live & (f > 0.0), (sez + s * d) * f, 0.0)
 
 
 @triton.jit
@@ -187,11 +245,13 @@ def _stats_kernel(
             xn = tl.load(base + _col_off(cn, sxv, COL64), mask=cn < end, other=float("-inf"))
         else:
             x = tl.load(base + _col_off(cols, sxv, COL64), mask=mask, other=float("-inf"))
+        m_old = m
+        s_old = s
         z, m, s, sz, am, e, alpha = _chunk_stats(
             x, cols, end, c0, lane, m, s, sz, am, w_ptr, scale, inv_cap, softcap, R, SOFTCAP,
             SCALE, NEED_SZ, HAS_W, NEED_AM, FAST)
         if NEED_SEZ:
-            sez = sez * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=1)
+            sez = _sez_step(sez, s_old, m_old, alpha, z, e, m)
 
     # fold the threads: the same combine as for vocabulary pieces
     mm = tl.max(m, axis=0)
@@ -210,7 +270,7 @@ def _stats_kernel(
     else:
         tl.store(am_ptr + pid, tl.full([], -1, tl.int64))
     if NEED_SEZ:
-        tl.store(sez_ptr + pid, tl.sum(sez * f, axis=0))
+        tl.store(sez_ptr + pid, tl.sum(_rescale_sez(sez, s, m, mm), axis=0))
 
 
 @triton.jit
@@ -244,7 +304,9 @@ def _fold_kernel(
     tl.store(sz_ptr + rows, sz, mask=rmask)
     tl.store(am_ptr + rows, am, mask=rmask)
     if NEED_SEZ:
-        sez = tl.sum(tl.load(psez + idx, mask=mask, other=0.0) * f, axis=1)
+        sez = tl.sum(_rescale_sez(tl.load(psez + idx, mask=mask, other=0.0),
+                                  tl.load(ps + idx, mask=mask, other=0.0), m, mm[:, None]),
+                     axis=1)
         tl.store(sez_ptr + rows, sez, mask=rmask)
 
 
@@ -255,7 +317,7 @@ def _fold_kernel(
 def _grad_kernel(
     x_ptr, sxb, sxt, sxv, o_ptr, sob, sot, sov, T, V,
     tgt_ptr, ignore_index, vocab_start, w_ptr,
-    lse_ptr, g_ptr, cp_ptr, ct_ptr, ent_ptr,
+    m_ptr, s_ptr, g_ptr, cp_ptr, ct_ptr, ent_ptr,
     a_over_v, scale, inv_cap, softcap, rcap,
     BLOCK: tl.constexpr, SOFTCAP: tl.constexpr, SCALE: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_W: tl.constexpr, ENTROPY: tl.constexpr, COL64X: tl.constexpr, COL64O: tl.constexpr,
@@ -269,13 +331,18 @@ def _grad_kernel(
     xb = _row_ptr(x_ptr, row, T, sxb, sxt)
     x = tl.load(xb + _col_off(cols, sxv, COL64X), mask=cols < tl.where(live, V, 0), other=0.0)
     z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
-    lse = tl.load(lse_ptr + row)
-    p = tl.exp(z - lse)
+    # p = exp(z - m) / s, the 1 / s folded into the row factor; rows without upstream
+    # gradient read zeros and take m = 0, s = 1 (their dx is 0 whatever m and s hold)
+    m = tl.where(live, tl.load(m_ptr + row), 0.0)
+    rs = 1.0 / tl.where(live, tl.load(s_ptr + row), 1.0)
+    zs = z - m
+    e = tl.exp(zs)
     if ENTROPY:
-        mean_z = lse - tl.load(ent_ptr + row)
-        d = tl.where(p > 0.0, p * (z - mean_z), 0.0) * (-g)
+        # sum_j p_j (z_j - m) = log s - H
+        mean_zs = tl.where(live, -tl.log(rs) - tl.load(ent_ptr + row), 0.0)
+        d = tl.where(e > 0.0, e * (zs - mean_zs), 0.0) * (-g * rs)
     else:
-        d = p * (g * tl.load(cp_ptr + row))
+        d = e * (g * tl.load(cp_ptr + row) * rs)
         tv = tl.load(tgt_ptr + row).to(tl.int64)
         tloc = tv - vocab_start
         has = (tv != ignore_index) & (tloc >= 0) & (tloc < V)
@@ -289,7 +356,7 @@ def _grad_kernel(
     d = _chain(d, z, scale, rcap, SOFTCAP, SCALE)
     d = tl.where(live, d, 0.0)
     ob = _row_ptr(o_ptr, row, T, sob, sot)
-    tl.store(ob + _col_off(cols, sov, COL64O), d.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(ob + _col_off(cols, sov, COL64O), _to_out(d, o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -317,7 +384,7 @@ def _scale_kernel(
             mask = cols < V
             ptrs = rb + _col_off(cols, sv, COL64)
             v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(ptrs, (v * f).to(b_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptrs, _to_out(v * f, b_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -679,7 +746,7 @@ def tr_row_stats(
     return outs[0], outs[1], outs[2], outs[3], am, sez
 
 
-def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, ignore_index,
+def _launch_grad(x3, out, target, weight, m, s, g, cp, ct, ent, vocab_start, ignore_index,
                  a_over_v, logit_scale, softcap, smooth, entropy):
     B, T, V = _dims3(x3)
     n = B * T
@@ -687,13 +754,13 @@ def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, igno
         return
     block = _grad_block(V, x3.element_size())
     fl = _opts_flags(logit_scale, softcap)
-    dummy = lse
+    dummy = m
     _launcher(_grad_kernel)[(n, _cdiv(V, block))](
         x3, *_strides3(x3),
         out, *_strides3(out), T, V,
         target if target is not None else dummy, ignore_index, vocab_start,
         weight if weight is not None else dummy,
-        lse, g, cp if cp is not None else dummy, ct if ct is not None else dummy,
+        m, s, g, cp if cp is not None else dummy, ct if ct is not None else dummy,
         ent if ent is not None else dummy,
         a_over_v, fl["scale"], fl["inv_cap"], fl["softcap"], fl["rcap"],
         BLOCK=block, SOFTCAP=fl["SOFTCAP"], SCALE=fl["SCALE"], SMOOTH=smooth,
@@ -704,29 +771,29 @@ def _launch_grad(x3, out, target, weight, lse, g, cp, ct, ent, vocab_start, igno
 
 @_op("fusedce::tr_grad", mutates_args=("out",))
 def tr_grad(
-    x3: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+    x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tensor, g: torch.Tensor,
     c_p: torch.Tensor, c_t: torch.Tensor, out: torch.Tensor, weight: Optional[torch.Tensor],
     vocab_start: int, vocab_size: int, ignore_index: int, label_smoothing: float,
     logit_scale: float, softcap: Optional[float],
 ) -> None:
-    """out [B, T, V_local] = dx of the CE spec for per-row lse, g, c_p, c_t ([B*T] fp32).
-    ``out`` may be ``x3`` itself."""
+    """out [B, T, V_local] = dx of the CE spec for per-row m, s (the whole row's maximum and
+    sum of exp(z - m)), g, c_p, c_t ([B*T] fp32). ``out`` may be ``x3`` itself."""
     if _skip(x3, out):
         return
-    _launch_grad(x3, out, target, weight, lse, g, c_p, c_t, None, vocab_start, ignore_index,
+    _launch_grad(x3, out, target, weight, m, s, g, c_p, c_t, None, vocab_start, ignore_index,
                  label_smoothing / vocab_size, logit_scale, softcap, label_smoothing > 0.0,
                  False)
 
 
 @_op("fusedce::tr_entropy_grad", mutates_args=("out",))
 def tr_entropy_grad(
-    x3: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor, out: torch.Tensor,
-    logit_scale: float, softcap: Optional[float],
+    x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor, g: torch.Tensor,
+    out: torch.Tensor, logit_scale: float, softcap: Optional[float],
 ) -> None:
-    """out [B, T, V] = dH/dx * g for per-row lse, H, g ([B*T] fp32); ``out`` may be ``x3``."""
+    """out [B, T, V] = dH/dx * g for per-row m, s, H, g ([B*T] fp32); ``out`` may be ``x3``."""
     if _skip(x3, out):
         return
-    _launch_grad(x3, out, None, None, lse, g, None, None, ent, 0, -100, 0.0, logit_scale,
+    _launch_grad(x3, out, None, None, m, s, g, None, None, ent, 0, -100, 0.0, logit_scale,
                  softcap, False, True)
 
 

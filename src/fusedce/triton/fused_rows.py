@@ -4,9 +4,9 @@ Math (see :mod:`fusedce.spec` and :mod:`fusedce.triton.ce`). Per row with target
 row gradient g, target weight w_t, class weights w (sum W), smoothing a, z-loss zl:
 
     pass 1 (DRAM):  m = max_j z_j, s = sum_j exp(z_j - m), z_t, sz = sum_j w_j z_j, argmax
-                    lse = m + log s
+                    lse = m + log s,  nll = (m - z_t) + log s
     pass 2 (L2):    dx_j = g (p_j c_p - c_t [j = t] - (a / V) w_j) dz_j/dx_j,
-                    p_j = exp(z_j - lse),  c_t = (1 - a) w_t,  c_p = c_t + (a / V) W + 2 zl lse
+                    p_j = exp(z_j - m) / s,  c_t = (1 - a) w_t,  c_p = c_t + (a / V) W + 2 zl lse
 
 Why two passes in one program: the gradient needs the whole row's lse before its first
 element can be written, so a single-read kernel must hold the row (registers, or partials
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ce import (_LOG2E, MAX_SPLIT, _cdiv, _chunk_stats, _col_off, _dims3, _exp2,
+from .ce import (_LOG2E, MAX_SPLIT, _cdiv, _chunk_stats, _col_off, _dims3, _exp2, _to_out,
                  _placeholder, _pow2, _row_ptr, _strides3, _z_of)
 
 
@@ -115,7 +115,7 @@ def _fold_threads(m, s, sz, am, lane, NEED_AM: tl.constexpr):
 
 
 @triton.jit
-def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct, tcol,
+def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, msh, rs, coef, crest, gsm, gct, tcol,
            scale, inv_cap, softcap, rcap, x0,
            BLOCK: tl.constexpr, HINTS: tl.constexpr, PREFETCH: tl.constexpr,
            STAGES: tl.constexpr, REVERSE: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -149,25 +149,27 @@ def _pass2(xb, ob, c0, cend, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm
             xn = _load2(xb, nb0 + offs, sxv, tl.where(nb0 >= c0, vend, nb0), HINTS, COL64X)
         else:
             x = _load2(xb, cols, sxv, vend, HINTS, COL64X)
-        _grad_chunk(x, cols, mask, ob, sov, w_ptr, lse2, coef, crest, gsm, gct, tcol, scale,
+        _grad_chunk(x, cols, mask, ob, sov, w_ptr, msh, rs, coef, crest, gsm, gct, tcol, scale,
                     inv_cap, softcap, rcap, HINTS, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64O, FAST,
                     TVEC)
 
 
 @triton.jit
-def _grad_chunk(x, cols, mask, ob, sov, w_ptr, lse2, coef, crest, gsm, gct, tcol, scale,
+def _grad_chunk(x, cols, mask, ob, sov, w_ptr, msh, rs, coef, crest, gsm, gct, tcol, scale,
                 inv_cap, softcap, rcap, HINTS: tl.constexpr, SOFTCAP: tl.constexpr,
                 SCALE: tl.constexpr, SMOOTH: tl.constexpr, HAS_W: tl.constexpr,
                 COL64O: tl.constexpr, FAST: tl.constexpr, TVEC: tl.constexpr):
-    """Store dx of one chunk x (columns cols, stored where mask) of a row into ob."""
+    """Store dx of one chunk x (columns cols, stored where mask) of a row into ob; p = e / s
+    with e = exp(z - m) (msh: m; rs: 1 / s; coef: (gct + crest) / s)."""
     z = _z_of(x, scale, inv_cap, softcap, SOFTCAP, SCALE)
-    p = _exp2(z * _LOG2E - lse2, FAST)
-    # coef = gct + crest; the target column as gct (p - 1) + p crest, which is exactly 0
-    # where it should be (V = 1: p = 1) and cancels no large terms
+    e = _exp2((z - msh) * _LOG2E, FAST)
+    # the target column as gct (p - 1) + p crest, which is exactly 0 where it should be
+    # (V = 1: p = 1) and cancels no large terms
     if TVEC:
-        d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, p * coef)
+        p = e * rs
+        d = tl.where(cols == tcol, gct * (p - 1.0) + p * crest, e * coef)
     else:
-        d = p * coef
+        d = e * coef
     if SMOOTH:
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -178,18 +180,18 @@ def _grad_chunk(x, cols, mask, ob, sov, w_ptr, lse2, coef, crest, gsm, gct, tcol
         r = z * rcap
         d = d * (scale * (1.0 - r * r))
     if HINTS == 2:
-        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+        tl.store(ob + _col_off(cols, sov, COL64O), _to_out(d, ob.dtype.element_ty), mask=mask,
                  cache_modifier=".cs")
     elif HINTS == 3:
         # in place: an evict_first store onto a line pass 2 just read through L1 updates
         # that line there too; .cg only writes L2 (run 55: 1.34x -> 1.32x at 262144)
-        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+        tl.store(ob + _col_off(cols, sov, COL64O), _to_out(d, ob.dtype.element_ty), mask=mask,
                  cache_modifier=".cg")
     elif HINTS:
-        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask,
+        tl.store(ob + _col_off(cols, sov, COL64O), _to_out(d, ob.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
     else:
-        tl.store(ob + _col_off(cols, sov, COL64O), d.to(ob.dtype.element_ty), mask=mask)
+        tl.store(ob + _col_off(cols, sov, COL64O), _to_out(d, ob.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -369,11 +371,13 @@ def _fold_group(first, stride, PARTS, P2: tl.constexpr, part, tag, m, s, zt, am,
 
 
 @triton.jit
-def _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG, one_minus_a, a_over_v,
-                  zl, wsum, loss_ptr, lse_ptr, zp_ptr, HAS_W: tl.constexpr,
+def _row_loss_out(row, tv, msh, logs, zt, szs, c, ignore_index, wg_ptr, VG, one_minus_a,
+                  a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
-    """Store the row's loss (spec.row_loss) and z-loss part times c, and its lse; returns its
-    upstream gradient g = c [t != ignore] and target weight w_t."""
+    """Store the row's loss (spec.row_loss) and z-loss part times c, and its lse = m + log s
+    (msh: m, 0 for an all -inf row); returns its upstream gradient g = c [t != ignore] and
+    target weight w_t. The nll is (m - z_t) + log s: exact for large, close logits."""
+    lse = msh + logs
     valid = tv != ignore_index
     if HAS_W:
         # the class weight of the global target (wg: the whole weight vector)
@@ -383,7 +387,7 @@ def _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG, one_minus_
     else:
         wt = tl.where(valid, 1.0, 0.0)
     g = tl.where(valid, c, 0.0)
-    lr = (lse - zt) * (one_minus_a * wt)
+    lr = ((msh - zt) + logs) * (one_minus_a * wt)
     if SMOOTH:
         lr += a_over_v * (wsum * lse - szs)
     if ZLOSS:
@@ -543,11 +547,12 @@ def _fused_rows_kernel(
                     m, ss, szs, am, zt = _fold_group(first, 8, SPLIT, SPLIT_P2, part, row + 1,
                                                      m, ss, zt, am, szs)
         sh = tl.where(m == float("-inf"), 0.0, m)
-        lse = sh + tl.log(ss)
+        logs = tl.log(ss)
+        lse = sh + logs
         if NEED_AM or not ROW_OUT:
             tl.store(am_ptr + row, am.to(tl.int64))
         if ROW_OUT:
-            g, wt = _row_loss_out(row, tv, lse, zt, szs, c, ignore_index, wg_ptr, VG,
+            g, wt = _row_loss_out(row, tv, sh, logs, zt, szs, c, ignore_index, wg_ptr, VG,
                                   one_minus_a, a_over_v, zl, wsum, loss_ptr, lse_ptr, zp_ptr,
                                   HAS_W, SMOOTH, ZLOSS)
         else:
@@ -559,19 +564,21 @@ def _fused_rows_kernel(
             wt = tl.load(wt_ptr + row)
         if NEED_GRAD:
             # rows without upstream gradient (ignored) read zeros in pass 2 (vend = 0); with
-            # their lse taken as 0 their dx is exactly 0 even where their own logits are NaN
-            # or inf (0 * exp(z - lse) and the z-loss term 2 zl lse would be NaN there)
-            lse_g = tl.where(g != 0.0, lse, 0.0)
+            # their m and lse taken as 0 and s as 1 their dx is exactly 0 even where their own
+            # logits are NaN or inf (0 * exp(z - m) and the z-loss term 2 zl lse would be NaN)
+            live = g != 0.0
+            lse_g = tl.where(live, lse, 0.0)
+            msh = tl.where(live, sh, 0.0)
+            rs = 1.0 / tl.where(live, ss, 1.0)
             gct, crest, gsm = _grad_coefs(g, wt, lse_g, one_minus_a, a_over_v, wsum, zl2, scale,
                                           SOFTCAP, SCALE, ZLOSS)
-            coef = gct + crest
+            coef = (gct + crest) * rs
             # rows without upstream gradient are written as zeros, not read
             vend = tl.where(g != 0.0, VL, 0)
             ob = _row_ptr(o_ptr, row, T, sob, sot)
             if SPLIT > 1:
                 ob += _col_off(c0, sov, COL64O)
-            lse2 = lse_g * _LOG2E
-            _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, lse2, coef, crest, gsm, gct,
+            _pass2(xb, ob, 0, VL, vend, offs, w_ptr, sxv, sov, msh, rs, coef, crest, gsm, gct,
                    tl.where(has, tsafe, -1), scale, inv_cap, softcap, rcap, x0, BLOCK, HINTS,
                    PREFETCH, STAGES, REVERSE, SOFTCAP, SCALE, SMOOTH, HAS_W, COL64X, COL64O, FAST,
                    TVEC, EARLY)
@@ -581,7 +588,7 @@ def _fused_rows_kernel(
                 # cancellation-free gct (p - 1) + p crest as in the vector, from z_t, which
                 # was read before pass 2 (in place, the column is gone by now); p_t as pass 2
                 # computes it (the same expression: the same contraction into an FMA)
-                pt = _exp2(zt * _LOG2E - lse2, FAST)
+                pt = _exp2((zt - msh) * _LOG2E, FAST) * rs
                 dt = gct * (pt - 1.0) + pt * crest
                 if SMOOTH:
                     if HAS_W:
@@ -592,7 +599,7 @@ def _fused_rows_kernel(
                     rt = zt * rcap
                     dt = dt * (scale * (1.0 - rt * rt))
                 tl.debug_barrier()
-                tl.store(ob + tsafe * sov, dt.to(ob.dtype.element_ty), mask=has)
+                tl.store(ob + tsafe * sov, _to_out(dt, ob.dtype.element_ty), mask=has)
 
 
 def split_buffer(words: int, device) -> torch.Tensor:
