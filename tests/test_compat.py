@@ -474,10 +474,11 @@ def test_from_parallel_logits_to_logprobs_shifts():
     assert torch.count_nonzero(x.grad[:, -1]) == 0, "the last position has no next token"
     inf = rl.from_parallel_logits_to_logprobs(x, t, 0, V, None, inference_only=True)
     assert inf.grad_fn is None and torch.allclose(inf, out.detach())
-    # documented signature
+    # NeMo RL's current signature (tp_group fifth, positionally), the seed's group= kept
     names = list(inspect.signature(rl.from_parallel_logits_to_logprobs).parameters)
-    assert names == ["vocab_parallel_logits", "target", "vocab_start_index",
-                     "vocab_end_index", "group", "inference_only"]
+    assert names[:6] == ["vocab_parallel_logits", "target", "vocab_start_index",
+                         "vocab_end_index", "tp_group", "inference_only"]
+    assert {"cp_group", "chunk_size", "sampling_params", "group"} <= set(names)
 
 
 def test_nemo_rl_log_softmax_and_errors():

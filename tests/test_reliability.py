@@ -378,3 +378,24 @@ def test_differentiable_lse(backend):
     assert not out2.lse.requires_grad
     with pytest.raises(ValueError, match="inplace_backward"):
         fce.cross_entropy(x, t, return_aux=True, differentiable_lse=True, inplace_backward=True)
+
+
+def test_compat_entry_points_are_offset_invariant():
+    """The seed adapters inherit the core's offset invariance (equal logits 1e8: log V)."""
+    from fusedce.compat import nemo_automodel, nemo_rl, torch_npu, transformer_engine
+
+    V = 500
+    x = torch.full((1, 4, V), 1e8)
+    t = torch.tensor([[1, 2, 3, 499]])
+    logv = math.log(V)
+    ls = nemo_rl._compute_distributed_log_softmax(x, None)
+    assert torch.allclose(ls, torch.full_like(ls, -logv), atol=1e-5)
+    lp = nemo_rl.from_parallel_logits_to_logprobs(x, t, 0, V, None)
+    assert torch.allclose(lp, torch.full_like(lp, -logv), atol=1e-5)
+    loss, log_prob, _, _ = torch_npu.npu_cross_entropy_loss(x[0], t[0], reduction="none")
+    assert torch.allclose(loss.float(), torch.full((4,), logv), atol=1e-5)
+    assert torch.allclose(log_prob.float(), torch.full((4, V), -logv), atol=1e-5)
+    te = transformer_engine.parallel_cross_entropy(x.clone(), t, 0.0, False, None)
+    assert torch.allclose(te.float(), torch.full_like(te.float(), logv), atol=1e-5)
+    ce = nemo_automodel.ChunkedCrossEntropy(compile=False)(x, t)
+    assert abs(float(ce) - 4 * logv) < 1e-3 * 4 * logv

@@ -943,6 +943,18 @@ def _compute_distributed_log_softmax(vocab_parallel_logits: torch.Tensor,
 
             start = distributed.shard_start(group, x.shape[-1])
         rows = torch.full(x.shape[:-1], _NO_TARGET, dtype=torch.int64, device=x.device)
-        lse = _fce.cross_entropy(x, rows, ignore_index=_NO_TARGET, reduction="none",
+        if type(x) is not torch.Tensor or not x.is_floating_point() or x.dim() < 1 \
+                or x.shape[-1] == 0:
+            lse = _fce.cross_entropy(x, rows, ignore_index=_NO_TARGET, reduction="none",
+                                     tp_group=group, vocab_start=start, return_aux=True).lse
+            return x.float() - lse.unsqueeze(-1)
+        # shifted by the row maximum first, so that x - lse keeps the differences exact
+        # where the logits are large and close (lse itself is rounded to the logits' scale)
+        m = x.amax(dim=-1).float()
+        if group is not None:
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        xs = x.float() - m.unsqueeze(-1)
+        lse = _fce.cross_entropy(xs, rows, ignore_index=_NO_TARGET, reduction="none",
                                  tp_group=group, vocab_start=start, return_aux=True).lse
-        return x.float() - lse.unsqueeze(-1)
+        return xs.sub_(lse.unsqueeze(-1))

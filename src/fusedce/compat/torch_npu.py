@@ -51,18 +51,20 @@ __all__ = ["npu_cross_entropy_loss"]
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _log_softmax_rows(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """x - lse per row in ``x``'s dtype, one bounded fp32 chunk of rows at a time."""
+def _log_softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x - lse per row in ``x``'s dtype, one bounded fp32 chunk of rows at a time (torch's
+    log_softmax of the chunk: it subtracts the row maximum first, so the differences stay
+    exact where the logits are large and close, where x - lse would not: lse is rounded to
+    their scale)."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return out
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
     o2 = out.view(-1, C)
-    l1 = lse.reshape(-1, 1)
     step = _spec.default_chunk_rows(C)
     for r0 in range(0, x2.shape[0], step):
-        o2[r0:r0 + step] = x2[r0:r0 + step].float() - l1[r0:r0 + step]
+        o2[r0:r0 + step] = torch.log_softmax(x2[r0:r0 + step].float(), dim=-1)
     return out
 
 
@@ -116,7 +118,7 @@ def npu_cross_entropy_loss(
     reduced = reduction != "none"
     loss = out.loss.reshape(1) if reduced else out.loss
     lse = out.lse.detach()
-    log_prob = _log_softmax_rows(input.detach(), lse)
+    log_prob = _log_softmax_rows(input.detach())
 
     empty = input.new_empty(0)
     zloss = empty
