@@ -190,6 +190,75 @@ def test_one_output_used():
             assert_close_normwise(got, exp, 2e-5, f"output {k} {what}", floor=1e-2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combined_gradient_edge_rows(backend, dtype):
+    """Both outputs' upstream gradients in every pattern a row can have (one of them 0, one
+    tiny next to the other, both 0), on confident rows (p_t near 1, where 1 - p_t must not
+    come from a difference of rounded terms) and ordinary ones."""
+    be = _backend(backend)
+    gen = torch.Generator().manual_seed(8)
+    h, w, b, t = _inputs((16,), 12, 40, torch.float32, ignore_frac=0.0, gen=gen)
+    with torch.no_grad():
+        # confident rows: hidden along the target's row of the head
+        h[:6] = 6.0 * w[t[:6]] / w[t[:6]].norm(dim=1, keepdim=True) ** 2 * 4.0
+        h, w, b = (x.detach().to(dtype).requires_grad_(True) for x in (h, w, b))
+    t[7] = -100
+    g_t = torch.tensor([1.0, 0.0, 1.0, 1e-12, 0.0, -2.0, 1.0, 3.0, 0.0, 1.0, 1.0, 1e-3, 0.5,
+                        -1.0, 2.0, 1.0], dtype=torch.float64)
+    g_h = torch.tensor([0.0, 1.0, 1e-12, 1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.0, -1.0, 1.0, 1e-9,
+                        2.0, 0.0, 1.0], dtype=torch.float64)
+    lp, ent = linear_logprobs(h, w, t, bias=b, return_entropy=True, chunk_size=5, backend=be,
+                              softcap=60.0, logit_scale=1.5)
+    refs, (hr, wr, br) = _ref(h, w, b, t, "both", softcap=60.0, logit_scale=1.5)
+    assert refs[0][:6].min() > -0.05  # confident indeed
+    torch.autograd.backward([lp, ent], [g_t.float(), g_h.float()])
+    torch.autograd.backward(list(refs), [g_t, g_h])
+    rt = 2e-5 if dtype == torch.float32 else 3e-2
+    assert_close_normwise(h.grad, hr.grad, rt, "dh", floor=1e-2)
+    assert_close_normwise(w.grad, wr.grad, rt, "dW", floor=1e-2)
+    assert_close_normwise(b.grad, br.grad, rt, "db", floor=1e-2)
+    # row by row, each on its own scale (a confident row's gradient is ~1e-6): in fp32 to
+    # the resolution of s = 1 + (1 - p_t) / p_t, which bounds every fp32 statistic
+    for r in range(16):
+        if g_t[r] == 0 and g_h[r] == 0:
+            assert torch.count_nonzero(h.grad[r]) == 0
+        elif dtype == torch.float32:
+            assert_close_normwise(h.grad[r], hr.grad[r], 1e-2, f"dh row {r}", floor=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_confident_rows_bf16(backend, mode):
+    """Rows with p_t = 1 - 1e-5 and bf16 logits that are exact (grid values): each row's
+    gradient to bf16 resolution of its own (tiny) scale; 1 - p_t formed as g_t - g_t p_t
+    from a bf16 chunk would lose it all."""
+    be = _backend(backend)
+    gen = torch.Generator().manual_seed(2)
+    n, V, k = 10, 40, 4
+    h = torch.randint(-1, 2, (n, 8 + k), generator=gen).float()
+    w = torch.randint(-3, 4, (V, 8 + k), generator=gen).float() * 0.125
+    t = torch.randint(0, V, (n,), generator=gen)
+    h[:, 8:] = 0.0
+    w[:, 8:] = 0.0
+    for r in range(k):  # row r boosts its target alone through a dimension of its own
+        h[r, 8 + r] = 1.0
+        w[t[r], 8 + r] = 16.0
+    h = h.to(torch.bfloat16).requires_grad_(True)
+    w = w.to(torch.bfloat16).requires_grad_(True)
+    outs = _call(mode, h, w, None, t, chunk_size=3, backend=be)
+    refs, (hr, wr, _) = _ref(h, w, None, t, mode)
+    if mode != "ent":
+        assert refs[0][:k].min() > -1e-4 and refs[0][:k].max() < -1e-7  # confident indeed
+    gs = [torch.full((n,), 1.0, dtype=torch.float64),
+          torch.full((n,), 0.5, dtype=torch.float64)][:len(outs)]
+    torch.autograd.backward(list(outs), [g.float() for g in gs])
+    torch.autograd.backward(list(refs), gs)
+    for r in range(n):
+        assert_close_normwise(h.grad[r], hr.grad[r], 2e-2, f"dh row {r}", floor=1e-9)
+    assert_close_normwise(w.grad, wr.grad, 2e-2, "dW", floor=1e-9)
+
+
 def test_backward_twice():
     """The graph keeps hidden and the statistics only: it can be differentiated again."""
     for frozen in (False, True):  # recomputing backward, and the frozen-head form

@@ -437,33 +437,56 @@ def _chunk_stats(x: torch.Tensor, local: Optional[torch.Tensor], inside: Optiona
             s[a:b] = d.exp_().sum(dim=1)
 
 
+def _target_dz(d_t: torch.Tensor, log_s: torch.Tensor, c: Optional[torch.Tensor],
+               g_t: torch.Tensor, g_h: Optional[torch.Tensor]) -> torch.Tensor:
+    """dz at the target column, g_t (1 - p_t) - g_h p_t ((z_t - m) - c), from d_t = z_t - m:
+    1 - p_t as -expm1(log p_t), exact where p_t is near 1 (a confident row), where
+    g_t - g_t p_t of two rounded terms loses every digit."""
+    log_pt = d_t - log_s
+    val = g_t * -torch.expm1(log_pt)
+    if g_h is not None:
+        p_t = log_pt.exp()
+        # p_t = 0 (z_t = -inf): no entropy term, not 0 * inf
+        ent = torch.where(p_t == 0, torch.zeros_like(p_t), g_h * p_t * (d_t - c))
+        val = val - ent
+    return val
+
+
 def _chunk_grad(x: torch.Tensor, local: Optional[torch.Tensor], inside: Optional[torch.Tensor],
                 opts: LossOptions, m: torch.Tensor, log_s: torch.Tensor,
-                g_t: Optional[torch.Tensor], a_coef: Optional[torch.Tensor],
+                c: Optional[torch.Tensor], g_t: Optional[torch.Tensor],
                 g_h: Optional[torch.Tensor], zero: torch.Tensor, rows: int) -> None:
     """Overwrite the logits chunk ``x`` [C, V_local] with dx for the row coefficients [C]:
 
-        dz_j = g_t [j = t] - p_j (a + g_h (z_j - m))      (a = g_t - g_h c)
+        dz_j = g_t [j = t] - p_j (g_t - g_h c + g_h (z_j - m))
         dz_j = g_t [j = t] - p_j g_t                      (g_h None: log-probs only)
 
-    ``g_t`` None: no log-prob term. Rows flagged in ``zero`` get exactly 0 (rows without
-    upstream gradient, whatever their logits hold: NaN, inf)."""
+    the target column in the form of :func:`_target_dz`. ``g_t`` None: no log-prob term.
+    Rows flagged in ``zero`` get exactly 0 (rows without upstream gradient, whatever their
+    logits hold: NaN, inf)."""
     C = x.shape[0]
     for a in range(0, C, rows):
         b = min(C, a + rows)
         xv = x[a:b]
         z = spec.transform(xv, opts)
         d = z - m[a:b].unsqueeze(1)
+        with_target = g_t is not None and local is not None
+        if with_target:
+            idx = local[a:b].unsqueeze(1)
+            d_t = d.gather(1, idx).squeeze(1)  # (read before d is overwritten)
         p = (d - log_s[a:b].unsqueeze(1)).exp_()
         if g_h is not None:
-            d.mul_(g_h[a:b].unsqueeze(1)).add_(a_coef[a:b].unsqueeze(1)).mul_(p)
+            gh = g_h[a:b]
+            coef = -gh * c[a:b] if g_t is None else g_t[a:b] - gh * c[a:b]
+            d.mul_(gh.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(p)
             # p = 0 where z = -inf: 0 * inf is NaN there; the column's gradient is 0
             out = d.masked_fill_(p == 0, 0.0).neg_()
         else:
             out = p.mul_(-g_t[a:b].unsqueeze(1))
-        if g_t is not None and local is not None:
-            gt = torch.where(inside[a:b], g_t[a:b], torch.zeros_like(g_t[a:b]))
-            out.scatter_add_(1, local[a:b].unsqueeze(1), gt.unsqueeze(1))
+        if with_target:
+            val = _target_dz(d_t, log_s[a:b], _sl(c, a, b), g_t[a:b], _sl(g_h, a, b))
+            keep = out.gather(1, idx).squeeze(1)
+            out.scatter_(1, idx, torch.where(inside[a:b], val, keep).unsqueeze(1))
         f = spec.chain_factor(z, opts)
         if f is not None:
             out.mul_(f)
@@ -553,34 +576,62 @@ def _backend_entropy_grad(be, x3, m, s, ent, g, opts, *, out) -> None:
         be.entropy_grad(x3, m, s, ent, g, opts, out=out)
 
 
-def _write_dx(plan: RLPlan, x: torch.Tensor, t_c, local_c, inside_c, m_c, s_c, c_c, g_t, g_h,
-              rows: int) -> None:
+def _write_dx(plan: RLPlan, x: torch.Tensor, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t,
+              g_h, rows: int) -> None:
     """Overwrite the logits chunk ``x`` [C, V_local] with dx for the upstream row gradients
     ``g_t`` (log-probs, 0 on ignored rows) and ``g_h`` (entropy), either None.
 
-    One output: the backend's gradient kernel (the CE gradient with c_p = c_t = 1 and g
-    negated is d log p_t / dz; or its entropy gradient). Both, or the torch backend: the
-    PyTorch form of :func:`_chunk_grad`, which sums both terms in one pass.
+    Kernel backends: one gradient kernel, one read-write of the chunk (see
+    :func:`_kernel_dx`). The torch backend: the PyTorch form of :func:`_chunk_grad`.
     """
-    be = plan.backend
-    if _uses_kernels(be) and (g_t is None) != (g_h is None):
-        x3 = x.unsqueeze(0)
-        if g_h is None:
-            ones = torch.ones_like(g_t)
-            _backend_grad(be, x3, t_c, m_c, s_c, -g_t, ones, ones, plan.opts,
-                          vocab_size=x.shape[1], out=x3, vocab_start=plan.vocab_start)
-        else:
-            _backend_entropy_grad(be, x3, m_c, s_c, torch.log(s_c) - c_c, g_h, plan.opts,
-                                  out=x3)
+    if _uses_kernels(plan.backend):
+        _kernel_dx(plan, x, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t, g_h)
         return
     if g_h is None:
-        a_coef, zero = None, g_t == 0
+        zero = g_t == 0
     elif g_t is None:
-        a_coef, zero = -g_h * c_c, g_h == 0
+        zero = g_h == 0
     else:
-        a_coef, zero = g_t - g_h * c_c, (g_t == 0) & (g_h == 0)
-    _chunk_grad(x, local_c, inside_c, plan.opts, m_c, torch.log(s_c), g_t, a_coef, g_h, zero,
+        zero = (g_t == 0) & (g_h == 0)
+    _chunk_grad(x, local_c, inside_c, plan.opts, m_c, torch.log(s_c), c_c, g_t, g_h, zero,
                 rows)
+
+
+def _kernel_dx(plan: RLPlan, x, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t, g_h) -> None:
+    """dx of the chunk through the backend's kernels.
+
+    Log-probs alone: the CE gradient with c_p = c_t = 1 and g negated (d log p_t / dz). The
+    entropy, alone or with the log-probs: the entropy gradient kernel, which writes
+    -g p_j ((z_j - m) - k) for a per-row constant k (it takes k as log s - H). With g = g_h
+    and k = c - g_t / g_h that is -p_j (g_t - g_h c + g_h (z_j - m)): every column of the
+    combined gradient but the target's, which is then written from the row statistics
+    (:func:`_target_dz`). Rows whose g_h is 0, or tiny
+    next to g_t, take g = 2^-30 |g_t|: their g_h terms lie below fp32 resolution there, and
+    folding g_t into k costs ~2^-24 |g_t| whatever the ratio.
+    """
+    be, opts = plan.backend, plan.opts
+    x3 = x.unsqueeze(0)
+    if g_h is None:
+        ones = torch.ones_like(g_t)
+        _backend_grad(be, x3, t_c, m_c, s_c, -g_t, ones, ones, opts, vocab_size=x.shape[1],
+                      out=x3, vocab_start=plan.vocab_start)
+        return
+    log_s = torch.log(s_c)
+    if g_t is None:
+        _backend_entropy_grad(be, x3, m_c, s_c, log_s - c_c, g_h, opts, out=x3)
+        return
+    tiny = g_t.abs() * 2.0 ** -30
+    g = torch.where(g_h.abs() >= tiny, g_h, tiny)
+    # g = 0 only on rows without upstream gradient (the kernel writes 0 there): keep k finite
+    k = torch.where(g == 0, torch.zeros_like(c_c), c_c - g_t / g)
+    _backend_entropy_grad(be, x3, m_c, s_c, log_s - k, g, opts, out=x3)
+    val = _target_dz(zt_c - m_c, log_s, c_c, g_t, g_h)
+    f = spec.chain_factor(zt_c, opts)
+    if f is not None:
+        val = val * f
+    idx = local_c.unsqueeze(1)
+    keep = x.gather(1, idx).squeeze(1)
+    x.scatter_(1, idx, torch.where(inside_c & (g_t != 0), val.to(x.dtype), keep).unsqueeze(1))
 
 
 def _sl(x: Optional[torch.Tensor], r0: int, r1: int) -> Optional[torch.Tensor]:
@@ -636,8 +687,8 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
             if eager:
                 # (one rank: the chunk's statistics are the whole vocabulary's)
                 _write_dx(plan, x, _sl(t, r0, r1), _sl(local, r0, r1), _sl(inside, r0, r1),
-                          m[r0:r1], s[r0:r1], u[r0:r1] / s[r0:r1], _sl(g_t0, r0, r1),
-                          _sl(g_h0, r0, r1), rows)
+                          m[r0:r1], s[r0:r1], u[r0:r1] / s[r0:r1], zt[r0:r1],
+                          _sl(g_t0, r0, r1), _sl(g_h0, r0, r1), rows)
                 torch.mm(x, weight, out=dh0[r0:r1])
         if plan.group is not None:
             m, s, zt, u = _combine_ranks(m, s, zt, u, plan.group, want_lp, want_ent)
@@ -654,7 +705,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         if eager:
             ctx.dh0 = dh0
         elif need_any:
-            ctx.save_for_backward(hidden, weight, bias, t, m, s, c)
+            ctx.save_for_backward(hidden, weight, bias, t, m, s, c, zt if want_lp else None)
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
@@ -675,7 +726,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
             dh = torch.where(g != 0, dh0 * g, torch.zeros((), dtype=dh0.dtype,
                                                            device=dh0.device))
             return dh.to(dh0.dtype), None, None, None, None
-        hidden, weight, bias, t, m, s, c = ctx.saved_tensors
+        hidden, weight, bias, t, m, s, c, zt = ctx.saved_tensors
         need = dataclasses.replace(
             plan, need_dh=plan.need_dh and ctx.needs_input_grad[0],
             need_dw=plan.need_dw and ctx.needs_input_grad[1],
@@ -683,13 +734,13 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         if not (need.need_dh or need.need_dw or need.need_db):
             return none
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = _rl_backward(need, hidden, weight, bias, t, m, s, c,
+            dh, dw, db = _rl_backward(need, hidden, weight, bias, t, m, s, c, zt,
                                       None if g_lp is None else g_lp.detach().float().reshape(-1),
                                       None if g_ent is None else g_ent.detach().float().reshape(-1))
         return dh, dw, db, None, None
 
 
-def _rl_backward(plan: RLPlan, hidden, weight, bias, t, m, s, c, g_lp, g_ent):
+def _rl_backward(plan: RLPlan, hidden, weight, bias, t, m, s, c, zt, g_lp, g_ent):
     """Recompute each logits chunk, overwrite it with dx and accumulate dH, dW, db."""
     v_local = weight.shape[0]
     valid, local, inside = _targets_local(t, plan.opts, plan.vocab_start, v_local)
@@ -698,7 +749,8 @@ def _rl_backward(plan: RLPlan, hidden, weight, bias, t, m, s, c, g_lp, g_ent):
     grads = _Grads(plan, hidden, weight, bias)
     for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
         _write_dx(plan, x, _sl(t, r0, r1), _sl(local, r0, r1), _sl(inside, r0, r1), m[r0:r1],
-                  s[r0:r1], _sl(c, r0, r1), _sl(g_t, r0, r1), _sl(g_ent, r0, r1), rows)
+                  s[r0:r1], _sl(c, r0, r1), _sl(zt, r0, r1), _sl(g_t, r0, r1),
+                  _sl(g_ent, r0, r1), rows)
         grads.add_chunk(x, h_c, weight, r0, r1)
     return grads.finish(plan, weight, bias)
 
