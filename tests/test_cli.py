@@ -9,6 +9,7 @@ reports memory saved; the console script runs once in a subprocess.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -29,7 +30,9 @@ MB = 2**20
 def _bench(tmp_path, capsys, *extra):
     out = tmp_path / "res"
     md = tmp_path / "table.md"
-    rc = main(["bench", "--preset", "tiny", "--quiet", "--out", str(out), "--markdown", str(md),
+    # explicit shapes replace a preset (both together are refused)
+    preset = [] if "--shape" in extra else ["--preset", "tiny"]
+    rc = main(["bench", *preset, "--quiet", "--out", str(out), "--markdown", str(md),
                "--min-time", "0", *extra])
     assert rc == 0
     return out, md, capsys.readouterr().out
@@ -129,27 +132,152 @@ def test_shapes_and_presets():
     assert all(c.dtype == torch.bfloat16 for c in perf)
 
 
-def test_bench_bad_arguments():
-    with pytest.raises(SystemExit):
-        main(["bench", "--op", "nope", "--quiet", "--no-files"])
-    with pytest.raises(SystemExit):
-        main(["bench", "--methods", "no-such-method", "--quiet", "--no-files"])
+NO_CUDA = not torch.cuda.is_available()
+HUGE = "2000000000x262144"  # logits no machine holds
 
 
-@pytest.mark.parametrize("argv", [
-    ["demo", "--vocab", "0"], ["demo", "--batch", "-1"], ["demo", "--seq", "x"],
-    ["demo", "--device", "bogus"], ["bench", "--dtype", "bogus", "--no-files"],
-    ["bench", "--device", "bogus", "--no-files"], ["bench", "--tokens", "0", "--no-files"],
-    ["check", "--shape", "axbxc"], ["check", "--shape", "2x3x0"], ["check", "--shape", "2x3"],
-])
-def test_bad_options_exit_with_a_message(argv, capsys):
-    """A bad option ends in one line naming it and a non-zero exit, not a traceback."""
+def _bad_argv(tmp_path):
+    """(argv, option the one-line error must name) for every kind of nonsense argument."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        # bench: sizes and shapes
+        (["bench", "--shape=-5x100"], "--shape"), (["bench", "--shape", "0x100"], "--shape"),
+        (["bench", "--shape", "1.5x100"], "--shape"), (["bench", "--shape", "10x1"], "--shape"),
+        (["bench", "--shape", "10x0k"], "--shape"), (["bench", "--shape", "10xfoo"], "--shape"),
+        (["bench", "--shape", "1x2x3x4"], "--shape"), (["bench", "--shape", ","], "--shape"),
+        (["bench", "--shape", "3000000000x100"], "--shape"),
+        (["bench", "--op", "linear_cross_entropy", "--shape=8x-3x100"], "--shape"),
+        (["bench", "--op", "cross_entropy", "--shape", "8x32x700"], "--shape"),
+        (["bench", "--op", "linear_cross_entropy", "--shape", "8x700"], "--shape"),
+        (["bench", "--shape", HUGE, "--no-files"], "--shape"),
+        (["bench", "--vocab", "0"], "--vocab"), (["bench", "--vocab", "1.5k"], "--vocab"),
+        (["bench", "--vocab", "llama3", "--tokens", "2000000000", "--no-files"], "--vocab"),
+        (["bench", "--tokens", "0"], "--tokens"), (["bench", "--tokens", "x"], "--tokens"),
+        (["bench", "--tokens", "64", "--shape", "8x100"], "--tokens"),
+        (["bench", "--hidden", "-1"], "--hidden"), (["bench", "--hidden", "64"], "--hidden"),
+        (["bench", "--hidden", "64", "--op", "logprobs", "--vocab", "100"], "--hidden"),
+        # bench: timing, seed, choices
+        (["bench", "--min-time", "-1"], "--min-time"),
+        (["bench", "--min-time", "nan"], "--min-time"),
+        (["bench", "--min-time", "x"], "--min-time"), (["bench", "--rep-ms", "0"], "--rep-ms"),
+        (["bench", "--rep-ms", "inf"], "--rep-ms"), (["bench", "--seed", "-1"], "--seed"),
+        (["bench", "--seed", "1e3"], "--seed"), (["bench", "--seed", str(2**70)], "--seed"),
+        (["bench", "--preset", "bogus"], "--preset"),
+        (["bench", "--preset", "tiny", "--shape", "8x100"], "--preset"),
+        (["bench", "--op", "nope"], "--op"), (["bench", "--op", "cross_entropy,nope"], "--op"),
+        (["bench", "--dtype", "int8"], "--dtype"), (["bench", "--dtype", ""], "--dtype"),
+        (["bench", "--methods", "no-such-method"], "--methods"),
+        (["bench", "--methods", "eager,nope*"], "--methods"),
+        (["bench", "--methods", "cce", "--op", "cross_entropy", "--no-files"], "--methods"),
+        # bench: devices and files
+        (["bench", "--device", "meta"], "--device"),
+        (["bench", "--device", "bogus"], "--device"),
+        (["bench", "--device", "cuda:x"], "--device"),
+        (["bench", "--list", "--device", "meta"], "--device"),
+        (["bench", "--out", str(a_file / "x")], "--out"),
+        (["bench", "--out", str(a_file)], "--out"),
+        (["bench", "--out", ""], "--out"), (["bench", "--out", "x", "--no-files"], "--out"),
+        (["bench", "--markdown", str(tmp_path)], "--markdown"),
+        (["bench", "--markdown", str(a_file / "t.md"), "--no-files"], "--markdown"),
+        (["bench", "--bogus"], "--bogus"), (["bench", "stray"], "stray"),
+        # check
+        (["check", "--device", "meta"], "--device"),
+        (["check", "--backend", "bogus"], "--backend"),
+        (["check", "--backend", "torch,nope"], "--backend"),
+        (["check", "--shape", "axbxc"], "--shape"), (["check", "--shape", "2x3x0"], "--shape"),
+        (["check", "--shape", "2x3"], "--shape"), (["check", "--shape=-1x3x100"], "--shape"),
+        (["check", "--shape", "2x3x1"], "--shape"),
+        (["check", "--shape", "100000x1000x100000"], "--shape"),
+        (["check", "--seed", "-3"], "--seed"), (["check", "--seed", "x"], "--seed"),
+        (["check", "--quick=yes"], "--quick"), (["check", "--bogus"], "--bogus"),
+        # demo
+        (["demo", "--device", "meta"], "--device"), (["demo", "--device", "bogus"], "--device"),
+        (["demo", "--vocab", "0"], "--vocab"), (["demo", "--vocab", "1"], "--vocab"),
+        (["demo", "--batch", "-1"], "--batch"), (["demo", "--seq", "x"], "--seq"),
+        (["demo", "--seq", "1.5"], "--seq"), (["demo", "--hidden", "0"], "--hidden"),
+        (["demo", "--batch", "99999999999"], "--batch"),
+        (["demo", "--batch", "100000", "--seq", "100000"], "--batch"),
+        # the command itself
+        (["bogus"], "bogus"), ([], "command"), (["--bogus"], "--bogus"),
+    ]
+    if NO_CUDA:
+        cases += [(["bench", "--preset", "perf"], "--preset"),
+                  (["bench", "--preset", "gpu", "--no-files"], "--preset"),
+                  (["bench", "--methods", "liger", "--no-files"], "--methods"),
+                  (["bench", "--device", "cuda"], "--device"),
+                  (["check", "--device", "cuda:0"], "--device"),
+                  (["demo", "--device", "cuda"], "--device")]
+    return cases
+
+
+def _error_line(argv, capsys):
+    """Run ``main(argv)``; it must exit 2 with one stderr line; returns that line."""
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    code = exc.value.code
-    text = capsys.readouterr().err + (code if isinstance(code, str) else "")
-    assert code not in (0, None)
-    assert "fusedce" in text and "Traceback" not in text
+    captured = capsys.readouterr()
+    assert exc.value.code == 2, (argv, exc.value.code, captured.err)
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, (argv, captured.err)
+    return lines[0]
+
+
+def test_bad_arguments_exit_2_with_one_line_naming_the_option(tmp_path, capsys, monkeypatch):
+    """Every nonsense argument: exit status 2, one stderr line naming it, no work done."""
+    monkeypatch.chdir(tmp_path)
+    for argv, option in _bad_argv(tmp_path):
+        line = _error_line(argv, capsys)
+        assert line.startswith("fusedce") and "error:" in line, (argv, line)
+        assert option in line, (argv, option, line)
+    # nothing ran: the default output directory was never made
+    assert not (tmp_path / "fusedce-bench-results").exists()
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["demo", "--device", "meta"], "--device"), (["bench", "--out", "/dev/null/x"], "--out"),
+])
+def test_bad_arguments_in_a_subprocess(argv, option):
+    """``python -m fusedce``: the same one line and exit status 2 from the real process."""
+    proc = subprocess.run([sys.executable, "-m", "fusedce", *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0], proc.stderr
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusedce {version('fusedce')}"
+
+
+def test_every_option_has_help(capsys):
+    """``fusedce check --help`` (and bench, demo) describes each option it takes."""
+    from fusedce.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, cmd in sub.choices.items():
+        for action in cmd._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt, words in (("--device", "cuda"), ("--backend", "triton"), ("--quick", "option sets"),
+                       ("--shape", "BxTxV"), ("--seed", "seed")):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(opt))
+        assert words in line, (opt, line)
+
+
+def test_available_host_memory():
+    have = measure.available_host_bytes()
+    assert have is None or have > 0
 
 
 def test_check_torch_backend(capsys):

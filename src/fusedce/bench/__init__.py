@@ -1,8 +1,8 @@
 """Benchmarks and self-checks behind the ``fusedce`` command line.
 
 Measures forward + backward and forward-only time, peak extra memory and error against
-float64 for fusedce and its peers, and expresses every time as a ratio to the floors of
-PERF.md computed from ceilings measured in the same run:
+float64 for fusedce and its peers, and expresses every time as a ratio to the hardware
+floors computed from ceilings measured in the same run:
 
     materialised logits [N, V] of s bytes/element:  fwd+bwd 2 s N V / B,  fwd  s N V / B
     fused linear CE [N, D] x [V, D]:                fwd+bwd 3 (2 N D V) / F,  fwd  2 N D V / F

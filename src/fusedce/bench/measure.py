@@ -128,6 +128,41 @@ def median(xs: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------- memory
 
 
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_host_bytes() -> Optional[int]:
+    """Bytes of host memory a new allocation can still get; None where unknown.
+
+    The smaller of the kernel's MemAvailable and what the cgroup limit (v2 or v1) leaves,
+    since inside a container the cgroup's out-of-memory killer acts first.
+    """
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        # v1 reports "no limit" as a huge number near 2**63
+        if limit is not None and usage is not None and limit < 2**60:
+            found.append(max(0, limit - usage))
+            break
+    return min(found) if found else None
+
+
 @contextlib.contextmanager
 def _quiet_stderr_fd():
     """Silence fd 2 (the profiler's native start/stop log lines), not Python exceptions."""

@@ -312,6 +312,26 @@ def _peer_methods() -> List[Method]:
     ]
 
 
+def peak_estimate(case: Case, method: Method) -> int:
+    """Rough bytes ``method`` holds at its peak on ``case`` (inputs included), per rank.
+
+    fusedce in place: the logits; fusedce: the logits and their gradient (linear CE: the
+    matrices, their gradients and one chunk of logits); anything else: the logits plus
+    fp32 log-probabilities and gradients (12 bytes per logit beyond the inputs' own).
+    """
+    s = torch.empty((), dtype=case.dtype).element_size()
+    v = -(-case.v // max(1, case.tp))
+    logits = case.n * v
+    if case.op == LIN:
+        mats = 2 * s * (case.n * case.d + v * case.d)
+        if method.family == "fusedce":
+            return mats + min(logits, 2**25) * 4
+        return mats + logits * (2 * s + 12)
+    if method.family == "fusedce":
+        return logits * s * (1 if method.inplace else 2)
+    return logits * (2 * s + 12)
+
+
 def all_methods() -> List[Method]:
     """Every known method, fusedce first."""
     return _fusedce_methods() + _pytorch_methods() + _peer_methods()

@@ -1,7 +1,7 @@
 """Benchmark output: terminal table, Markdown (for BENCHMARKS.md), CSV, JSON and PNG plots.
 
 Each row shows the median forward + backward and forward-only times, their ratios to the
-floors of PERF.md (time / floor), the peak extra memory of one forward + backward, and the
+hardware floors (time / floor), the peak extra memory of one forward + backward, and the
 max-norm relative error against fp64 on a sample (see :mod:`fusedce.bench.reference`).
 The plots draw time and memory against the vocabulary size V, one line per method, with
 the floor as a dashed line.

@@ -6,7 +6,7 @@ autotuning), fresh inputs, one forward + backward under the peak-memory probe (i
 and sampled gradients give the error), then the timed forward + backward (gradients set
 to None between steps) and the timed forward only (``torch.no_grad``, inputs detached).
 
-Floors (PERF.md), from the ceilings measured in the same run (B copy bandwidth, F matmul
+Hardware floors, from the ceilings measured in the same run (B copy bandwidth, F matmul
 rate of the dtype), with s = bytes per element of the logits dtype and V_l = V / tp:
 
     CE, logprobs     forward + backward  2 * s * N * V_l / B      forward only  s * N * V_l / B

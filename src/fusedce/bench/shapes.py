@@ -58,21 +58,36 @@ class Case:
         return DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
 
 
+# no size beyond this: the kernels index rows and columns with 32-bit offsets
+MAX_SIZE = 2**31 - 1
+
+
+def parse_size(tok: str, what: str, minimum: int = 1) -> int:
+    """A size from text: an integer in [minimum, MAX_SIZE], else a ValueError naming ``what``."""
+    try:
+        v = int(tok.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be an integer, got {tok!r}") from None
+    if v < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {v}")
+    if v > MAX_SIZE:
+        raise ValueError(f"{what} must be at most {MAX_SIZE}, got {v}")
+    return v
+
+
 def parse_vocab(tok: str) -> tuple:
     """'llama3' -> (128256, 'llama3'); '50000' or '50k' -> (50000, '')."""
     t = tok.strip().lower()
     if t in VOCABS:
         return VOCABS[t], t
     if t.endswith("k") and t[:-1].isdigit():
-        return int(t[:-1]) * 1000, ""
+        return parse_size(str(int(t[:-1]) * 1000), "vocabulary size", 2), ""
     try:
-        v = int(t)
-    except ValueError as exc:
+        int(t)
+    except ValueError:
         raise ValueError(f"unknown vocabulary {tok!r}: give a number or one of "
-                         f"{sorted(set(VOCABS))}") from exc
-    if v < 2:
-        raise ValueError(f"vocabulary size must be >= 2, got {v}")
-    return v, ""
+                         f"{sorted(set(VOCABS))}") from None
+    return parse_size(t, "vocabulary size", 2), ""
 
 
 def parse_dtype(tok: str) -> torch.dtype:
@@ -82,24 +97,54 @@ def parse_dtype(tok: str) -> torch.dtype:
     return DTYPES[t]
 
 
+def _parts(tok: str) -> List[str]:
+    return [p for p in tok.strip().lower().replace("*", "x").split("x") if p]
+
+
+def shape_parts(tok: str) -> List[str]:
+    """The parts of a 'NxV' / 'NxDxV' shape, each checked (ValueError saying which is bad)."""
+    parts = _parts(tok)
+    if len(parts) not in (2, 3):
+        raise ValueError(f"shape {tok!r} must be NxV or NxDxV")
+    parse_size(parts[0], f"N in {tok!r}")
+    if len(parts) == 3:
+        parse_size(parts[1], f"D in {tok!r}")
+    try:
+        parse_vocab(parts[-1])
+    except ValueError as exc:
+        raise ValueError(f"V in {tok!r}: {exc}") from None
+    return parts
+
+
 def parse_shape(tok: str, op: str) -> tuple:
     """'NxV' (cross_entropy, logprobs) or 'NxDxV' (linear) -> (n, d, v, label).
 
     V may be a model name; for linear shapes 'NxMODEL' takes D from the model.
     """
-    parts = [p for p in tok.lower().replace("*", "x").split("x") if p]
+    parts = shape_parts(tok)
+    n = parse_size(parts[0], f"N in {tok!r}")
     if op == "linear_cross_entropy":
         if len(parts) == 2 and parts[1] in HIDDEN:
             v, label = parse_vocab(parts[1])
-            return int(parts[0]), HIDDEN[parts[1]], v, label
+            return n, HIDDEN[parts[1]], v, label
         if len(parts) != 3:
             raise ValueError(f"linear shape {tok!r} must be NxDxV (or NxMODEL)")
         v, label = parse_vocab(parts[2])
-        return int(parts[0]), int(parts[1]), v, label
+        return n, parse_size(parts[1], f"D in {tok!r}"), v, label
     if len(parts) != 2:
         raise ValueError(f"shape {tok!r} must be NxV")
     v, label = parse_vocab(parts[1])
-    return int(parts[0]), 0, v, label
+    return n, 0, v, label
+
+
+def shape_mismatch(tok: str, ops: Sequence[str], hidden: Optional[int]) -> str:
+    """Why the shape ``tok`` gives no case for any of ``ops`` (see :func:`custom_cases`)."""
+    parts = _parts(tok)
+    if len(parts) == 3:
+        return (f"{tok} is NxDxV, a linear_cross_entropy shape, but --op is {','.join(ops)}; "
+                "give NxV for the others")
+    return (f"{tok} gives linear_cross_entropy no hidden size: use NxDxV, --hidden, or a model "
+            f"name for V ({', '.join(sorted(HIDDEN))})")
 
 
 def _cases(op: str, n: int, vocabs: Sequence, dtype: torch.dtype, d: Optional[int] = None,
@@ -125,7 +170,7 @@ def preset_cases(name: str, ops: Sequence[str], dtype: Optional[torch.dtype], tp
             seconds on two cores (the default without CUDA).
     gpu:    CE at N = 8192 over the 32K / Llama 3 / Qwen 2.5 / Gemma 3 vocabularies, bf16;
             logprobs and linear CE (D = 4096) at the Llama 3 vocabulary.
-    perf:   the shapes of PERF.md: CE on N = 16384 x V in {32000, 128256, 262144}, bf16;
+    perf:   the reference performance shapes: CE on N = 16384 x V in {32000, 128256, 262144}, bf16;
             linear CE (8192, 4096, 128256) and (8192, 2304, 256000); under torchrun
             (tp > 1) the vocab-parallel CE at V in {128256, 262144}.
     models: N = 4096 over every model vocabulary in the table above.
@@ -179,7 +224,7 @@ def custom_cases(ops: Sequence[str], *, shapes: Sequence[str] = (), vocabs: Sequ
     for dt in dtypes:
         for op in ops:
             for s in shapes:
-                parts = [p for p in s.lower().replace("*", "x").split("x") if p]
+                parts = _parts(s)
                 if op != "linear_cross_entropy":
                     if len(parts) == 2:
                         n, _, v, label = parse_shape(s, op)
