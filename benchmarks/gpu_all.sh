@@ -15,10 +15,10 @@ want() { case ",$PARTS," in *",$1,"*) return 0;; esac; return 1; }
 nvidia-smi -L | tee "$R/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$R/device.txt"
 want tests && FUSEDCE_VERIFY_LAUNCH=1 timeout ${GPU_TESTS_S:-480} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_launch.py tests/test_triton_kernels.py tests/test_core.py 2>&1 | grep -E "^(FAILED|XPASS|ERROR)|passed|failed" | tail -12 | tee "$R/gpu_tests.log"
-want host && timeout 90 python3 benchmarks/host_profile.py 2>&1 | grep -E "^==|Self CPU time total|cudaLaunchKernel|cuLaunchKernelEx" | tee "$R/host_profile.log"
+want host && timeout 90 python3 lab/host_profile.py 2>&1 | grep -E "^==|Self CPU time total|cudaLaunchKernel|cuLaunchKernelEx" | tee "$R/host_profile.log"
 want ce && timeout ${CE_GPU_S:-150} python3 benchmarks/ce_gpu.py 2>&1 | grep -v -i warn | tail -40 | tee "$R/ce_gpu.log"
 if want sweep && [ -n "$FUSED_SWEEP" ]; then
-  timeout 120 python3 benchmarks/fused_sweep.py --V "${SWEEP_V:-128256,262144}" --configs "$FUSED_SWEEP" 2>&1 | grep -v -i warn | tail -12 | tee "$R/fused_sweep.log"
+  timeout 120 python3 lab/fused_sweep.py --V "${SWEEP_V:-128256,262144}" --configs "$FUSED_SWEEP" 2>&1 | grep -v -i warn | tail -12 | tee "$R/fused_sweep.log"
 fi
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   want nccl && for ex in symm nccl; do  # the in-kernel exchange, then the all-gather path

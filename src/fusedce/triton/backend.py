@@ -37,8 +37,7 @@ supports_peer = True
 optional_argmax = True
 
 # FUSEDCE_TRITON_FUSED=0: stats + grad kernels instead of the fused kernel (same results)
-_FUSED = os.environ.get("FUSEDCE_TRITON_FUSED", os.environ.get("FUSEDCE_TRITON_COOP", "1")
-                        ).strip().lower() not in ("0", "false", "no")
+_FUSED = os.environ.get("FUSEDCE_TRITON_FUSED", "1").strip().lower() not in ("0", "false", "no")
 
 
 try:  # torch >= 2.6: launch wrap_triton kernels directly in eager mode
@@ -154,10 +153,6 @@ def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.
                              float(opts.logit_scale), opts.softcap)
 
 
-def _needs_fallback(x3: torch.Tensor) -> bool:
-    return not _FUSED
-
-
 def one_kernel() -> bool:
     """Whether autograd may take ``fused_loss`` (False with FUSEDCE_TRITON_FUSED=0: the
     statistics + gradient kernels, with the row terms around them in PyTorch)."""
@@ -183,7 +178,7 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
     t = _ids(target)
     smooth = opts.label_smoothing > 0.0
     w = weight_local.float().contiguous() if (smooth and weight_local is not None) else None
-    if _needs_fallback(x3):
+    if not _FUSED:
         stats = row_stats(x3, t, opts, weight_local=weight_local, need_sz=smooth,
                           need_am=need_am)
         c_p, c_t = spec.grad_coefficients(spec.lse_of(stats), terms, opts, vocab_size)
