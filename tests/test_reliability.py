@@ -13,9 +13,25 @@ import torch
 
 import fusedce as fce
 from oracle import assert_close_normwise, ref_cross_entropy, ref_entropy, ref_logprobs
-from test_core import BACKENDS
+from test_core import BACKENDS as CPU_BACKENDS
 
 FP32_MAX = torch.finfo(torch.float32).max
+# on a GPU machine the same tests run on CUDA tensors (the compiled Triton kernels); on the
+# CPU the Triton kernels run through the interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"] if DEV == "cuda" else CPU_BACKENDS
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    if DEV == "cpu":
+        yield
+        return
+    torch.set_default_device(DEV)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
 
 
 # ---------------------------------------------------------------------------- offsets
