@@ -8,12 +8,8 @@ vocabulary parallelism over gloo with 2 and 3 ranks (uneven shards, DTensor head
 
 from __future__ import annotations
 
-import math
-import types
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fusedce as fce
 from fusedce import linear as fce_linear
@@ -93,7 +89,7 @@ def _check(backend, dtype, mode, lead=(3, 7), D=13, V=37, bias=True, chunk_size=
     outs = _call(mode, h, w, b, t, chunk_size=chunk_size, backend=backend, **kw)
     refs, (hr, wr, br) = _ref(h, w, b, t, mode, **kw)
     rt = rtol or max(tol(dtype), 1e-5) * 2
-    for out, ref in zip(outs, refs):
+    for out, ref in zip(outs, refs, strict=True):
         assert out.dtype == torch.float32 and out.shape == t.shape
         # an error relative to the logits' scale (~1), not to a tiny value
         assert_close_normwise(out, ref, rt, f"{mode} value", floor=1.0)
@@ -262,7 +258,7 @@ def test_confident_rows_bf16(backend, mode):
 def test_backward_twice():
     """The graph keeps hidden and the statistics only: it can be differentiated again."""
     for frozen in (False, True):  # recomputing backward, and the frozen-head form
-        h, w, b, t = _inputs((12,), 6, 15, torch.float32, bias=False)
+        h, w, _, t = _inputs((12,), 6, 15, torch.float32, bias=False)
         w.requires_grad_(not frozen)
         lp = linear_logprobs(h, w, t, chunk_size=5)
         lp.sum().backward(retain_graph=True)
@@ -368,13 +364,13 @@ def test_inference_only(mode, monkeypatch):
     h, w, b, t = _inputs((17,), 8, 29, torch.float32)
     outs = _call(mode, h, w, b, t, chunk_size=5, inference_only=True, softcap=7.0)
     refs, _ = _ref(h, w, b, t, mode, softcap=7.0)
-    for out, ref in zip(outs, refs):
+    for out, ref in zip(outs, refs, strict=True):
         assert not out.requires_grad and out.grad_fn is None
         assert_close_normwise(out, ref, 2e-5, "inference", floor=1.0)
     assert sum(spy.logit_rows) == 17 and spy.dw_calls == 0 and spy.dh_buffers == []
     with torch.no_grad():
         again = _call(mode, h, w, b, t, chunk_size=5, softcap=7.0)
-    for a, c in zip(outs, again):
+    for a, c in zip(outs, again, strict=True):
         assert torch.equal(a, c) and not c.requires_grad
 
 
@@ -454,7 +450,7 @@ def test_offset_invariance():
     base = linear_logprobs(h, w, t, bias=b, return_entropy=True)
     for c in (1e4, 1e6, -1e6):
         shifted = linear_logprobs(h, w, t, bias=b.detach() + c, return_entropy=True)
-        for a, s in zip(base, shifted):
+        for a, s in zip(base, shifted, strict=True):
             assert torch.allclose(a, s, atol=1e-5, rtol=0), c
 
 
@@ -579,7 +575,7 @@ def _tp_case(rank, world, group, mode, backend="torch", bias=True, frozen=(),
                  backend=backend, reduce_hidden_grad=reduce_hidden_grad, **kw)
     kw.pop("inference_only", None)
     refs, (hr, wr, br) = _ref(h_full, w_full, b_full, t, mode, **kw)
-    for out, ref in zip(outs, refs):
+    for out, ref in zip(outs, refs, strict=True):
         assert_close_normwise(out, ref, 2e-5, f"tp {mode} value rank {rank}", floor=1.0)
     if not any(o.requires_grad for o in outs):
         return
@@ -659,7 +655,7 @@ def _tp_checks_case(rank, world, group):
     for validate in (True, False):
         with fce.validation(validate):
             got = call(return_entropy=True, chunk_size=3 + rank)
-        for a, c in zip(got, full):
+        for a, c in zip(got, full, strict=True):
             assert torch.allclose(a, c, rtol=1e-5, atol=1e-5), validate
 
 

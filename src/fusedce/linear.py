@@ -1,4 +1,5 @@
-"""Fused linear cross-entropy: the loss of ``hidden @ weight.T + bias`` without the logits.
+"""Fused linear cross-entropy, log-probabilities and entropy of ``hidden @ weight.T + bias``
+without the logits.
 
 For hidden rows h_r in R^D, the LM head W [V, D] (optionally a vocabulary shard
 W[vocab_start : vocab_start + V_local]) and bias b, the logits x_r = W h_r + b go through
@@ -33,6 +34,16 @@ statistics are exchanged with :func:`fusedce.distributed.allgather_stats` (a few
 per row, never logits), each rank's dH_c is a partial sum over its shard, and dH is
 all-reduced over the group (unless ``reduce_hidden_grad=False``).
 
+RL ops (:func:`linear_logprobs`, :func:`linear_entropy`): per-row log p(target) and / or
+entropy, each output with its own per-row upstream gradient, so they take the lazy strategy:
+the forward forms each chunk's logits once (one GEMM) and keeps m, s, z_t and the centred
+entropy sum of every row (see the RL ops section below); the backward recomputes each chunk
+(one GEMM), writes dX_c for both outputs' upstream gradients at once (one pass) and forms
+only the gradients whose inputs need one (dH, dW, db: up to two GEMMs). With a frozen head
+(LoRA), one output and one rank, the forward also writes dH for a unit upstream gradient
+(two GEMMs in all) and the backward scales its rows. Under TP the statistics of all rows
+are exchanged once per call, after the last chunk.
+
 Determinism: chunks are processed in a fixed order, dW and db are accumulated by GEMMs /
 reductions with no atomics, so results are bitwise reproducible on one device.
 """
@@ -44,6 +55,7 @@ import functools
 import inspect
 import math
 import os
+import types
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -397,6 +409,11 @@ def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, m, s
 #
 # (dH/dz_j = -p_j ((z_j - m) - c) is -p_j (z_j - (lse - H)) written without lse), then
 # chained through the softcap and logit_scale like every other gradient of the spec.
+#
+# The torch backend computes both with the PyTorch ops of _chunk_stats / _chunk_grad; a
+# kernel backend (Triton) with its statistics kernel (row_stats: its sez is u) and its
+# gradient kernels (_kernel_dx), one read of the chunk for the statistics and one
+# read-write for dX.
 
 # fp32 temporaries of the chunk math: rows are taken in sub-chunks of at most this many
 # bytes per temporary (a chunk of logits is sized for the GEMMs, which want it large; the
@@ -563,8 +580,8 @@ def _local_target(t, valid, start: int, v_local: int):
 
 
 def _uses_kernels(be) -> bool:
-    """Whether the chunk statistics and single-output gradients go through the backend's
-    kernels (one read / one read-write of the chunk each) rather than PyTorch ops here."""
+    """Whether the chunk statistics and dX go through the backend's kernels (one read / one
+    read-write of the chunk) rather than the PyTorch ops here."""
     return getattr(be, "name", "torch") != "torch"
 
 
@@ -605,14 +622,15 @@ def _kernel_dx(plan: RLPlan, x, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t
     -g p_j ((z_j - m) - k) for a per-row constant k (it takes k as log s - H). With g = g_h
     and k = c - g_t / g_h that is -p_j (g_t - g_h c + g_h (z_j - m)): every column of the
     combined gradient but the target's, which is then written from the row statistics
-    (:func:`_target_dz`). Rows whose g_h is 0, or tiny
-    next to g_t, take g = 2^-30 |g_t|: their g_h terms lie below fp32 resolution there, and
-    folding g_t into k costs ~2^-24 |g_t| whatever the ratio.
+    (:func:`_target_dz`). Rows whose g_h is 0, or tiny next to g_t, take g = 2^-30 |g_t|:
+    their g_h terms lie below fp32 resolution there, and folding g_t into k costs
+    ~2^-24 |g_t| whatever the ratio.
     """
     be, opts = plan.backend, plan.opts
     x3 = x.unsqueeze(0)
     if g_h is None:
         ones = torch.ones_like(g_t)
+        # (vocab_size enters label smoothing only, which log-probs do not have)
         _backend_grad(be, x3, t_c, m_c, s_c, -g_t, ones, ones, opts, vocab_size=x.shape[1],
                       out=x3, vocab_start=plan.vocab_start)
         return
@@ -671,7 +689,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         dh0 = torch.empty_like(hidden) if eager else None
         g_t0 = valid.float() if eager and want_lp else None
         g_h0 = torch.ones_like(m) if eager and want_ent else None
-        for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
+        for r0, r1, _, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
             if kernels:
                 st = be.row_stats(x.unsqueeze(0), t_stats[r0:r1], opts,
                                   vocab_start=plan.vocab_start, need_sez=want_ent,
@@ -1204,10 +1222,11 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
     if plan.need_dh or plan.need_dw or plan.need_db:
         out = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, plan)
     else:
-        # nothing to differentiate: no graph, nothing kept
+        # nothing to differentiate: no graph, nothing kept (the forward keeps nothing on a
+        # ctx whose plan needs no gradient)
         with torch.no_grad():
-            out = LinearLogprobEntropyFunction._forward(_ag._NoGradCtx(), h2, weight, bias, t1,
-                                                        plan)
+            out = LinearLogprobEntropyFunction._forward(types.SimpleNamespace(), h2, weight,
+                                                        bias, t1, plan)
     return (out if isinstance(out, tuple) else (out,)), lead
 
 
