@@ -670,8 +670,10 @@ def _tp_worker(ctx, backends):
     for be in backends:
         progress(f"{be} log-probs")
         _tp_case(rank, world, group, "lp", backend=be, logit_scale=1.25)
+        progress(f"{be} log-probs and entropy")
+        _tp_case(rank, world, group, "both", backend=be, softcap=5.0)
     progress("both, softcap, temperature")
-    _tp_case(rank, world, group, "both", softcap=5.0, logit_scale=1 / 0.8)
+    _tp_case(rank, world, group, "both", logit_scale=1 / 0.8)
     progress("entropy, partial dh")
     _tp_case(rank, world, group, "ent", bias=False, reduce_hidden_grad=False)
     progress("frozen head")
