@@ -1019,6 +1019,7 @@ def linear_cross_entropy(
         hidden, weight, bias = _autocast(hidden, weight, bias)
         _check_linear_inputs(hidden, weight, bias)
         accum = _check_accum_dtype(accum_dtype, weight.dtype)
+        be = _select_backend(backend, hidden)  # (may refuse: before any collective)
         _fn._check_target(target, hidden.shape[:-1], hidden.device)
         target = _fn._widened(target, ignore_index)
         if tp_group is not None:
@@ -1098,7 +1099,7 @@ def linear_cross_entropy(
                                hidden.dtype, hidden.device)
     grad_on = torch.is_grad_enabled()
     plan = LinearPlan(
-        opts=opts, backend=_select_backend(backend, hidden), vocab_size=vocab_size,
+        opts=opts, backend=be, vocab_size=vocab_size,
         chunk_rows=rows, vocab_start=start, group=tp_group, normalizer=normalizer,
         need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
         need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
@@ -1151,6 +1152,7 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
         hidden, weight, bias = _autocast(hidden, weight, bias)
         _check_linear_inputs(hidden, weight, bias)
         accum = _check_accum_dtype(accum_dtype, weight.dtype)
+        be = _select_backend(backend, hidden)  # (may refuse: before any collective)
         if op == "logprobs":
             _fn._check_target(target, hidden.shape[:-1], hidden.device)
             target = _fn._widened(target, ignore_index)
@@ -1211,8 +1213,7 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
         auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
     grad_on = torch.is_grad_enabled() and not inference_only
     plan = RLPlan(
-        opts=opts, backend=_select_backend(backend, hidden), chunk_rows=rows,
-        want_lp=op == "logprobs", want_ent=op == "entropy" or return_entropy,
+        opts=opts, backend=be, chunk_rows=rows, want_lp=op == "logprobs", want_ent=op == "entropy" or return_entropy,
         vocab_start=start, group=tp_group,
         need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
         need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
