@@ -472,6 +472,27 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     dev = comm_device(group, device)
+    head = _header(rank, op=op, v_local=v_local, vocab_start=vocab_start, n_rows=n_rows,
+                   target=target, ignore_index=ignore_index, weight=weight,
+                   vocab_size=vocab_size, options=options, local_error=local_error, dev=dev,
+                   weight_sharded=weight_sharded, replicated=replicated)
+    rows = _all_gather_flat(head, group, world).view(world, _H_LEN).tolist()
+    _raise_local_errors(rows, group, world, rank, local_error)
+    given = vocab_start is not None
+    _check_agreement(rows, op)
+    V = _check_layout(rows, op, given)
+    _check_weights(rows, V)
+    _check_targets(rows, V, ignore_index)
+    _agree(rows, _H_XCHECK, replicated_what or "a tensor every rank must hold with the same values")
+    start = int(rows[rank][_H_START])
+    if op != OP_ENTROPY or given:
+        _cache_for(group)[(start, int(v_local))] = V
+    return start, V
+
+
+def _header(rank, *, op, v_local, vocab_start, n_rows, target, ignore_index, weight, vocab_size,
+            options, local_error, dev, weight_sharded, replicated) -> torch.Tensor:
+    """This rank's int64 validation header (see the _H_ fields)."""
     head = torch.full((_H_LEN,), -1, dtype=torch.int64)
     given = vocab_start is not None
     if local_error is None:
@@ -496,51 +517,71 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
         head[_H_NVALID:_H_TCHECK + 1] = 0
     head[_H_XCHECK] = (_values_fingerprint(replicated).to(dev)
                        if local_error is None and replicated is not None else 0)
-    rows = _all_gather_flat(head, group, world).view(world, _H_LEN).tolist()
+    return head
 
-    if any(r[_H_ERR] for r in rows):
-        mine = None if local_error is None else (type(local_error).__name__, str(local_error))
-        msgs = [None] * world
-        dist.all_gather_object(msgs, mine, group=group)
-        first = next(r for r in range(world) if msgs[r] is not None)
-        kind, text = msgs[first]
-        exc_type = {"TypeError": TypeError, "InputError": InputError}.get(kind, ValueError)
-        if local_error is not None and first == rank:
-            raise local_error
-        raise exc_type(f"tp rank {first} rejected its arguments: {text}")
 
-    def per_rank(field):
-        return {r: rows[r][field] for r in range(world)}
+def _raise_local_errors(rows, group, world: int, rank: int, local_error) -> None:
+    """Every rank raises the first rank's own argument error (its message is gathered)."""
+    if not any(r[_H_ERR] for r in rows):
+        return
+    mine = None if local_error is None else (type(local_error).__name__, str(local_error))
+    msgs = [None] * world
+    dist.all_gather_object(msgs, mine, group=group)
+    first = next(r for r in range(world) if msgs[r] is not None)
+    kind, text = msgs[first]
+    exc_type = {"TypeError": TypeError, "InputError": InputError}.get(kind, ValueError)
+    if local_error is not None and first == rank:
+        raise local_error
+    raise exc_type(f"tp rank {first} rejected its arguments: {text}")
 
-    def agree(field, what):
-        vals = per_rank(field)
-        if len(set(vals.values())) > 1:
-            raise ValueError(f"the ranks of tp_group disagree on {what}")
-        return vals
 
-    ns = per_rank(_H_N)
+def _per_rank(rows, field) -> dict:
+    return {r: row[field] for r, row in enumerate(rows)}
+
+
+def _agree(rows, field, what: str) -> dict:
+    vals = _per_rank(rows, field)
+    if len(set(vals.values())) > 1:
+        raise ValueError(f"the ranks of tp_group disagree on {what}")
+    return vals
+
+
+def _check_agreement(rows, op: int) -> None:
+    """The same rows, operation, options and vocab_start convention on every rank."""
+    ns = _per_rank(rows, _H_N)
     if len(set(ns.values())) > 1:
         raise ValueError(f"the ranks of tp_group disagree on the number of rows (tokens): "
                          f"{ns} (rank: N); every rank must see the same rows")
-    ops = per_rank(_H_OP)
+    ops = _per_rank(rows, _H_OP)
     if len(set(ops.values())) > 1:
         raise ValueError("the ranks of tp_group called different operations: "
                          f"{ {r: _OP_NAMES.get(o, o) for r, o in ops.items()} }")
-    agree(_H_OPTS, "the loss options (ignore_index, reduction, label_smoothing, z_loss, "
-                   "softcap, logit_scale, normalizer)")
-    givens = per_rank(_H_GIVEN)
+    _agree(rows, _H_OPTS, "the loss options (ignore_index, reduction, label_smoothing, z_loss, "
+                          "softcap, logit_scale, normalizer, flags), the backend or the logits' "
+                          "dtype")
+    givens = _per_rank(rows, _H_GIVEN)
     if len(set(givens.values())) > 1:
         raise ValueError("vocab_start was given on some ranks of tp_group and not on others: "
                          f"{givens} (rank: given)")
-    pieces = [(rows[r][_H_START], rows[r][_H_VLOCAL]) for r in range(world)]
+
+
+def _check_layout(rows, op: int, given: bool) -> int:
+    """The global V of the shards, which must tile [0, V) (entropy without vocab_start is
+    blind to the column order), and agree with a DTensor's V."""
+    pieces = [(row[_H_START], row[_H_VLOCAL]) for row in rows]
     if op == OP_ENTROPY and not given:
-        V = sum(n for _, n in pieces)  # entropy is blind to the column order
+        V = sum(n for _, n in pieces)
     else:
         V = _tile(pieces, given)
-    hints = {h for h in per_rank(_H_VHINT).values() if h >= 0}
+    hints = {h for h in _per_rank(rows, _H_VHINT).values() if h >= 0}
     if hints and hints != {V}:
         raise ValueError(f"the shards tile {V} columns but the DTensor says V = {hints}")
-    wl = per_rank(_H_WLEN)
+    return V
+
+
+def _check_weights(rows, V: int) -> None:
+    """Class weights in one form on every rank: each rank's slice, or the same [V] vector."""
+    wl = _per_rank(rows, _H_WLEN)
     if any(w == -2 for w in wl.values()):
         if any(w != -2 for w in wl.values()):
             raise ValueError("class weights must come in one form on every rank of tp_group: "
@@ -551,9 +592,12 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
                          f"each rank's slice, shaped like its shard's columns) on every rank "
                          f"of tp_group; lengths per rank (-1: none): {wl}")
     else:
-        agree(_H_WCHECK, "the class weights (every rank must pass the same [V] vector)")
-    for r in range(world):
-        row = rows[r]
+        _agree(rows, _H_WCHECK, "the class weights (every rank must pass the same [V] vector)")
+
+
+def _check_targets(rows, V: int, ignore_index: int) -> None:
+    """Targets in [0, V) or ignore_index on every rank, and the same targets everywhere."""
+    for r, row in enumerate(rows):
         if row[_H_NVALID] == 0:
             continue
         bad = None
@@ -565,13 +609,8 @@ def check_tp(group, *, op: int, v_local: int, vocab_start, n_rows: int,
             raise ValueError(f"target holds {bad[0]} at flat position {bad[1]} (tp rank {r}): "
                              f"class ids must lie in [0, {V}) or equal "
                              f"ignore_index={ignore_index}")
-    agree(_H_TCHECK, "the targets: every rank must pass the same global class ids for the "
-                     "same rows")
-    agree(_H_XCHECK, replicated_what or "a tensor every rank must hold with the same values")
-    start = int(rows[rank][_H_START])
-    if op != OP_ENTROPY or given:
-        _cache_for(group)[(start, int(v_local))] = V
-    return start, V
+    _agree(rows, _H_TCHECK, "the targets: every rank must pass the same global class ids for "
+                            "the same rows")
 
 
 def shard_start(group, v_local: int) -> int:
