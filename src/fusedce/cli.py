@@ -390,24 +390,26 @@ def _bench_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
 
 
-def _bench_cases(args, device, world: int):
-    """(preset, cases, source option): the cases the options ask for, checked."""
-    import torch
-
-    from .bench import shapes
-
-    user_shapes, user_vocabs = _flat(args.shape), _flat(args.vocab)
-    if args.preset is not None and (user_shapes or user_vocabs):
+def _bench_preset(args, device, user_sized: bool, has_vocabs: bool) -> str:
+    """The preset the options ask for (checked against the device and the other options)."""
+    if args.preset is not None and user_sized:
         raise UsageError("--preset", "--shape and --vocab replace the preset's shapes; give "
                          "either a preset or shapes")
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    if device.type != "cuda" and preset in GPU_PRESETS and not (user_shapes or user_vocabs):
+    if device.type != "cuda" and preset in GPU_PRESETS and not user_sized:
         raise UsageError("--preset", f"{preset} runs GPU-sized shapes (up to 16384 x 262144 "
                          "logits) and needs CUDA, but this run is on the CPU; use --preset "
                          "cpu, models or tiny, or --shape")
-    if args.tokens is not None and not user_vocabs:
+    if args.tokens is not None and not has_vocabs:
         raise UsageError("--tokens", "sets N for --vocab only (a preset or --shape gives "
                          "its own N)")
+    return preset
+
+
+def _bench_ops(args, preset: str, user_sized: bool) -> list:
+    """The operations to measure; --hidden only with a linear op and user shapes."""
+    from .bench import shapes
+
     ops = _flat(args.op)
     if not ops:
         ops = ["cross_entropy", "linear_cross_entropy"] if preset == "perf" else \
@@ -416,33 +418,58 @@ def _bench_cases(args, device, world: int):
         if "linear_cross_entropy" not in ops:
             raise UsageError("--hidden", "only linear_cross_entropy takes a hidden size, and "
                              f"--op is {','.join(ops)}")
-        if not (user_shapes or user_vocabs):
+        if not user_sized:
             raise UsageError("--hidden", "applies with --vocab or NxV --shape values only (a "
                              "preset gives its own D)")
-    dtypes: List[torch.dtype] = []
+    return ops
+
+
+def _bench_dtypes(args) -> list:
+    from .bench import shapes
+
+    dtypes = []
     for d in _flat(args.dtype):
         dt = shapes.parse_dtype(d)
         if dt not in dtypes:
             dtypes.append(dt)
-    default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if user_shapes or user_vocabs:
-        source = "--shape" if user_shapes else "--vocab"
-        cases = []
-        for s in user_shapes:
-            mine = shapes.custom_cases(ops, shapes=[s], hidden=args.hidden,
-                                       dtypes=dtypes or [default_dtype], tp=world)
-            if not mine:
-                raise UsageError("--shape", shapes.shape_mismatch(s, ops, args.hidden))
-            cases += mine
-        cases += shapes.custom_cases(ops, vocabs=user_vocabs, tokens=args.tokens,
-                                     hidden=args.hidden, dtypes=dtypes or [default_dtype],
-                                     tp=world)
-    else:
-        source = "--preset"
-        cases = []
-        for dt in (dtypes or [None]):
-            cases += shapes.preset_cases(preset, ops, dt, tp=world)
-    return preset, cases, source
+    return dtypes
+
+
+def _user_cases(args, ops, user_shapes, user_vocabs, dtypes, world: int) -> list:
+    """The cases of --shape and --vocab (a shape that fits none of the ops is refused)."""
+    from .bench import shapes
+
+    cases = []
+    for s in user_shapes:
+        mine = shapes.custom_cases(ops, shapes=[s], hidden=args.hidden, dtypes=dtypes, tp=world)
+        if not mine:
+            raise UsageError("--shape", shapes.shape_mismatch(s, ops, args.hidden))
+        cases += mine
+    cases += shapes.custom_cases(ops, vocabs=user_vocabs, tokens=args.tokens,
+                                 hidden=args.hidden, dtypes=dtypes, tp=world)
+    return cases
+
+
+def _bench_cases(args, device, world: int):
+    """(preset, cases, source option): the cases the options ask for, checked."""
+    import torch
+
+    from .bench import shapes
+
+    user_shapes, user_vocabs = _flat(args.shape), _flat(args.vocab)
+    user_sized = bool(user_shapes or user_vocabs)
+    preset = _bench_preset(args, device, user_sized, bool(user_vocabs))
+    ops = _bench_ops(args, preset, user_sized)
+    dtypes = _bench_dtypes(args)
+    if user_sized:
+        default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        cases = _user_cases(args, ops, user_shapes, user_vocabs, dtypes or [default_dtype],
+                            world)
+        return preset, cases, "--shape" if user_shapes else "--vocab"
+    cases = []
+    for dt in (dtypes or [None]):
+        cases += shapes.preset_cases(preset, ops, dt, tp=world)
+    return preset, cases, "--preset"
 
 
 def _bench_plan(cases, methods, device, exclude, methods_given: bool):
@@ -466,49 +493,80 @@ def _bench_plan(cases, methods, device, exclude, methods_given: bool):
     return plan
 
 
-def cmd_bench(args) -> int:
+def _list_methods(args) -> int:
     import torch
 
     from .bench import methods as M
-    from .bench import report, runner
+    from .bench import shapes
 
-    if args.list:
-        from .bench import shapes
+    dev = _device(args.device)
+    for m in M.all_methods():
+        c = shapes.Case(m.ops[0], 8, 64, torch.float32, 8, 2 if m.tp == "yes" else 1)
+        why = m.unavailable(c, dev)
+        state = "available" if why is None else f"unavailable: {why}"
+        print(f"{m.name:<24} {','.join(m.ops):<50} {state}\n{'':<24} {m.description}")
+    return 0
 
-        dev = _device(args.device)
-        for m in M.all_methods():
-            c = shapes.Case(m.ops[0], 8, 64, torch.float32, 8, 2 if m.tp == "yes" else 1)
-            why = m.unavailable(c, dev)
-            state = "available" if why is None else f"unavailable: {why}"
-            print(f"{m.name:<24} {','.join(m.ops):<50} {state}\n{'':<24} {m.description}")
-        return 0
 
+def _bench_paths(args):
+    """(out, markdown): the output folder and table file, checked (made only later, once
+    every other option has passed)."""
     if args.no_files and args.out is not None:
         raise UsageError("--out", "not with --no-files (which writes no files)")
     out = None if args.no_files else (args.out if args.out is not None else DEFAULT_OUT)
     markdown = args.markdown if args.markdown not in (None, "-") else None
-    # paths first (cheap); they are made only once every other option has passed
     for option, path, problem in (("--out", out, _dir_problem),
                                   ("--markdown", markdown, _file_problem)):
         if path is not None:
             why = problem(path) if path.strip() else "empty path"
             if why:
                 raise UsageError(option, why)
+    return out, markdown
 
+
+def _default_excludes(args, device, preset: str, method_patterns) -> dict:
+    """(method, op) pairs the default CPU sweep leaves out, with the reason."""
+    if not (device.type == "cpu" and preset == "cpu" and not method_patterns
+            and not (args.shape or args.vocab)):
+        return {}
+    # each torch.compile graph costs seconds of C++ compilation on a small CPU: the default
+    # CPU sweep compiles only the headline operation
+    why = "left out of the default CPU sweep to keep it fast; --methods '*' adds it"
+    exclude = {("compile", op): why for op in ("logprobs", "linear_cross_entropy")}
+    # PyTorch's chunked linear CE takes tens of seconds per step on a small CPU
+    exclude[("torch-lce", "linear_cross_entropy")] = why
+    return exclude
+
+
+def _leave_distributed(group) -> None:
+    if group is None or not _OWN_GROUP:
+        return
+    import torch.distributed as dist
+
+    # rank 0 writes the report while the others would already tear the group down; a gloo
+    # group destroyed under a peer still using it can abort the process at exit
+    dist.barrier()
+    dist.destroy_process_group()
+    # under load a gloo rank can still abort at interpreter exit, after all of the above
+    # ("terminate called without an active exception" from a C++ static destructor: no
+    # Python frame left); the work is done and written, so leave without destructors
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def cmd_bench(args) -> int:
+    from .bench import methods as M
+    from .bench import report, runner
+
+    if args.list:
+        return _list_methods(args)
+    out, markdown = _bench_paths(args)
     group, device, rank, world = _init_distributed(args.device)
     preset, cases, source = _bench_cases(args, device, world)
-    user_sized = bool(args.shape or args.vocab)
     method_patterns = _flat(args.methods)
     methods = M.select_methods(method_patterns or None)
-    exclude = {}
-    if device.type == "cpu" and preset == "cpu" and not method_patterns and not user_sized:
-        # each torch.compile graph costs seconds of C++ compilation on a small CPU: the
-        # default CPU sweep compiles only the headline operation
-        why = "left out of the default CPU sweep to keep it fast; --methods '*' adds it"
-        for op in ("logprobs", "linear_cross_entropy"):
-            exclude[("compile", op)] = why
-        # PyTorch's chunked linear CE takes tens of seconds per step on a small CPU
-        exclude[("torch-lce", "linear_cross_entropy")] = why
+    exclude = _default_excludes(args, device, preset, method_patterns)
     plan = _bench_plan(cases, methods, device, exclude, bool(method_patterns))
     if device.type == "cpu":
         # on CUDA an out-of-memory method is recorded and the sweep goes on; on the CPU the
@@ -535,19 +593,7 @@ def cmd_bench(args) -> int:
                                        markdown_path=args.markdown)
         print(f"{len(results)} measurements in {info.wall_s:.1f} s"
               + (f"; wrote {', '.join(written)}" if written else ""))
-    if group is not None and _OWN_GROUP:
-        import torch.distributed as dist
-
-        # rank 0 writes the report while the others would already tear the group down; a
-        # gloo group destroyed under a peer still using it can abort the process at exit
-        dist.barrier()
-        dist.destroy_process_group()
-        # under load a gloo rank can still abort at interpreter exit, after all of the above
-        # ("terminate called without an active exception" from a C++ static destructor: no
-        # Python frame left); the work is done and written, so leave without destructors
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    _leave_distributed(group)
     return 0
 
 
