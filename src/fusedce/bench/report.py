@@ -175,6 +175,47 @@ def _groups(results: Sequence[Result]) -> Dict[Tuple, List[Result]]:
     return groups
 
 
+def _plot_methods(ax_t, ax_m, rows) -> None:
+    """Each method's time and peak memory against V (failures named in the legend)."""
+    for m in dict.fromkeys(r.method for r in rows):
+        pts = sorted((r.v, r.fwd_bwd_ms, r.peak_bytes) for r in rows
+                     if r.method == m and r.status == "ok")
+        failed = sorted(f"{r.status}@{r.v}" for r in rows if r.method == m and r.status != "ok")
+        label = m + (f" ({', '.join(failed)})" if failed else "")
+        if not pts:
+            continue
+        vs = [p[0] for p in pts]
+        ax_t.plot(vs, [p[1] for p in pts], marker="o", label=label)
+        ax_m.plot(vs, [max(p[2], 1.0) / 2**20 for p in pts], marker="o", label=label)
+
+
+def _plot_references(ax_t, ax_m, rows, op, dtype, n, tp) -> None:
+    """The time floor, and the memory of one fresh N x V_local gradient (logits ops)."""
+    floor = sorted({(r.v, r.floor_fwd_bwd_ms) for r in rows if not math.isnan(r.floor_fwd_bwd_ms)})
+    if floor:
+        ax_t.plot([p[0] for p in floor], [p[1] for p in floor], "k--", label="floor")
+    if op != "linear_cross_entropy":
+        item = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype, 4)
+        vs = sorted({r.v for r in rows})
+        ax_m.plot(vs, [n * (v // max(tp, 1)) * item / 2**20 for v in vs], "k:",
+                  label="one N x V gradient")
+
+
+def _style_axes(ax_t, ax_m, rows) -> None:
+    all_v = [r.v for r in rows]
+    if all_v and max(all_v) / max(1, min(all_v)) > 4:
+        ax_t.set_xscale("log")
+        ax_m.set_xscale("log")
+    ax_t.set_xlabel("vocabulary size V")
+    ax_t.set_ylabel("forward + backward, ms (median)")
+    ax_m.set_xlabel("vocabulary size V")
+    ax_m.set_ylabel("peak extra memory, MB")
+    for ax in (ax_t, ax_m):
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+
+
 def write_plots(results: Sequence[Result], info: RunInfo, out_dir: str) -> List[str]:
     """One PNG per (op, dtype, N, tp): time and memory against V. Needs matplotlib."""
     try:
@@ -187,41 +228,9 @@ def write_plots(results: Sequence[Result], info: RunInfo, out_dir: str) -> List[
         fig = Figure(figsize=(11, 4.2))
         FigureCanvasAgg(fig)
         ax_t, ax_m = fig.subplots(1, 2)
-        methods = list(dict.fromkeys(r.method for r in rows))
-        for m in methods:
-            pts = sorted((r.v, r.fwd_bwd_ms, r.peak_bytes) for r in rows
-                         if r.method == m and r.status == "ok")
-            failed = sorted(f"{r.status}@{r.v}" for r in rows
-                            if r.method == m and r.status != "ok")
-            label = m + (f" ({', '.join(failed)})" if failed else "")
-            if not pts:
-                continue
-            vs = [p[0] for p in pts]
-            ax_t.plot(vs, [p[1] for p in pts], marker="o", label=label)
-            ax_m.plot(vs, [max(p[2], 1.0) / 2**20 for p in pts], marker="o", label=label)
-        floor = sorted({(r.v, r.floor_fwd_bwd_ms) for r in rows
-                        if not math.isnan(r.floor_fwd_bwd_ms)})
-        if floor:
-            ax_t.plot([p[0] for p in floor], [p[1] for p in floor], "k--", label="floor")
-        if op != "linear_cross_entropy":
-            # what one fresh N x V_local gradient in the logits dtype costs
-            item = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype, 4)
-            vs = sorted({r.v for r in rows})
-            ax_m.plot(vs, [n * (v // max(tp, 1)) * item / 2**20 for v in vs], "k:",
-                      label="one N x V gradient")
-        all_v = [r.v for r in rows]
-        if all_v and max(all_v) / max(1, min(all_v)) > 4:
-            ax_t.set_xscale("log")
-            ax_m.set_xscale("log")
-        ax_m.legend(fontsize=7)
-        ax_t.set_xlabel("vocabulary size V")
-        ax_t.set_ylabel("forward + backward, ms (median)")
-        ax_m.set_xlabel("vocabulary size V")
-        ax_m.set_ylabel("peak extra memory, MB")
-        for ax in (ax_t, ax_m):
-            ax.set_yscale("log")
-            ax.grid(True, which="both", alpha=0.3)
-        ax_t.legend(fontsize=7)
+        _plot_methods(ax_t, ax_m, rows)
+        _plot_references(ax_t, ax_m, rows, op, dtype, n, tp)
+        _style_axes(ax_t, ax_m, rows)
         title = f"{op}, N={n}, {dtype}" + (f", TP={tp}" if tp > 1 else "")
         fig.suptitle(f"{title} - {info.device_name}", fontsize=9)
         fig.tight_layout()
