@@ -1,21 +1,24 @@
 """Hugging Face transformers integration (fusedce.integrations.transformers).
 
-Tiny randomly initialised Llama, Qwen2, Mistral, Gemma-2 (final-logit softcap), Qwen3 and
-Gemma models on the CPU (no downloads). A model patched with ``apply`` must give, when
-training with labels, the loss and parameter gradients of the unpatched model
+Tiny randomly initialised models on the CPU (no downloads). A model patched with ``apply``
+must give, when training with labels, the loss and parameter gradients of the unpatched
+model
 
-    loss = sum_{b, s: y[b, s+1] != -100} CE(softcap(W h[b, s]), y[b, s+1]) / N,
-    N = num_items_in_batch or the number of counted positions,
+    loss = sum_{b, s: y[b, s+1] != -100} CE(z(W h[b, s]), y[b, s+1]) / N (+ router aux),
+    z = softcap / scale the forward applies, N = num_items_in_batch or the counted positions,
 
-without ever calling its LM head (the logits are never materialised; ``logits`` is None),
-and must leave inference (no labels) and generation unchanged. ``causal_lm_loss`` must
-equal transformers' own ``ForCausalLMLoss``. Skipped when transformers is not installed.
+without the LM head computing logits (``logits`` is None), and must leave inference (no
+labels) and generation unchanged. Families whose forward fusedce cannot prove equivalent
+are refused at apply() with the reason. Every family of the installed transformers is
+covered in test_hf_families.py; PEFT in test_hf_peft.py; the Trainer in
+test_hf_trainer.py. Skipped when transformers is not installed.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 
 import pytest
 import torch
@@ -32,22 +35,31 @@ COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_lay
               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
               max_position_embeddings=64)
 
+KINDS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(final_logit_softcapping=2.0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                     router_aux_loss_coef=0.1)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       output_router_logits=True, router_aux_loss_coef=0.1,
+                       decoder_sparse_step=1)),
+}
 
-def _tiny(kind: str, dtype=torch.float32):
-    extra = {}
-    if kind == "gemma2":
-        extra = dict(final_logit_softcapping=2.0)
-    cfg_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-    }[kind]
-    model = model_cls(cfg_cls(**COMMON, **extra))
+
+def _tiny(kind: str, dtype=torch.float32, **extra):
+    cfg_name, model_name, special = KINDS[kind]
+    cfg = getattr(transformers, cfg_name)(**COMMON, **{**special, **extra})
+    model = getattr(transformers, model_name)(cfg)
     with torch.no_grad():
-        # logits of a few units, so that the softcap and the softmax are far from trivial
+        # logits of a few units, so that softcaps and scales are far from trivial
         model.lm_head.weight.normal_(0.0, 0.6)
     return model.to(dtype)
 
@@ -65,16 +77,13 @@ def _grads(model):
             if p.grad is not None}
 
 
-def _count_head_calls(model):
-    calls = []
-    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    return calls, handle
+def _head_widths(model):
+    widths = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, o: widths.append(o.shape[-1]))
+    return widths, handle
 
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma2", "qwen3", "gemma"]
-
-
-@pytest.mark.parametrize("kind", ARCHS)
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_fused_training_matches_unpatched(kind):
     ref_model = _tiny(kind)
     model = fhf.apply(copy.deepcopy(ref_model))
@@ -82,7 +91,7 @@ def test_fused_training_matches_unpatched(kind):
     ref_model.train()
     model.train()
     ids, labels = _batch()
-    calls, handle = _count_head_calls(model)
+    widths, handle = _head_widths(model)
     for kw in (dict(), dict(num_items_in_batch=torch.tensor(11))):
         ref_model.zero_grad()
         model.zero_grad()
@@ -91,13 +100,15 @@ def test_fused_training_matches_unpatched(kind):
         assert out.logits is None, "the fused path must not return logits"
         assert out.loss.dtype == torch.float32 and out.loss.shape == ()
         assert_close_normwise(out.loss.detach(), ref.loss.detach(), 1e-5, f"{kind} loss {kw}")
+        if "aux_loss" in ref:
+            assert_close_normwise(out.aux_loss.detach(), ref.aux_loss.detach(), 1e-6, "aux")
         ref.loss.backward()
         out.loss.backward()
         g_ref, g = _grads(ref_model), _grads(model)
         assert g.keys() == g_ref.keys()
         for name in g_ref:
             assert_close_normwise(g[name], g_ref[name], 1e-4, f"{kind} grad {name}")
-    assert not calls, "the LM head ran: logits were materialised"
+    assert widths and V not in widths, "the LM head computed logits"
     handle.remove()
 
     # inference without labels is the original forward, bit for bit
@@ -125,18 +136,41 @@ def test_fused_training_matches_unpatched(kind):
     assert losses[1][1] < losses[1][0]
 
 
-
-def test_gemma2_softcap_is_applied():
-    """Without the softcap the fused loss would differ: the test above is not vacuous."""
-    model = _tiny("gemma2").train()
+@pytest.mark.parametrize("kind,field,plain", [("gemma2", "final_logit_softcapping", None),
+                                              ("cohere", "logit_scale", 1.0),
+                                              ("granite", "logits_scaling", 1.0)])
+def test_logit_transform_is_applied(kind, field, plain):
+    """Without the family's transform the fused loss would differ (the comparisons above
+    are not vacuous), and a config changed after apply() is followed."""
+    model = _tiny(kind).train()
     ids, labels = _batch()
+    fused = fhf.apply(copy.deepcopy(model))
     with torch.no_grad():
-        hidden = model.model(input_ids=ids).last_hidden_state
-        plain = fhf.linear_causal_lm_loss(hidden, model.lm_head.weight, labels)
-        capped = fhf.linear_causal_lm_loss(hidden, model.lm_head.weight, labels, softcap=2.0)
         ref = model(input_ids=ids, labels=labels).loss
-    assert abs(capped.item() - ref.item()) < 1e-5 * abs(ref.item())
-    assert abs(plain.item() - ref.item()) > 1e-2
+        out = fused(input_ids=ids, labels=labels).loss
+        assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item())
+        setattr(model.config, field, plain)
+        setattr(fused.config, field, plain)
+        if kind == "cohere":  # Cohere copies the scale into the module at init
+            model.logit_scale = fused.logit_scale = plain
+        ref2 = model(input_ids=ids, labels=labels).loss
+        out2 = fused(input_ids=ids, labels=labels).loss
+    assert abs(out2.item() - ref2.item()) < 1e-5 * abs(ref2.item())
+    assert abs(ref2.item() - ref.item()) > 1e-2
+
+
+def test_router_aux_loss_is_added():
+    """Mixtral with output_router_logits: the loss is the CE plus coef * aux, as the
+    original forward adds it."""
+    model = fhf.apply(_tiny("mixtral")).train()
+    ids, labels = _batch()
+    out = model(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        plain = fhf.revert(copy.deepcopy(model))
+        plain.config.output_router_logits = False
+        ce = plain(input_ids=ids, labels=labels).loss
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    assert_close_normwise(out.loss.detach(), ce + 0.1 * out.aux_loss.detach(), 1e-5, "aux")
 
 
 def test_eval_with_labels_and_options():
@@ -155,11 +189,31 @@ def test_eval_with_labels_and_options():
         assert fused.logits is None
         assert_close_normwise(fused.loss, ref.loss, 1e-5, "skip_logits=True")
         tup = model(input_ids=ids, labels=labels, skip_logits=True, return_dict=False)
-        assert isinstance(tup, tuple)
+        assert isinstance(tup, tuple) and tup[0].shape == ()
         assert_close_normwise(tup[0], ref.loss, 1e-5, "tuple loss")
+        ref_tup = ref_model(input_ids=ids, labels=labels, return_dict=False)
+        assert len(tup) == len(ref_tup) - 1  # everything but the logits
         shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        sl = model(input_ids=ids, shift_labels=shift, skip_logits=True)
-        assert_close_normwise(sl.loss, ref.loss, 1e-5, "shift_labels")
+        shift[0, 4] = -100  # differs from labels: the loss must follow shift_labels
+        sl = model(input_ids=ids, labels=labels, shift_labels=shift, skip_logits=True)
+        sl_ref = ref_model(input_ids=ids, labels=labels, shift_labels=shift)
+        assert_close_normwise(sl.loss, sl_ref.loss, 1e-5, "shift_labels")
+        assert abs(sl.loss.item() - ref.loss.item()) > 1e-6
+        # ignore_index through the loss kwargs
+        seven = torch.where(labels == -100, 7, labels)
+        ii = model(input_ids=ids, labels=seven, ignore_index=7, skip_logits=True)
+        ii_ref = ref_model(input_ids=ids, labels=seven, ignore_index=7)
+        assert_close_normwise(ii.loss, ii_ref.loss, 1e-5, "ignore_index")
+        # hidden states, attentions and the cache are returned as asked
+        hs = model(input_ids=ids, labels=labels, skip_logits=True, output_hidden_states=True,
+                   use_cache=True)
+        hs_ref = ref_model(input_ids=ids, labels=labels, output_hidden_states=True,
+                           use_cache=True)
+        assert len(hs.hidden_states) == len(hs_ref.hidden_states)
+        for a, b in zip(hs.hidden_states, hs_ref.hidden_states):
+            assert torch.equal(a, b)
+        cache = getattr(hs, "past_key_values", None) or hs.get("cache")
+        assert cache is not None and cache.get_seq_length() == ids.shape[1]
     model.train()
     kept = model(input_ids=ids, labels=labels, skip_logits=False)
     assert kept.logits is not None
@@ -174,6 +228,102 @@ def test_eval_with_labels_and_options():
         a = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
         b = ref_model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
     assert torch.equal(a, b)
+
+
+def test_reduction_none_per_token_losses():
+    """reduction="none": outputs.loss is the per-position loss [B, S] (position s scored
+    against label s + 1; 0 where ignored and at the last position), without the router
+    auxiliary loss, and its gradient is that of any weighting of it."""
+    ref_model = _tiny("mixtral")
+    model = fhf.apply(copy.deepcopy(ref_model), reduction="none")
+    ids, labels = _batch()
+    w = torch.rand(ids.shape)
+    for train in (True, False):  # "none" takes the fused path in eval mode too
+        ref_model.train(train)
+        model.train(train)
+        ref_model.zero_grad()
+        model.zero_grad()
+        ref = ref_model(input_ids=ids, labels=labels)
+        shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        ref_tok = torch.nn.functional.cross_entropy(
+            ref.logits.float().flatten(0, 1), shift.flatten(), reduction="none").view(ids.shape)
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is None and out.loss.shape == ids.shape
+        assert out.aux_loss is not None
+        assert_close_normwise(out.loss.detach(), ref_tok.detach(), 1e-5, "per-token")
+        assert torch.all(out.loss[shift == -100] == 0)
+        (ref_tok * w).sum().backward()
+        (out.loss * w).sum().backward()
+        g_ref, g = _grads(ref_model), _grads(model)
+        for name in g_ref:
+            assert_close_normwise(g[name], g_ref[name], 1e-4, f"weighted grad {name}")
+
+
+def test_verify():
+    model = _tiny("gemma2")
+    fhf.apply(model, verify=True)
+    assert fhf.is_applied(model)
+    fhf.apply(model, verify=True, reduction="none")
+    # a fused loss that differs is caught, and the model left unpatched
+    real = fhf.linear_causal_lm_loss
+    try:
+        fhf.linear_causal_lm_loss = lambda *a, **k: real(*a, **k) * 1.01
+        with pytest.raises(fhf.UnsupportedModel, match="verify: the fused loss differs"):
+            fhf.apply(model, verify=True)
+    finally:
+        fhf.linear_causal_lm_loss = real
+    assert not fhf.is_applied(model)
+
+
+def test_transform_guard():
+    """The head returns a few probe logits that go through the forward's own transform
+    code; the loss hook checks they came out as the transform the fused loss used, so a
+    misread layout raises instead of giving a wrong loss."""
+    from fusedce.integrations import _hf_layout
+
+    model = fhf.apply(_tiny("gemma2")).train()
+    ids, labels = _batch()
+    real = _hf_layout.canonical
+    try:
+        _hf_layout.canonical = lambda layout, m: _hf_layout.Transform(1.0, 3.0)
+        with pytest.raises(RuntimeError, match="transformed its logits differently"):
+            model(input_ids=ids, labels=labels)
+        with pytest.raises(fhf.UnsupportedModel, match="verify: the fused forward failed"):
+            fhf.apply(model, verify=True)
+    finally:
+        _hf_layout.canonical = real
+    assert not fhf.is_applied(model)  # the failed verify left it unpatched
+    assert fhf.apply(model, verify=True)(input_ids=ids, labels=labels).logits is None
+
+
+def test_refused_at_apply_with_the_reason():
+    # a loss function other than ForCausalLMLoss
+    model = _tiny("llama")
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum()
+    with pytest.raises(fhf.UnsupportedModel, match="loss_function"):
+        fhf.apply(model)
+    assert not fhf.is_applied(model)
+    # a head that is not a linear layer
+    model = _tiny("llama")
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, V))
+    with pytest.raises(fhf.UnsupportedModel, match="not a linear layer"):
+        fhf.apply(model)
+    # a configuration that sends the logits elsewhere (Bamba's z-loss over every position)
+    cfg = transformers.BambaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, mamba_n_heads=4, mamba_d_head=16,
+                                   mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8,
+                                   attn_layer_indices=[0], z_loss_coefficient=1e-3)
+    bamba = transformers.BambaForCausalLM(cfg)
+    with pytest.raises(fhf.UnsupportedModel, match="z_loss"):
+        fhf.apply(bamba)
+    bamba.config.z_loss_coefficient = 0.0
+    bamba.z_loss_coefficient = 0.0
+    fhf.apply(bamba)
+    assert "head lm_head" in fhf.describe(bamba)
+    # a family whose loss is computed another way is refused by name
+    with pytest.raises(fhf.UnsupportedModel, match="loss_function"):
+        fhf.patch("musicgen")
 
 
 def test_apply_revert_register_and_signature():
@@ -192,17 +342,61 @@ def test_apply_revert_register_and_signature():
     fhf.apply(model, fused=False)
     assert "forward" not in model.__dict__ and model.loss_function is fhf.causal_lm_loss
     fhf.revert(model)
-    # an unknown architecture is refused until registered
+    # a renamed model type needs no registration: the layout is read from the forward
     model.config.model_type = "tinyllama_fork"
-    with pytest.raises(ValueError, match="register"):
-        fhf.apply(model)
-    try:
+    fhf.apply(model).train()
+    ids, labels = _batch()
+    assert model(input_ids=ids, labels=labels).logits is None
+    with pytest.warns(DeprecationWarning):
         fhf.register("tinyllama_fork", softcap_attr=None)
-        fhf.apply(model).train()
-        ids, labels = _batch()
+
+
+def test_patch_classes():
+    ids, labels = _batch()
+    handle = fhf.patch("llama", "mixtral")
+    try:
+        assert set(handle.patched) == {"llama", "mixtral"}
+        model = _tiny("llama").train()  # built after patch(): fused
+        assert not fhf.is_applied(model)
         assert model(input_ids=ids, labels=labels).logits is None
+        assert _tiny("qwen2").train()(input_ids=ids, labels=labels).logits is not None
+        # signatures are kept, instance options override the class's
+        assert "labels" in inspect.signature(model.forward).parameters
+        fhf.apply(model, reduction="none")
+        assert model(input_ids=ids, labels=labels).loss.shape == ids.shape
+        fhf.revert(model)
+        assert model(input_ids=ids, labels=labels).loss.shape == ()
     finally:
-        fhf.ARCHITECTURES.pop("tinyllama_fork", None)
+        handle.undo()
+    model = _tiny("llama").train()
+    assert model(input_ids=ids, labels=labels).logits is not None
+    with fhf.patch(transformers.LlamaForCausalLM):
+        assert model(input_ids=ids, labels=labels).logits is None
+    assert model(input_ids=ids, labels=labels).logits is not None
+    # every family: the refused ones are listed with the reason
+    handle = fhf.patch(reduction="none")
+    try:
+        assert len(handle.patched) >= 60
+        assert "musicgen" in handle.refused and "loss_function" in handle.refused["musicgen"]
+        assert model(input_ids=ids, labels=labels).loss.shape == ids.shape
+    finally:
+        fhf.unpatch()
+    assert model(input_ids=ids, labels=labels).logits is not None
+    assert "forward" not in transformers.LlamaForCausalLM.__dict__ or not hasattr(
+        transformers.LlamaForCausalLM.__dict__["forward"], "__fusedce_original__")
+
+
+def test_class_patch_instance_refusal_falls_back(caplog):
+    """A class-patched model whose instance cannot be fused (a non-linear head) logs why
+    and runs its original forward: never a wrong loss."""
+    ids, labels = _batch()
+    with fhf.patch("llama"):
+        model = _tiny("llama").train()
+        model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, V))
+        with caplog.at_level(logging.WARNING, logger="fusedce.integrations.transformers"):
+            out = model(input_ids=ids, labels=labels)
+        assert out.logits is not None
+        assert "not a linear layer" in caplog.text
 
 
 def test_deepcopy_of_patched_model_uses_its_own_weights():
@@ -261,6 +455,22 @@ def test_causal_lm_loss_matches_transformers(dtype):
                           torch.float32 else 2e-2, "oracle")
 
 
+def test_linear_causal_lm_loss_options():
+    hidden = torch.randn(2, 6, 16)
+    w = torch.randn(V, 16) * 0.5
+    _, labels = _batch(2, 6)
+    logits = hidden @ w.T
+    for scale, cap in ((1.0, None), (0.25, None), (0.5, 3.0)):
+        z = logits * scale
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        assert_close_normwise(fhf.linear_causal_lm_loss(hidden, w, labels, softcap=cap,
+                                                        logit_scale=scale),
+                              fhf.causal_lm_loss(z, labels, V), 1e-5, f"{scale} {cap}")
+    tok = fhf.linear_causal_lm_loss(hidden, w, labels, reduction="none")
+    assert tok.shape == labels.shape and tok[:, -1].eq(0).all()
+
+
 def test_register_loss(monkeypatch):
     from transformers.loss import loss_utils
 
@@ -270,6 +480,7 @@ def test_register_loss(monkeypatch):
     assert loss_utils.LOSS_MAPPING["ForCausalLM"] is fhf.causal_lm_loss
     model = _tiny("qwen2")
     assert model.loss_function is fhf.causal_lm_loss
+    fhf.apply(model)  # causal_lm_loss is ForCausalLMLoss: accepted
 
 
 def test_bf16_model():
