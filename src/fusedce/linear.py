@@ -51,8 +51,6 @@ reductions with no atomics, so results are bitwise reproducible on one device.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 import os
 import types
@@ -191,24 +189,6 @@ def _chunk_terms(terms: spec.RowTerms, r0: int, r1: int) -> spec.RowTerms:
     return spec.RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom, terms.total_weight)
 
 
-@functools.lru_cache(maxsize=None)
-def _takes(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _backend_grad(be, x3, target, m, s, g, c_p, c_t, opts, **kw) -> None:
-    """``be.grad`` for the row statistics m, s of the whole vocabulary. A backend's grad
-    takes (m, s) (p_j = exp(z_j - m) / s: offset-invariant) or, in the older form, lse
-    (formed here as m + log s)."""
-    if _takes(be.grad, "lse"):
-        be.grad(x3, target, m + torch.log(s), g, c_p, c_t, opts, **kw)
-    else:
-        be.grad(x3, target, m, s, g, c_p, c_t, opts, **kw)
-
-
 def _scale_fn(be):
     if getattr(be, "eager_grad", False) and hasattr(be, "scale_"):
         return be.scale_
@@ -309,9 +289,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     lse_c = spec.lse_of(st)
                     c_p, c_t = spec.grad_coefficients(lse_c, _chunk_terms(terms, r0, r1),
                                                       opts, V)
-                    _backend_grad(be, x3, t_c, st.m, st.s, g0[r0:r1], c_p, c_t, opts,
-                                  vocab_size=V, out=x3, vocab_start=plan.vocab_start,
-                                  weight_local=wl)
+                    be.grad(x3, t_c, st.m, st.s, g0[r0:r1], c_p, c_t, opts, vocab_size=V,
+                            out=x3, vocab_start=plan.vocab_start, weight_local=wl)
             m[r0:r1] = st.m
             s[r0:r1] = st.s
             zt[r0:r1] = st.zt
@@ -381,9 +360,8 @@ def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, m, s
     grads = _Grads(plan, hidden, weight, bias)
     for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
         x3 = x.unsqueeze(0)
-        _backend_grad(be, x3, t[r0:r1], m[r0:r1], s[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1],
-                      opts, vocab_size=V, out=x3, vocab_start=plan.vocab_start,
-                      weight_local=wl)
+        be.grad(x3, t[r0:r1], m[r0:r1], s[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1], opts,
+                vocab_size=V, out=x3, vocab_start=plan.vocab_start, weight_local=wl)
         grads.add_chunk(x, h_c, weight, r0, r1)
     return grads.finish(plan, weight, bias)
 
@@ -585,14 +563,6 @@ def _uses_kernels(be) -> bool:
     return getattr(be, "name", "torch") != "torch"
 
 
-def _backend_entropy_grad(be, x3, m, s, ent, g, opts, *, out) -> None:
-    """``be.entropy_grad`` for m, s of the whole vocabulary (or, in the older form, lse)."""
-    if _takes(be.entropy_grad, "lse"):
-        be.entropy_grad(x3, m + torch.log(s), ent, g, opts, out=out)
-    else:
-        be.entropy_grad(x3, m, s, ent, g, opts, out=out)
-
-
 def _write_dx(plan: RLPlan, x: torch.Tensor, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t,
               g_h, rows: int) -> None:
     """Overwrite the logits chunk ``x`` [C, V_local] with dx for the upstream row gradients
@@ -631,18 +601,18 @@ def _kernel_dx(plan: RLPlan, x, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t
     if g_h is None:
         ones = torch.ones_like(g_t)
         # (vocab_size enters label smoothing only, which log-probs do not have)
-        _backend_grad(be, x3, t_c, m_c, s_c, -g_t, ones, ones, opts, vocab_size=x.shape[1],
-                      out=x3, vocab_start=plan.vocab_start)
+        be.grad(x3, t_c, m_c, s_c, -g_t, ones, ones, opts, vocab_size=x.shape[1], out=x3,
+                vocab_start=plan.vocab_start)
         return
     log_s = torch.log(s_c)
     if g_t is None:
-        _backend_entropy_grad(be, x3, m_c, s_c, log_s - c_c, g_h, opts, out=x3)
+        be.entropy_grad(x3, m_c, s_c, log_s - c_c, g_h, opts, out=x3)
         return
     tiny = g_t.abs() * 2.0 ** -30
     g = torch.where(g_h.abs() >= tiny, g_h, tiny)
     # g = 0 only on rows without upstream gradient (the kernel writes 0 there): keep k finite
     k = torch.where(g == 0, torch.zeros_like(c_c), c_c - g_t / g)
-    _backend_entropy_grad(be, x3, m_c, s_c, log_s - k, g, opts, out=x3)
+    be.entropy_grad(x3, m_c, s_c, log_s - k, g, opts, out=x3)
     val = _target_dz(zt_c - m_c, log_s, c_c, g_t, g_h)
     f = spec.chain_factor(zt_c, opts)
     if f is not None:
@@ -1213,8 +1183,8 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
         auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
     grad_on = torch.is_grad_enabled() and not inference_only
     plan = RLPlan(
-        opts=opts, backend=be, chunk_rows=rows, want_lp=op == "logprobs", want_ent=op == "entropy" or return_entropy,
-        vocab_start=start, group=tp_group,
+        opts=opts, backend=be, chunk_rows=rows, want_lp=op == "logprobs",
+        want_ent=op == "entropy" or return_entropy, vocab_start=start, group=tp_group,
         need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
         need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
         reduce_hidden_grad=reduce_hidden_grad)
