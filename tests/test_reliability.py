@@ -415,3 +415,33 @@ def test_compat_entry_points_are_offset_invariant():
     assert torch.allclose(te.float(), torch.full_like(te.float(), logv), atol=1e-5)
     ce = nemo_automodel.ChunkedCrossEntropy(compile=False)(x, t)
     assert abs(float(ce) - 4 * logv) < 1e-3 * 4 * logv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_differentiable_lse(backend):
+    N, D, V = 9, 6, 40
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    b = torch.randn(V, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[3] = -100
+    out = fce.linear_cross_entropy(h, w, t, bias=b, return_aux=True, differentiable_lse=True,
+                                   softcap=5.0, logit_scale=0.9, backend=backend)
+    assert out.lse.requires_grad
+    (out.loss + 0.1 * (out.lse ** 2).mean()).backward()
+    hr, wr, br = (a.detach().double().requires_grad_(True) for a in (h, w, b))
+    z = 5.0 * torch.tanh((hr @ wr.t() + br) * 0.9 / 5.0)
+    lse = torch.logsumexp(z, -1)
+    assert_close_normwise(out.lse, lse, 1e-5, "lse")
+    ref = ref_cross_entropy(hr @ wr.t() + br, t, softcap=5.0, logit_scale=0.9)
+    (ref + 0.1 * (lse ** 2).mean()).backward()
+    for a, ar, name in ((h, hr, "dh"), (w, wr, "dw"), (b, br, "db")):
+        assert_close_normwise(a.grad, ar.grad, 1e-5, name)
+
+
+@pytest.mark.parametrize("flag", ["return_aux", "inplace_backward", "reduce_hidden_grad",
+                                  "differentiable_lse"])
+def test_linear_flags_must_be_bools(flag):
+    with pytest.raises(fce.InputError, match=flag):
+        fce.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4),
+                                 torch.zeros(3, dtype=torch.long), **{flag: "False"})

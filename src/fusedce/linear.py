@@ -926,6 +926,7 @@ def linear_cross_entropy(
     backend: str = "auto",
     return_aux: bool = False,
     inplace_backward: bool = False,
+    differentiable_lse: bool = False,
 ) -> Union[torch.Tensor, CrossEntropyOutput]:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -964,11 +965,14 @@ def linear_cross_entropy(
         return_aux: return CrossEntropyOutput(loss, lse, z_loss, accuracy).
         inplace_backward: accepted for symmetry with :func:`fusedce.cross_entropy`; the
             logits chunks are internal, so their gradient always overwrites them in place.
+        differentiable_lse: with ``return_aux``, the lse carries gradient (d lse / dz_j = p_j)
+            to hidden, weight and bias, for regularisers of your own: it is formed as z_c -
+            log p_c for each row's target column c (column 0 on ignored rows) through
+            :func:`linear_logprobs`, one more pass over the vocabulary each way.
     Returns:
         The loss, fp32: a scalar, or shaped like ``target`` for reduction="none"; with
         ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
     """
-    del inplace_backward
     _fn._check_group(tp_group)
     hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
         hidden, weight, bias, tp_group, vocab_start)
@@ -983,6 +987,10 @@ def linear_cross_entropy(
                            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
                            backend=backend)
         _check_chunk_size(chunk_size)
+        for name, flag in (("return_aux", return_aux), ("inplace_backward", inplace_backward),
+                           ("reduce_hidden_grad", reduce_hidden_grad),
+                           ("differentiable_lse", differentiable_lse)):
+            _check_flag(name, flag)
         for name, x in (("hidden", hidden), ("weight", weight)):
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -1024,7 +1032,8 @@ def linear_cross_entropy(
         if validate_tp:
             fp = distributed.options_fingerprint(*map(_fn._fp, (
                 ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-                normalizer, chunk_size, bool(reduce_hidden_grad))))
+                normalizer, chunk_size, reduce_hidden_grad, return_aux, differentiable_lse,
+                be.name, hidden.dtype)))
             start, vocab_size = distributed.check_tp(
                 tp_group, op=op, v_local=v_local, vocab_start=vocab_start,
                 n_rows=target.numel(), target=target, ignore_index=ignore_index,
@@ -1082,8 +1091,40 @@ def linear_cross_entropy(
         loss = loss.view(target.shape)
         zl = zl.view(target.shape)
     if return_aux:
+        if differentiable_lse:
+            lse = _lse_with_grad(hidden, weight, bias, target, ignore_index=ignore_index,
+                                 logit_scale=logit_scale, softcap=softcap, tp_group=tp_group,
+                                 start=start, chunk_size=chunk_size, backend=backend)
         return CrossEntropyOutput(loss, lse.view(target.shape), zl, acc)
     return loss
+
+
+def _lse_with_grad(hidden, weight, bias, target, *, ignore_index, logit_scale, softcap,
+                   tp_group, start, chunk_size, backend) -> torch.Tensor:
+    """lse per row with its gradient: z_c - log p_c for c the row's target (0 where ignored),
+    z_c from one dot product per row, rounded to the hidden dtype as the logits GEMM rounds
+    it (under TP its owner's value, summed over the group)."""
+    valid = target != ignore_index
+    col = torch.where(valid, target, torch.zeros_like(target)).long()
+    lp = linear_logprobs(hidden, weight, col, bias=bias, logit_scale=logit_scale,
+                         softcap=softcap, ignore_index=-1, tp_group=tp_group,
+                         vocab_start=start if tp_group is not None else None,
+                         chunk_size=chunk_size, backend=backend)
+    local = col - start
+    inside = (local >= 0) & (local < weight.shape[0])
+    idx = local.clamp(0, max(weight.shape[0] - 1, 0))
+    x = (hidden.float() * weight[idx].float()).sum(-1)
+    if bias is not None:
+        x = x + bias[idx].float()
+    z = x.to(hidden.dtype).float() * float(logit_scale)
+    if softcap is not None:
+        z = torch.tanh(z / float(softcap)) * float(softcap)
+    z = torch.where(inside, z, torch.zeros_like(z))
+    if tp_group is not None:
+        from torch.distributed.nn.functional import all_reduce
+
+        z = all_reduce(z, group=tp_group)
+    return z - lp
 
 
 def _check_flag(name: str, value) -> None:
