@@ -20,8 +20,13 @@ import copy
 import inspect
 import logging
 
+import os
+
 import pytest
 import torch
+
+# no kernel downloads from the Hub (a machine without network waits for each attempt)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,14 +59,31 @@ KINDS = {
 }
 
 
+# transformers before 4.50 computes many families' losses inline (CrossEntropyLoss on the
+# logits), which fusedce refuses; those versions fuse fewer families
+OLD = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 50)
+
+
 def _tiny(kind: str, dtype=torch.float32, **extra):
     cfg_name, model_name, special = KINDS[kind]
+    if not hasattr(transformers, cfg_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {cfg_name}")
     cfg = getattr(transformers, cfg_name)(**COMMON, **{**special, **extra})
     model = getattr(transformers, model_name)(cfg)
     with torch.no_grad():
         # logits of a few units, so that softcaps and scales are far from trivial
         model.lm_head.weight.normal_(0.0, 0.6)
     return model.to(dtype)
+
+
+def _apply(model, **kw):
+    """apply(), skipping where an old transformers computes the loss inline."""
+    try:
+        return fhf.apply(model, **kw)
+    except fhf.UnsupportedModel as exc:
+        if OLD and "another way" in str(exc):
+            pytest.skip(f"transformers {transformers.__version__}: {exc}")
+        raise
 
 
 def _batch(B=2, S=9):
@@ -86,7 +108,7 @@ def _head_widths(model):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fused_training_matches_unpatched(kind):
     ref_model = _tiny(kind)
-    model = fhf.apply(copy.deepcopy(ref_model))
+    model = _apply(copy.deepcopy(ref_model))
     assert fhf.is_applied(model)
     ref_model.train()
     model.train()
@@ -144,7 +166,7 @@ def test_logit_transform_is_applied(kind, field, plain):
     are not vacuous), and a config changed after apply() is followed."""
     model = _tiny(kind).train()
     ids, labels = _batch()
-    fused = fhf.apply(copy.deepcopy(model))
+    fused = _apply(copy.deepcopy(model))
     with torch.no_grad():
         ref = model(input_ids=ids, labels=labels).loss
         out = fused(input_ids=ids, labels=labels).loss
@@ -162,7 +184,7 @@ def test_logit_transform_is_applied(kind, field, plain):
 def test_router_aux_loss_is_added():
     """Mixtral with output_router_logits: the loss is the CE plus coef * aux, as the
     original forward adds it."""
-    model = fhf.apply(_tiny("mixtral")).train()
+    model = _apply(_tiny("mixtral")).train()
     ids, labels = _batch()
     out = model(input_ids=ids, labels=labels)
     with torch.no_grad():
@@ -198,7 +220,10 @@ def test_eval_with_labels_and_options():
         sl = model(input_ids=ids, labels=labels, shift_labels=shift, skip_logits=True)
         sl_ref = ref_model(input_ids=ids, labels=labels, shift_labels=shift)
         assert_close_normwise(sl.loss, sl_ref.loss, 1e-5, "shift_labels")
-        assert abs(sl.loss.item() - ref.loss.item()) > 1e-6
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        if "shift_labels" in inspect.signature(ForCausalLMLoss).parameters:
+            assert abs(sl.loss.item() - ref.loss.item()) > 1e-6
         # ignore_index through the loss kwargs
         seven = torch.where(labels == -100, 7, labels)
         ii = model(input_ids=ids, labels=seven, ignore_index=7, skip_logits=True)
@@ -213,13 +238,18 @@ def test_eval_with_labels_and_options():
         for a, b in zip(hs.hidden_states, hs_ref.hidden_states):
             assert torch.equal(a, b)
         cache = getattr(hs, "past_key_values", None) or hs.get("cache")
-        assert cache is not None and cache.get_seq_length() == ids.shape[1]
+        assert cache is not None
+        length = cache.get_seq_length() if hasattr(cache, "get_seq_length") else \
+            cache[0][0].shape[-2]  # a tuple cache of old transformers
+        assert length == ids.shape[1]
     model.train()
     kept = model(input_ids=ids, labels=labels, skip_logits=False)
     assert kept.logits is not None
     assert_close_normwise(kept.loss.detach(), ref.loss, 1e-5, "skip_logits=False")
     # logits_to_keep other than 0 falls back to the original forward
-    last = model(input_ids=ids, labels=labels[:, -1:], logits_to_keep=1)
+    params = inspect.signature(type(model).forward).parameters
+    keep = "logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep"
+    last = model(input_ids=ids, **{keep: 1})
     assert last.logits.shape == (2, 1, V)
     # generation goes through the original forward
     with torch.no_grad():
@@ -235,7 +265,7 @@ def test_reduction_none_per_token_losses():
     against label s + 1; 0 where ignored and at the last position), without the router
     auxiliary loss, and its gradient is that of any weighting of it."""
     ref_model = _tiny("mixtral")
-    model = fhf.apply(copy.deepcopy(ref_model), reduction="none")
+    model = _apply(copy.deepcopy(ref_model), reduction="none")
     ids, labels = _batch()
     w = torch.rand(ids.shape)
     for train in (True, False):  # "none" takes the fused path in eval mode too
@@ -308,6 +338,11 @@ def test_refused_at_apply_with_the_reason():
     model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, V))
     with pytest.raises(fhf.UnsupportedModel, match="not a linear layer"):
         fhf.apply(model)
+    # a family whose loss is computed another way is refused by name
+    with pytest.raises(fhf.UnsupportedModel, match="loss_function"):
+        fhf.patch("musicgen")
+    if not hasattr(transformers, "BambaConfig"):
+        return
     # a configuration that sends the logits elsewhere (Bamba's z-loss over every position)
     cfg = transformers.BambaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
                                    num_hidden_layers=1, num_attention_heads=4,
@@ -321,9 +356,6 @@ def test_refused_at_apply_with_the_reason():
     bamba.z_loss_coefficient = 0.0
     fhf.apply(bamba)
     assert "head lm_head" in fhf.describe(bamba)
-    # a family whose loss is computed another way is refused by name
-    with pytest.raises(fhf.UnsupportedModel, match="loss_function"):
-        fhf.patch("musicgen")
 
 
 def test_apply_revert_register_and_signature():
@@ -353,9 +385,9 @@ def test_apply_revert_register_and_signature():
 
 def test_patch_classes():
     ids, labels = _batch()
-    handle = fhf.patch("llama", "mixtral")
+    handle = fhf.patch("llama", "gemma2")
     try:
-        assert set(handle.patched) == {"llama", "mixtral"}
+        assert set(handle.patched) == {"llama", "gemma2"}
         model = _tiny("llama").train()  # built after patch(): fused
         assert not fhf.is_applied(model)
         assert model(input_ids=ids, labels=labels).logits is None
@@ -376,7 +408,7 @@ def test_patch_classes():
     # every family: the refused ones are listed with the reason
     handle = fhf.patch(reduction="none")
     try:
-        assert len(handle.patched) >= 60
+        assert len(handle.patched) >= (10 if OLD else 60)
         assert "musicgen" in handle.refused and "loss_function" in handle.refused["musicgen"]
         assert model(input_ids=ids, labels=labels).loss.shape == ids.shape
     finally:

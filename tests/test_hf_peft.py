@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import copy
 
+import os
+
 import pytest
 import torch
+
+# no kernel downloads from the Hub (a machine without network waits for each attempt)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

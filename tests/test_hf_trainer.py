@@ -9,8 +9,13 @@ Skipped when transformers or accelerate is not installed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# no kernel downloads from the Hub (a machine without network waits for each attempt)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -53,7 +58,7 @@ def _train(tmp_path, patched: bool):
             output_dir=str(tmp_path / ("fused" if patched else "plain")),
             per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
-            save_strategy="no", report_to=[], seed=0, data_seed=0, use_cpu=True,
+            save_strategy="no", report_to=[], seed=0, use_cpu=True,
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data())
         trainer.train()

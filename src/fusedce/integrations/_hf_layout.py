@@ -51,6 +51,7 @@ class Step:
     ops: List[Tuple[str, Optional[ast.expr]]]  # ("mul"|"div", value) / ("tanh"|"cast", None)
     conds: Tuple[Cond, ...] = ()
     line: int = 0
+    head: bool = False  # the head's own line: its conditions must hold
 
 
 @dataclass
@@ -438,6 +439,7 @@ def _analyze(fn, qualname: str) -> Layout:
                                   f"({where(n)}: {ast.unparse(n)})")
 
     # the head assignment, the transforms, and the config reads they use (in order)
+    guards: List[Tuple[Tuple[Cond, ...], int, str]] = []
     bound: set = set()
     actions: List[Any] = []
     head_attr = None
@@ -470,21 +472,26 @@ def _analyze(fn, qualname: str) -> Layout:
                 raise Refused(f"its logit transform depends on {ast.unparse(test)!r}, "
                               f"which is not read from the configuration ({where(st)})")
         parsed = _chain(st.value, X if head_attr is not None else None, bound)
-        if parsed is None:
+        if parsed is not None and head_attr is None and parsed[0][0] != "head":
+            parsed = None
+        if parsed is None or (head_attr is not None and parsed[0][0] != "var"):
+            if conds:
+                # a branch fusedce cannot reproduce (Llama's pretraining_tp > 1 split head)
+                # is fine where the configuration never takes it: a guard, checked per call
+                guards.append((conds, line0 + st.lineno, ast.unparse(st).splitlines()[0]))
+                handled.add(id(st))
+                continue
+            if parsed is not None:
+                raise Refused(f"its logits go through self.{parsed[0][1]}(...), a module "
+                              f"whose transform fusedce cannot read ({where(st)})")
             what = "head" if head_attr is None else "logit transform"
             raise Refused(f"its {what} is not a linear layer followed by scalings, a tanh "
                           f"softcap or casts ({where(st)}: {ast.unparse(st)})")
         base, ops = parsed
-        if head_attr is None:
-            if base[0] != "head":
-                raise Refused(f"its logits do not come from a head call ({where(st)})")
+        head = head_attr is None
+        if head:
             head_attr = base[1]
-            if conds:
-                raise Refused(f"its head is called under a condition ({where(st)})")
-        elif base[0] != "var":
-            raise Refused(f"its logits go through self.{base[1]}(...), a module whose "
-                          f"transform fusedce cannot read ({where(st)})")
-        actions.append(Step(ops=ops, conds=conds, line=line0 + st.lineno))
+        actions.append(Step(ops=ops, conds=conds, line=line0 + st.lineno, head=head))
         handled.add(id(st))
     if head_attr is None:
         raise Refused("no head call produces the logits passed to the loss")
@@ -498,7 +505,6 @@ def _analyze(fn, qualname: str) -> Layout:
 
     # every other read of the logits: returned, or behind a condition that is false for
     # the model (checked at apply() and at every call)
-    guards: List[Tuple[Tuple[Cond, ...], int, str]] = []
     adds_to_loss = False
     for i, (st, conds, opaque) in enumerate(flat):
         if id(st) in handled:
@@ -606,6 +612,9 @@ def canonical(layout: Layout, model) -> Transform:
     pre, post, capped = 1.0, 1.0, False
     for step in layout.steps:
         if not conds_hold(step.conds, env):
+            if isinstance(step, Step) and step.head:
+                raise Refused(f"its forward does not call its head for this configuration "
+                              f"(line {step.line})")
             continue
         if isinstance(step, Bind):
             env[step.name] = evaluate(step.value, env)

@@ -87,6 +87,18 @@ Count = Union[None, int, float, torch.Tensor]
 _LOSS_KEYS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
+@functools.lru_cache(maxsize=None)
+def _loss_keys() -> Tuple[str, ...]:
+    """The loss kwargs the installed ForCausalLMLoss acts on (``shift_labels`` came after
+    4.46: before it, a ``shift_labels`` kwarg is ignored by the loss, so by the fused one)."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover
+        return _LOSS_KEYS
+    params = inspect.signature(ForCausalLMLoss).parameters
+    return tuple(k for k in _LOSS_KEYS if k in params)
+
+
 # ---------------------------------------------------------------------------- losses
 
 
@@ -465,7 +477,7 @@ class _Capture:
                 and torch.equal(labels.to(self.labels.device), self.labels)):
             raise RuntimeError(f"fusedce: {name} passed other labels to its loss than its "
                                "forward got")
-        for key in _LOSS_KEYS:
+        for key in _loss_keys():
             if kwargs.get(key) is not self.loss_kw.get(key):
                 raise RuntimeError(f"fusedce: {name} passed another {key} to its loss")
         if isinstance(vocab_size, int) and vocab_size != self.vocab:
@@ -511,9 +523,43 @@ def _autocast_dtype(device_type: str):
         return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.bfloat16
 
 
+_SLOTTED: set = set()
+
+
+def _loss_function_slot(cls) -> None:
+    """Make ``model.loss_function`` settable per instance on ``cls``.
+
+    transformers >= 4.48 reads an instance's ``_loss_function`` first (its property has a
+    setter); 4.46 and 4.47 always return the shared ``LOSS_MAPPING`` entry. There the
+    property is replaced once, on the class that defines it, by one that reads the instance
+    attribute first and falls back to the original getter: the same behaviour for every
+    model that does not set it.
+    """
+    if cls in _SLOTTED:
+        return
+    for klass in cls.__mro__:
+        prop = klass.__dict__.get("loss_function")
+        if prop is None:
+            continue
+        if isinstance(prop, property) and prop.fset is None:
+            getter = prop.fget
+
+            def fget(self, _getter=getter):
+                value = self.__dict__.get("_loss_function")
+                return value if value is not None else _getter(self)
+
+            def fset(self, value):
+                self.__dict__["_loss_function"] = value
+
+            setattr(klass, "loss_function", property(fget, fset, doc=prop.__doc__))
+        break
+    _SLOTTED.add(cls)
+
+
 @contextlib.contextmanager
 def _swapped(model, cap: _Capture):
     """Replace the head's forward and the loss function for one call."""
+    _loss_function_slot(type(model))
     owner = model
     for attr in cap.plan.path:
         owner = getattr(owner, attr)
@@ -547,7 +593,7 @@ def _bind(original, args, kwargs):
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             named.update(named.pop(p.name, None) or {})
-    loss_kw = {k: named[k] for k in _LOSS_KEYS if k in named}
+    loss_kw = {k: named[k] for k in _loss_keys() if k in named}
     keep = named.get("logits_to_keep", named.get("num_logits_to_keep", 0))
     return named.get("labels"), loss_kw, keep
 
@@ -728,12 +774,9 @@ def apply(model, *, verify: bool = False, reduction: str = "mean",
         hf.__dict__["_fusedce_plan"] = (_head_key(hf, original), plan)
     state = {"options": opts, "forward": None, "loss_function": None}
     if loss_function:
+        _loss_function_slot(type(hf))
         state["loss_function"] = hf.__dict__.get("_loss_function", _MISSING)
-        try:
-            hf.loss_function = causal_lm_loss
-        except AttributeError as exc:  # pragma: no cover - transformers < 4.46
-            raise RuntimeError("this transformers version has no settable "
-                               "model.loss_function; pass loss_function=False") from exc
+        hf.loss_function = causal_lm_loss
     if fused:
         state["forward"] = hf.__dict__.get("forward", _MISSING)
         hf.forward = types.MethodType(_make_forward(original, opts), hf)
