@@ -414,8 +414,6 @@ def test_patch_classes():
     finally:
         fhf.unpatch()
     assert model(input_ids=ids, labels=labels).logits is not None
-    assert "forward" not in transformers.LlamaForCausalLM.__dict__ or not hasattr(
-        transformers.LlamaForCausalLM.__dict__["forward"], "__fusedce_original__")
 
 
 def test_class_patch_instance_refusal_falls_back(caplog):
@@ -456,6 +454,26 @@ def test_deepcopy_of_patched_model_uses_its_own_weights():
             lm = model(input_ids=ids, labels=labels).loss
         torch.testing.assert_close(lt, lp, rtol=2e-5, atol=2e-6)
         assert not torch.isclose(lt, lm)
+
+
+def test_pickle_and_replicas_of_a_patched_model():
+    """The options are data in the instance: a pickled copy stays patched, and a shallow
+    replica (as DataParallel makes) runs on its own parameters."""
+    import pickle
+
+    model = fhf.apply(_tiny("llama")).train()
+    ids, labels = _batch()
+    twin = pickle.loads(pickle.dumps(model))
+    assert fhf.is_applied(twin)
+    out = twin(input_ids=ids, labels=labels)
+    assert out.logits is None
+    assert_close_normwise(out.loss.detach(), model(input_ids=ids, labels=labels).loss.detach(),
+                          1e-6, "pickled")
+    replica = model._replicate_for_data_parallel()
+    replica.lm_head = torch.nn.Linear(32, V, bias=False)
+    got = replica(input_ids=ids, labels=labels).loss
+    want = fhf.revert(copy.deepcopy(replica))(input_ids=ids, labels=labels).loss
+    assert_close_normwise(got.detach(), want.detach(), 1e-5, "replica")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

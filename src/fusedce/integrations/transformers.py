@@ -52,6 +52,7 @@ import inspect
 import logging
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -719,15 +720,63 @@ def _instance_original(model):
     return _class_original(type(model))
 
 
-def _make_forward(original, opts: _Options):
+# classes whose ``forward`` is fusedce's dispatcher -> the attribute it replaced
+_DISPATCHERS: Dict[type, Any] = {}
+# classes patched by patch() -> (options, handle)
+_CLASS_OPTIONS: Dict[type, Tuple[_Options, "PatchHandle"]] = {}
+# live models with apply() state (a class keeps its dispatcher while any is alive)
+_APPLIED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _class_options(cls) -> Optional[_Options]:
+    for klass in cls.__mro__:
+        entry = _CLASS_OPTIONS.get(klass)
+        if entry is not None:
+            return entry[0]
+    return None
+
+
+def _make_forward(original):
+    """The dispatcher that stands in for a class's forward: a model with apply() state or
+    of a patch()ed class takes :func:`_call`; any other runs ``original`` as it is. The
+    state is data in the instance (picklable; copied with the model by copy.deepcopy and by
+    DataParallel's replicas), so every copy runs on its own weights."""
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         state = self.__dict__.get("_fusedce_state")
-        o = state["options"] if state is not None else opts
-        return _call(self, original, o, args, kwargs)
+        opts = state["options"] if state is not None else _class_options(type(self))
+        if opts is None:
+            return original(self, *args, **kwargs)
+        return _call(self, original, opts, args, kwargs)
 
     forward.__fusedce_original__ = original
     return forward
+
+
+def _install(cls) -> None:
+    """Put the dispatcher on ``cls`` (once)."""
+    if cls in _DISPATCHERS and getattr(cls.__dict__.get("forward"), "__fusedce_original__",
+                                       None) is not None:
+        return
+    original = _class_original(cls)
+    _DISPATCHERS[cls] = cls.__dict__.get("forward", _MISSING)
+    cls.forward = _make_forward(original)
+
+
+def _restore_classes() -> None:
+    """Give classes their own forward back where nothing uses the dispatcher any more."""
+    if len(_APPLIED):
+        return
+    for cls in list(_DISPATCHERS):
+        if _class_options(cls) is not None:
+            continue
+        old = _DISPATCHERS.pop(cls)
+        if getattr(cls.__dict__.get("forward"), "__fusedce_original__", None) is None:
+            continue  # replaced by someone else since
+        if isinstance(old, str) and old == _MISSING:
+            delattr(cls, "forward")
+        else:
+            setattr(cls, "forward", old)
 
 
 def apply(model, *, verify: bool = False, reduction: str = "mean",
@@ -738,8 +787,9 @@ def apply(model, *, verify: bool = False, reduction: str = "mean",
 
     Args:
         model: a ``*ForCausalLM`` / ``*ForConditionalGeneration`` instance, or a PEFT model
-            wrapping one (apply() may come before or after ``get_peft_model``); patched in
-            place, its class untouched.
+            wrapping one (apply() may come before or after ``get_peft_model``). The options
+            are stored in the instance; its class's ``forward`` becomes a dispatcher that
+            runs the original forward for every model without them.
         verify: run one tiny forward and backward (2 x 8 tokens) with the original and the
             fused path and compare the loss and the gradients of the head's input and
             parameters; raise :class:`UnsupportedModel` (and leave the model unpatched)
@@ -772,15 +822,24 @@ def apply(model, *, verify: bool = False, reduction: str = "mean",
     if fused:
         plan = _plan(hf, original)  # raises with the reason
         hf.__dict__["_fusedce_plan"] = (_head_key(hf, original), plan)
-    state = {"options": opts, "forward": None, "loss_function": None}
+    state = {"options": opts if fused else None, "loss_function": None, "old_forward": None}
     if loss_function:
         _loss_function_slot(type(hf))
         state["loss_function"] = hf.__dict__.get("_loss_function", _MISSING)
         hf.loss_function = causal_lm_loss
     if fused:
-        state["forward"] = hf.__dict__.get("forward", _MISSING)
-        hf.forward = types.MethodType(_make_forward(original, opts), hf)
-    hf._fusedce_state = state
+        _install(type(hf))
+        old = hf.__dict__.get("_old_forward")
+        if old is not None and getattr(old, "__func__", None) is original:
+            # accelerate's hooks (device_map) call the forward they wrapped: route that
+            # through the dispatcher too
+            state["old_forward"] = old
+            hf.__dict__["_old_forward"] = types.MethodType(type(hf).forward, hf)
+        elif "forward" in hf.__dict__:
+            logger.warning("fusedce: %s has an instance attribute `forward` set by other "
+                           "code, which may bypass the fused forward", type(hf).__name__)
+    hf.__dict__["_fusedce_state"] = state
+    _APPLIED.add(hf)
     if fused and verify:
         try:
             _verify(hf, original, opts)
@@ -801,16 +860,17 @@ def revert(model):
     state = hf.__dict__.pop("_fusedce_state", None)
     for key in ("_fusedce_plan", "_fusedce_logged", "_fusedce_warned"):
         hf.__dict__.pop(key, None)
+    _APPLIED.discard(hf)
     if state is None:
         return model
-    for attr, dict_key in (("forward", "forward"), ("loss_function", "_loss_function")):
-        old = state[attr]
-        if old is None:
-            continue
+    old = state.get("loss_function")
+    if old is not None:
         if isinstance(old, str) and old == _MISSING:
-            hf.__dict__.pop(dict_key, None)
+            hf.__dict__.pop("_loss_function", None)
         else:
-            hf.__dict__[dict_key] = old
+            hf.__dict__["_loss_function"] = old
+    if state.get("old_forward") is not None:
+        hf.__dict__["_old_forward"] = state["old_forward"]
     return model
 
 
@@ -937,25 +997,19 @@ def _param_dtype(module):
 
 class PatchHandle:
     """What :func:`patch` did: ``patched`` (model type -> class), ``refused`` (model type ->
-    reason); ``undo()`` (or leaving a ``with`` block) restores those classes."""
+    reason); ``undo()`` (or leaving a ``with`` block) unpatches those classes."""
 
     def __init__(self):
         self.patched: Dict[str, type] = {}
         self.refused: Dict[str, str] = {}
-        self._saved: Dict[type, Any] = {}
 
     def undo(self) -> None:
-        for cls, old in self._saved.items():
-            current = cls.__dict__.get("forward")
-            if getattr(current, "__fusedce_original__", None) is None:
-                continue  # patched by someone else since
-            if isinstance(old, str) and old == _MISSING:
-                delattr(cls, "forward")
-            else:
-                setattr(cls, "forward", old)
-            _PATCHES.pop(cls, None)
-        self._saved.clear()
+        for cls in set(self.patched.values()):
+            entry = _CLASS_OPTIONS.get(cls)
+            if entry is not None and entry[1] is self:
+                del _CLASS_OPTIONS[cls]
         self.patched.clear()
+        _restore_classes()
 
     def __enter__(self):
         return self
@@ -966,9 +1020,6 @@ class PatchHandle:
     def __repr__(self):
         return (f"PatchHandle(patched={sorted(self.patched)}, "
                 f"refused={sorted(self.refused)})")
-
-
-_PATCHES: Dict[type, PatchHandle] = {}
 
 
 def _family_classes(model_types: Iterable[Any]) -> List[Tuple[str, Any]]:
@@ -1040,15 +1091,13 @@ def patch(*model_types: Any, reduction: str = "mean", skip_logits: Optional[bool
             if explicit:
                 raise UnsupportedModel(f"{cls.__name__} ({mt}): {exc}") from None
             continue
-        saved = cls.__dict__.get("forward", _MISSING)
-        previous = _PATCHES.get(cls)
+        previous = _CLASS_OPTIONS.get(cls)
         if previous is not None:  # patched before: this handle takes the class over
-            saved = previous._saved.pop(cls, saved)
-            previous.patched = {k: v for k, v in previous.patched.items() if v is not cls}
-        cls.forward = _make_forward(original, opts)
-        handle._saved[cls] = saved
+            previous[1].patched = {k: v for k, v in previous[1].patched.items()
+                                   if v is not cls}
+        _install(cls)
+        _CLASS_OPTIONS[cls] = (opts, handle)
         handle.patched[mt] = cls
-        _PATCHES[cls] = handle
     return handle
 
 
@@ -1057,8 +1106,9 @@ def unpatch(handle: Optional[PatchHandle] = None) -> None:
     if handle is not None:
         handle.undo()
         return
-    for h in list(set(_PATCHES.values())):
+    for h in {entry[1] for entry in _CLASS_OPTIONS.values()}:
         h.undo()
+    _restore_classes()
 
 
 # ---------------------------------------------------------------------------- deprecated
