@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import fusedce as fce  # noqa: E402,I001
-from fusedce.triton import backend as tb, ce, fused_rows  # noqa: E402
+from fusedce.triton import backend as tb, configs, fused, stats  # noqa: E402
 
 GB = 1e9
 DEV = "cuda"
@@ -292,10 +292,9 @@ G_ROWS = [None]
 def sweep_fused(x_src, t, V, floor4):
     """Time fused-kernel configurations (in-place forward + backward) and check each one
     against the table's configuration: loss rows and sampled gradient rows."""
-    R_ = ce.RowsConfig
-    cands = [R_(4096, 8, 4, prefetch=True, reverse=False), R_(8192, 16, 2, prefetch=True),
-             R_(4096, 8, 3, prefetch=True), R_(8192, 8, 2, prefetch=True),
-             R_(4096, 8, 1, prefetch=True, persistent=False)]
+    R_ = configs.RowsConfig
+    cands = [R_(4096, 8, 4, reverse=False), R_(8192, 16, 2), R_(4096, 8, 3), R_(8192, 8, 2),
+             R_(4096, 8, 1, persistent=False)]
     x = x_src.clone().requires_grad_(True)
     g = torch.rand(x_src.shape[0], device=DEV) + 0.5
     rows = torch.arange(0, x_src.shape[0], 61, device=DEV)
@@ -318,7 +317,7 @@ def sweep_fused(x_src, t, V, floor4):
 
     out = []
     for c in cands:
-        ce.set_override(fused=c)
+        configs.set_override(fused=c)
         try:
             loss, grad = run_none()
             el, eg = rel(loss, ref_loss), rel(grad, ref_grad)
@@ -329,7 +328,7 @@ def sweep_fused(x_src, t, V, floor4):
         except Exception as exc:  # noqa: BLE001
             log(f"  sweep V={V} {c}: FAILED {exc!r}")
         finally:
-            ce.set_override(fused=None)
+            configs.set_override(fused=None)
     return out
 
 
@@ -338,8 +337,8 @@ def sweep_stats(x_src, t, V, floor2):
     for block, nw, pf in [(4096, 4, False), (4096, 4, True), (4096, 8, False), (4096, 8, True),
                           (8192, 8, False), (8192, 8, True), (2048, 4, True), (8192, 4, False),
                           (2048, 2, True)]:
-        c = ce.StatsConfig(block=block, num_warps=nw, prefetch=pf)
-        ce.set_override(stats=c)
+        c = configs.StatsConfig(block=block, num_warps=nw, prefetch=pf)
+        configs.set_override(stats=c)
         try:
             with torch.no_grad():
                 ms = time_step(lambda: fce.cross_entropy(x_src, t), budget_ms=200)
@@ -348,7 +347,7 @@ def sweep_stats(x_src, t, V, floor2):
         except Exception as exc:  # noqa: BLE001
             log(f"  sweep-stats V={V} {c}: FAILED {exc!r}")
         finally:
-            ce.set_override(stats=None)
+            configs.set_override(stats=None)
     return rows
 
 
@@ -410,8 +409,8 @@ def main():
                 log(f"  {name}: FAILED {exc!r}")
             torch.cuda.empty_cache()
         rep["methods"] = res
-        rep["fused_kernel_resources"] = kernel_resources(fused_rows._fused_rows_kernel)
-        rep["stats_kernel_resources"] = kernel_resources(ce._stats_kernel)
+        rep["fused_kernel_resources"] = kernel_resources(fused._fused_rows_kernel)
+        rep["stats_kernel_resources"] = kernel_resources(stats._stats_kernel)
         log("  fused kernel (regs, spills, smem, warps):", rep["fused_kernel_resources"])
         report["shapes"][V] = rep
         del x_src, t

@@ -17,7 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import fusedce as fce  # noqa: E402
-from fusedce.triton import ce  # noqa: E402
+from fusedce.triton import launch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oplog import OpLog  # noqa: E402
@@ -52,15 +52,15 @@ def calls(x: torch.Tensor, t: torch.Tensor) -> dict:
 
 def count(fn) -> list:
     """The aten ops of one call of ``fn`` (after a warm-up call), launches stubbed out."""
-    saved = ce._launcher
-    ce._launcher = lambda kernel: _NoLaunch()
+    saved = launch.launcher
+    launch.launcher = lambda kernel: _NoLaunch()
     try:
         with fce.validation(False):
             fn()
             with OpLog() as log:
                 fn()
     finally:
-        ce._launcher = saved
+        launch.launcher = saved
     return log.ops
 
 

@@ -350,31 +350,31 @@ def main():
 def _with_config(fn, cfg: str):
     """fn with the fused kernel's table overridden by 'block,warps,per_sm,reverse[,split]'
     (split > 1: shard rows cut into that many parts, PEER + SPLIT)."""
-    from fusedce.triton import ce
+    from fusedce.triton import configs
 
     b, w, p, r, sp = ([int(v) for v in cfg.split(",")] + [1])[:5]
-    rc = ce.RowsConfig(block=b, num_warps=w, per_sm=p, prefetch=True, reverse=bool(r),
-                       tvec=False, split=sp, peer_split=sp > 1)
+    rc = configs.RowsConfig(block=b, num_warps=w, per_sm=p, reverse=bool(r), split=sp,
+                            peer_split=sp > 1)
 
     def f(x, t):
-        ce.set_override(fused=rc)
+        configs.set_override(fused=rc)
         try:
             return fn(x, t)
         finally:
-            ce.set_override(fused=None)
+            configs.set_override(fused=None)
     return f
 
 
 def _print_kernel_registers():
-    """Registers and spills of every compiled variant of the fused rows kernel."""
+    """Registers and spills of every compiled variant of the vocabulary-parallel kernels."""
     try:
-        from fusedce.triton import fused_rows
+        from fusedce.triton import fused_tp
 
-        caches = getattr(fused_rows._fused_rows_kernel, "device_caches", {})
-        for dev, entry in caches.items():
-            for key, k in entry[0].items():
-                print(f"fused_rows variant: warps {k.metadata.num_warps}, regs {k.n_regs}, "
-                      f"spills {k.n_spills}")
+        for kern in (fused_tp._fused_peer_kernel, fused_tp._fused_gathered_kernel):
+            for dev, entry in getattr(kern, "device_caches", {}).items():
+                for key, k in entry[0].items():
+                    print(f"{kern.fn.__name__} variant: warps {k.metadata.num_warps}, "
+                          f"regs {k.n_regs}, spills {k.n_spills}")
     except Exception as exc:  # noqa: BLE001 - diagnostics only
         print(f"(kernel registers unavailable: {type(exc).__name__}: {exc})")
 

@@ -797,12 +797,12 @@ def case_cuda_peer_split(c: Case):
     (FUSEDCE_TP_EXCHANGE=nccl, or the torch backend) the same call checks the other paths."""
     if c.device.type != "cuda":
         raise SkipCase("needs CUDA (run with FUSEDCE_DIST_BACKEND=nccl)")
-    from fusedce.triton import ce
+    from fusedce.triton import configs as ce
 
     V, start, n, vs = layout(c, "uneven")
     full, target = inputs(c, V, T=9)
-    ce.set_override(fused=ce.RowsConfig(block=16, num_warps=1, per_sm=2, prefetch=True,
-                                        reverse=False, tvec=False, split=3, peer_split=True))
+    ce.set_override(fused=ce.RowsConfig(block=16, num_warps=1, per_sm=2,
+                                        reverse=False, split=3, peer_split=True))
     try:
         for kw, inplace in ((dict(label_smoothing=0.1, z_loss=1e-3), False),
                             (dict(reduction="none", z_loss=1e-3), True)):

@@ -162,17 +162,17 @@ def test_split_rows_every_row(dtype, V, cfg):
     rows equal the torch backend's, for the table's part counts and swept configurations
     (block, warps, programs per SM, parts), in place and into a new buffer. With 8 parts
     (fp32 or bf16 rows over 512 KB, or asked for) runs 42-43 found 10-20 wrong loss rows in
-    4096 until the poll's tile was reloaded after its loop (runs 46-47, fused_rows._fold_group)."""
-    from fusedce.triton import ce
+    4096 until the poll's tile was reloaded after its loop (runs 46-47, fused._fold_group)."""
+    from fusedce.triton import configs
 
     n = 4096
     x, t = _data(n, V, dtype=dtype, seed=5)
     if cfg is not None:
         b, w, p, sp = cfg
-        ce.set_override(fused=ce.RowsConfig(block=b, num_warps=w, per_sm=p, prefetch=True,
-                                            reverse=False, tvec=False, split=sp))
+        configs.set_override(fused=configs.RowsConfig(block=b, num_warps=w, per_sm=p,
+                                                      reverse=False, split=sp))
     try:
-        assert ce._rows_grid(x.unsqueeze(0), x.unsqueeze(0), None, None, True)[0].split > 1
+        assert configs.rows_grid(x.unsqueeze(0), x.unsqueeze(0), None, None, True)[0].split > 1
         xr = x.clone().requires_grad_(True)
         ref = fce.cross_entropy(xr, t, backend="torch", reduction="none", z_loss=1e-4,
                                 return_aux=True)
@@ -193,7 +193,7 @@ def test_split_rows_every_row(dtype, V, cfg):
             assert_close_normwise(out.lse, ref.lse, 1e-6, "lse")
             assert_close_normwise(grad[rows], xr.grad[rows], 2 * tol(dtype), "grad rows")
     finally:
-        ce.set_override(fused=None)
+        configs.set_override(fused=None)
 
 
 @pytest.mark.parametrize("V", [32000, 262144])  # 262144: SPLIT
@@ -343,7 +343,7 @@ def test_fast_launch_matches_triton_dispatch(monkeypatch):
     such launch here is checked against the kernel Triton's binder picks, and the results
     equal those of launches through JITFunction.run, bit for bit, for aligned and
     misaligned views, odd V, every reduction and the fused / statistics / scale kernels."""
-    from fusedce.triton import ce, launch
+    from fusedce.triton import launch
 
     monkeypatch.setattr(launch, "_VERIFY", True)
     before = launch.VERIFIED
@@ -354,7 +354,7 @@ def test_fast_launch_matches_triton_dispatch(monkeypatch):
         for kw in ({}, {"reduction": "none"}, {"z_loss": 1e-3, "label_smoothing": 0.1}):
             outs = []
             for fast in (False, True, True):  # the second fast call hits the cache
-                monkeypatch.setattr(ce, "_FAST", fast)
+                monkeypatch.setattr(launch, "_FAST", fast)
                 xg = xv.detach().clone().requires_grad_(True)
                 loss = fce.cross_entropy(xg, tv, backend="triton", **kw)
                 loss.backward(torch.full_like(loss, 0.5))

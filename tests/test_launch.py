@@ -114,6 +114,19 @@ def test_fast_launch_same_specialisation_same_entry(fake_runtime):
     assert _kinds(k) == ["slow", "fast", "fast"]
 
 
+def test_fast_launch_keys_tuples_per_element(fake_runtime):
+    """Tuple arguments (the fused kernels' scalars, strides and layout ints) are keyed element
+    by element, as Triton specialises them: new floats reuse the entry, an int that turns 1
+    does not."""
+    k = _Kernel()
+    f = launch.FastLauncher(k)
+    x = torch.empty(64)
+    f[(1,)](x, (0.5, 2.0, 3), BLOCK=64)
+    f[(1,)](x, (0.7, 1.5, 5), BLOCK=64)
+    f[(1,)](x, (0.7, 1.5, 1), BLOCK=64)
+    assert _kinds(k) == ["slow", "fast", "slow"]
+
+
 def test_fast_launch_falls_back(fake_runtime):
     k = _Kernel()
     f = launch.FastLauncher(k)
@@ -132,29 +145,33 @@ def test_fast_launch_falls_back(fake_runtime):
 def test_launcher_picks_fast_only_in_eager_gpu_calls(monkeypatch):
     from torch._library.triton import set_wrap_triton_enabled
 
-    from fusedce.triton import ce
+    from fusedce.triton import grad
 
-    monkeypatch.setattr(ce, "INTERPRET", False)
-    monkeypatch.setattr(ce, "OPAQUE", False)  # FUSEDCE_COMPILE_OPS=triton_op
-    kernel = ce._scale_kernel
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "OPAQUE", False)  # FUSEDCE_COMPILE_OPS=triton_op
+    kernel = grad._scale_kernel
     with set_wrap_triton_enabled(False):
-        assert isinstance(ce._launcher(kernel), launch.FastLauncher)
-        monkeypatch.setattr(ce, "_FAST", False)
-        assert not isinstance(ce._launcher(kernel), launch.FastLauncher)
-    monkeypatch.setattr(ce, "_FAST", True)
+        assert isinstance(launch.launcher(kernel), launch.FastLauncher)
+        monkeypatch.setattr(launch, "_FAST", False)
+        assert not isinstance(launch.launcher(kernel), launch.FastLauncher)
+    monkeypatch.setattr(launch, "_FAST", True)
     # wrap_triton on (torch.compile tracing the triton_op ops): never the fast path
-    assert not isinstance(ce._launcher(kernel), launch.FastLauncher)
+    assert not isinstance(launch.launcher(kernel), launch.FastLauncher)
+    # except for the fused kernels, whose ops stay opaque (tuple arguments)
+    from fusedce.triton import fused
+
+    assert isinstance(launch.launcher(fused._fused_rows_kernel), launch.FastLauncher)
     # opaque ops (the default): compiled graphs call fusedce's launches, so
-    # the fast path serves them too; tracing stops before any launch (_skip on fake tensors)
-    monkeypatch.setattr(ce, "OPAQUE", True)
-    assert isinstance(ce._launcher(kernel), launch.FastLauncher)
+    # the fast path serves them too; tracing stops before any launch (skip on fake tensors)
+    monkeypatch.setattr(launch, "OPAQUE", True)
+    assert isinstance(launch.launcher(kernel), launch.FastLauncher)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         fake = torch.empty(4, 8)
-    assert ce._skip(fake) and not ce._skip(torch.empty(4, 8))
-    monkeypatch.setattr(ce, "OPAQUE", False)
-    assert not ce._skip(fake)
+    assert launch.skip(fake) and not launch.skip(torch.empty(4, 8))
+    monkeypatch.setattr(launch, "OPAQUE", False)
+    assert not launch.skip(fake)
 
 
 def test_empty_hook_chains_are_inactive():
@@ -172,15 +189,13 @@ def test_empty_hook_chains_are_inactive():
 
 def test_ops_are_opaque_unless_triton_op_is_asked_for():
     """FUSEDCE_COMPILE_OPS: unset or "opaque" -> opaque custom ops (the default on GPUs since
-    run 40, where the triton_op form gave wrong gradients under Inductor); "triton_op" opts
+    the triton_op form gave wrong gradients under Inductor with torch 2.11); "triton_op" opts
     back in on GPUs; the interpreter always takes opaque ops."""
-    from fusedce.triton import ce
-
     for setting in (None, "", "opaque", " OPAQUE ", "other"):
-        assert ce._opaque_ops(setting, interpret=False)
+        assert launch._opaque_ops(setting, interpret=False)
     for setting in ("triton_op", " Triton_Op "):
-        assert not ce._opaque_ops(setting, interpret=False)
-        assert ce._opaque_ops(setting, interpret=True)
+        assert not launch._opaque_ops(setting, interpret=False)
+        assert launch._opaque_ops(setting, interpret=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the CPU interpreter's calls")

@@ -12,7 +12,7 @@ Here the ranks' copies of the fused kernel exchange the statistics themselves, r
 through a buffer in symmetric memory (every rank maps every rank's buffer, over NVLink):
 pass 1 of a row, its record stored into every rank's buffer, a wait for the other ranks'
 records of that row, then pass 2 re-reads the row from L2 (see
-:func:`fusedce.triton.fused_rows._publish_row` for the record format and why two parities of
+:func:`fusedce.triton.fused_tp._publish_row` for the record format and why two parities of
 the buffer suffice).
 
 Requirements, checked here; when one fails the caller falls back to the all-gather:

@@ -1,5 +1,6 @@
 """The Triton backend (name "triton"): the backend protocol of :mod:`fusedce.autograd` over the
-kernels of :mod:`fusedce.triton.ce`.
+kernels of :mod:`fusedce.triton` (one family per module: stats, grad, fused, fused_tp; each
+holds its kernels, launchers and torch.library ops).
 
 Same math as :mod:`fusedce.spec`: per-row statistics (m, s, z_t, sum w z, argmax[, sum
 exp(z - m) z]) that combine across vocabulary pieces, and
@@ -26,7 +27,9 @@ import torch
 from .. import spec
 from ..layout import as_rows3d
 from ..spec import LossOptions, RowStats
-from . import ce
+from . import configs, launch
+# (importing the kernel modules registers their ops and launchers in launch.RAW)
+from . import fused as _fused, fused_tp as _fused_tp, grad as _grad, stats as _stats  # noqa: F401
 
 name = "triton"
 eager_grad = True
@@ -54,7 +57,7 @@ def _call(name: str):
         return getattr(torch.ops.fusedce, name)
     run = _RUNNERS.get(name)
     if run is None:
-        run = _RUNNERS[name] = _runner(ce.RAW[name])
+        run = _RUNNERS[name] = _runner(launch.RAW[name])
     return run
 
 
@@ -75,7 +78,7 @@ def _runner(raw):
                 return raw(*args)
         return raw(*args)
 
-    if ce.OPAQUE:
+    if launch.OPAQUE:
         return run
 
     def run_wrapped(*args):
@@ -89,7 +92,7 @@ def _k(x3: torch.Tensor) -> torch.Tensor:
     """What the ops get for a [B, T, V] view: with B = 1 the [T, V] tensor itself (the kernels
     read it as B = 1). Under torch.compile with symbolic sizes Inductor cannot rebuild the
     functionalised mutation of a (1, s, V) view whose leading stride is the symbol s * V
-    (pytorch/pytorch#181735); a [T, V] view keeps both the mutation and the strides plain."""
+    (a PyTorch limitation); a [T, V] view keeps both the mutation and the strides plain."""
     return x3[0] if x3.dim() == 3 and x3.shape[0] == 1 else x3
 
 
@@ -247,8 +250,8 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
     if peer is not None:
         buf = _k(out) if out is not None else x3.new_empty((1, 1, 1))
         loss, lse, zp, am = _call("tr_fused_loss_peer")(
-            xk, t, peer.xch, peer.peers, peer.rank, peer.world, peer.next_epoch(), w, w_total,
-            den, buf, int(vocab_start), *tail, out is not None)
+            xk, t, peer, peer.next_epoch(), w, w_total, den, buf, int(vocab_start), *tail,
+            out is not None)
     elif gathered is not None:
         buf = _k(out) if out is not None else x3.new_empty((1, 1, 1))
         loss, lse, zp, am = _call("tr_fused_loss_tp")(
@@ -263,8 +266,8 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
 
 def peer_parts(vocab_size: int, world: int, elem_size: int) -> int:
     """Records per rank and row that the in-kernel exchange needs (shard rows cut into that
-    many parts; the same on every rank): see ce.peer_parts."""
-    return ce.peer_parts(vocab_size, world, elem_size)
+    many parts; the same on every rank): see configs.peer_parts."""
+    return configs.peer_parts(vocab_size, world, elem_size)
 
 
 def scale_(buf: torch.Tensor, factor0d: torch.Tensor) -> None:

@@ -1,20 +1,24 @@
-"""Eager launches of compiled Triton kernels without JITFunction.run's per-call work.
+"""How the kernel files launch their kernels: the launcher of a kernel (torch.compile's
+wrap_triton, the fast launcher below, or the kernel itself in the interpreter), the
+registration of each launcher as a torch.library op, and the argument layout helpers.
 
-``kernel[grid](*args, **constexprs)`` re-derives the kernel's specialisation from every
-argument on each call (a generated binder over ~60 arguments, a cache key over the result,
-option parsing), which costs ~70-90 us of host time per launch on the GPU hosts we measured
-(benchmarks/host_split.py), against ~17 us for the compiled kernel's own launcher. A loss call
-that is already host-bound at V = 32000 spends that on every step.
+The fast launcher: eager launches of compiled Triton kernels without JITFunction.run's
+per-call work. ``kernel[grid](*args, **constexprs)`` re-derives the kernel's specialisation
+from every argument on each call (a generated binder over its arguments, a cache key over
+the result, option parsing), which costs ~70-90 us of host time per launch on the GPU hosts
+measured (lab/host_split.py), against ~17 us for the compiled kernel's own launcher. A loss
+call that is already host-bound at V = 32000 spends that on every step.
 
 Here the first launch of a specialisation goes through ``kernel[grid]`` (which compiles and
 caches it) and the resulting CompiledKernel is kept under a key that is at least as fine as
 Triton's specialisation: per tensor argument its dtype and whether its address is 16-byte
-aligned, per int its equality to 1, divisibility by 16 and integer width, per anything else
-its value or type, plus the constexpr keywords, the launch options and the device. Later
-launches with the same key call the compiled launcher directly. A finer key only costs more
-cache entries; a coarser one would launch a kernel specialised for other arguments, so with
-FUSEDCE_VERIFY_LAUNCH=1 (set by the GPU tests) every fast launch also asks Triton's binder
-for its own key and checks that it names the same compiled kernel.
+aligned, per int its equality to 1, divisibility by 16 and integer width, per tuple the keys
+of its elements, per anything else its value or type, plus the constexpr keywords, the launch
+options and the device. Later launches with the same key call the compiled launcher
+directly. A finer key only costs more cache entries; a coarser one would launch a kernel
+specialised for other arguments, so with FUSEDCE_VERIFY_LAUNCH=1 (set by the GPU tests)
+every fast launch also asks Triton's binder for its own key and checks that it names the
+same compiled kernel.
 
 Used on GPUs only (the interpreter runs the kernels itself), in eager calls and inside
 compiled graphs, which call the opaque ops' launchers (with FUSEDCE_COMPILE_OPS=triton_op,
@@ -25,8 +29,11 @@ launch hooks are installed.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
+
+from .common import INTERPRET
 
 _VERIFY = os.environ.get("FUSEDCE_VERIFY_LAUNCH", "0").strip().lower() not in ("0", "", "false")
 _I32 = 2**31
@@ -43,6 +50,8 @@ def _arg_key(a, _tensor=torch.Tensor, _int=int, _float=float):
         return _float
     if isinstance(a, _tensor):  # subclasses (parameters)
         return (a.dtype, (a.data_ptr() & 15) == 0)
+    if c is tuple:  # (the fused kernels' fp32 scalars: specialised per element)
+        return tuple(map(_arg_key, a))
     return ("v", a)  # bools (their own key: not ints here), None, strings
 
 
@@ -166,3 +175,138 @@ def fast(kernel) -> FastLauncher:
     if f is None:
         f = _LAUNCHERS[kernel] = FastLauncher(kernel)
     return f
+
+
+# ----------------------------------------------------------------------------- launchers
+
+try:  # torch >= 2.6
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_on
+except ImportError:  # pragma: no cover - older torch
+    _wrap_on = None
+# FUSEDCE_FAST_LAUNCH=0: every eager launch through JITFunction.run
+_FAST = os.environ.get("FUSEDCE_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _opaque_ops(setting: Optional[str], interpret: bool) -> bool:
+    """Whether the ops are registered as opaque custom ops: always in the interpreter, else
+    unless FUSEDCE_COMPILE_OPS is "triton_op" (unset or anything else: opaque).
+
+    Opaque (the default): compiled graphs call fusedce's own launches (fast launcher,
+    register caps), and tracing with fake tensors must not launch: _skip() says so.
+    "triton_op" (GPUs only; read at import) registers them with torch.library.triton_op, so
+    that Inductor sees and launches the Triton kernels itself. That form is wrong with torch
+    2.11 where V is not a multiple of 64: Inductor pads the row stride of the saved gradient
+    buffer, and the functional clone of a mutated view reads the padded storage as if it
+    were contiguous, so the backward scales the wrong elements."""
+    return interpret or (setting or "opaque").strip().lower() != "triton_op"
+
+
+OPAQUE = _opaque_ops(os.environ.get("FUSEDCE_COMPILE_OPS"), INTERPRET)
+
+
+# kernels whose ops are opaque whatever FUSEDCE_COMPILE_OPS says (see opaque_only)
+_OPAQUE_ONLY: set = set()
+
+
+def opaque_only(*kernels) -> None:
+    """Launch ``kernels`` as opaque ops' kernels always: they take tuple arguments, which
+    Inductor's code generation for user-defined Triton kernels does not support, so their ops
+    are registered opaque (op(..., opaque=True)) and torch.compile never traces them."""
+    _OPAQUE_ONLY.update(kernels)
+
+
+def launcher(kernel):
+    """The kernel as torch.compile can capture it (wrap_triton); in eager calls that switched
+    wrap_triton off (fusedce.triton.backend._call) its cached compiled variants launched
+    directly (FastLauncher); itself in the interpreter."""
+    if INTERPRET:
+        return kernel
+    opaque = OPAQUE or kernel in _OPAQUE_ONLY
+    if _FAST and (opaque or (_wrap_on is not None and not _wrap_on())):
+        # (opaque ops never trace their kernels: skip stops them on fake tensors)
+        return fast(kernel)
+    if opaque:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def is_traced(*ts) -> bool:
+    """True for fake / functional tensors (torch.compile tracing, meta kernels)."""
+    if all(t is None or type(t) is torch.Tensor for t in ts):  # eager: the common case
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(t, torch.Tensor) and is_fake(t) for t in ts)
+
+
+def skip(*ts) -> bool:
+    """Whether an op's launcher must not launch: opaque ops traced with fake tensors."""
+    return OPAQUE and is_traced(*ts)
+
+
+# the undecorated launchers, for eager calls (see fusedce.triton.backend._call)
+RAW: dict = {}
+
+
+def op(name: str, mutates_args, opaque: bool = False):
+    """Register ``fn`` as the op ``name``: an opaque custom_op with ``fn`` itself as the fake
+    implementation (it launches nothing on fake tensors: its skip test is is_traced when
+    ``opaque``, else skip), or with FUSEDCE_COMPILE_OPS=triton_op on GPUs, unless ``opaque``,
+    a triton_op (torch.compile traces into its kernels)."""
+
+    def dec(fn):
+        RAW[name.split("::")[1]] = fn
+        if OPAQUE or opaque:
+            o = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+            o.register_fake(fn)
+            return o
+        return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+
+    return dec
+
+
+# ----------------------------------------------------------------------------- arguments
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions in Triton >= 3.4, a few us of
+    # host time per call on the launch path
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+def dims3(x: torch.Tensor):
+    """(B, T, V) of the kernels' row layout of x: [B, T, V], or [T, V] as B = 1 (the backend
+    hands 2-D tensors to the ops where it can: see fusedce.triton.backend._k)."""
+    if x.dim() == 2:
+        return 1, x.shape[0], x.shape[1]
+    return x.shape[0], x.shape[1], x.shape[2]
+
+
+def strides3(x: torch.Tensor):
+    """(stride_b, stride_t, stride_v) of x in the same layout; a 2-D x has stride_b = 0 (never
+    used: B = 1), a multiple of 16 like the strides it stands for, so that Triton's
+    alignment specialisation of the row addresses is the same as for the 3-D view."""
+    if x.dim() == 2:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def col64(V: int, sv: int) -> bool:
+    """Whether column offsets need 64 bits: (V - 1) * stride_v could pass 2**31."""
+    return (V - 1) * abs(sv) >= 2**31 - 1
+
