@@ -476,6 +476,30 @@ def test_pickle_and_replicas_of_a_patched_model():
     assert_close_normwise(got.detach(), want.detach(), 1e-5, "replica")
 
 
+def test_accelerate_hooks():
+    """Models with accelerate hooks (as device_map builds them) on the whole model and on
+    the head: the fused path runs inside them, before or after the hooks are added."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    ids, labels = _batch()
+    ref_model = _tiny("llama").train()
+    ref = ref_model(input_ids=ids, labels=labels).loss
+    for order in ("hooks first", "apply first"):
+        model = copy.deepcopy(ref_model)
+        if order == "apply first":
+            fhf.apply(model)
+        calls = []
+        for m in (model, model.lm_head):
+            hooks.add_hook_to_module(m, hooks.AlignDevicesHook(io_same_device=True))
+        model.lm_head.register_forward_pre_hook(lambda m, a: calls.append(1))
+        if order == "hooks first":
+            fhf.apply(model)
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is None and calls, order
+        assert_close_normwise(out.loss.detach(), ref.detach(), 1e-5, order)
+        fhf.revert(model)
+        assert model(input_ids=ids, labels=labels).logits is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_lm_loss_matches_transformers(dtype):
     from transformers.loss.loss_utils import ForCausalLMLoss

@@ -498,7 +498,8 @@ def test_family_counts():
     for kind, classes in sorted(refused.items()):
         print(f"  refused, {kind}: {len(classes)}: {', '.join(sorted(classes))}")
     for cn in kinds.get("skipped", []):
-        print(f"  skipped: {cn}: {RESULTS[cn][1]}")
+        print(f"  skipped: {cn}: {RESULTS[cn][1]}".splitlines()[0])
+    print(f"  fused model types: {', '.join(sorted(fused))}")
     old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 50)
     # before 4.50 most families compute their loss inline (refused); the floor fuses ~15
     assert len(fused) >= (10 if old else 60)

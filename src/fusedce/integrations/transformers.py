@@ -830,12 +830,13 @@ def apply(model, *, verify: bool = False, reduction: str = "mean",
     if fused:
         _install(type(hf))
         old = hf.__dict__.get("_old_forward")
-        if old is not None and getattr(old, "__func__", None) is original:
+        func = getattr(old, "__func__", None)
+        if old is not None and func is original:
             # accelerate's hooks (device_map) call the forward they wrapped: route that
             # through the dispatcher too
             state["old_forward"] = old
             hf.__dict__["_old_forward"] = types.MethodType(type(hf).forward, hf)
-        elif "forward" in hf.__dict__:
+        elif "forward" in hf.__dict__ and getattr(func, "__fusedce_original__", None) is None:
             logger.warning("fusedce: %s has an instance attribute `forward` set by other "
                            "code, which may bypass the fused forward", type(hf).__name__)
     hf.__dict__["_fusedce_state"] = state
