@@ -385,24 +385,11 @@ def _plan(model, original=None) -> _Plan:
         if count != 1:
             raise UnsupportedModel(f"its head {path} is registered {count} times (a module "
                                    "shared with another part of the model)")
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
-            else None
-        if out is not None and out is not head and out is not module and \
-                out is not _mts_or_self(module):
-            logger.debug("%s: get_output_embeddings() is not the head its forward calls; "
-                         "using the forward's", name)
         _layout.canonical(layout, model)
     except UnsupportedModel as exc:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise UnsupportedModel(f"{name} ({model_type}): {exc}") from None
     return _Plan(layout=layout, path=tuple(path.split(".")))
-
-
-def _mts_or_self(module):
-    _, MTS = _peft_types()
-    if MTS is not None and isinstance(module, MTS):
-        return _mts_active(module)
-    return module
 
 
 def describe(model) -> str:
@@ -441,7 +428,6 @@ class _Capture:
         self.vocab = None
         self.probe = None
         self.seen = None
-        self.hidden = None
 
     def head_forward(self, module):
         def forward(x, *args, **kwargs):
@@ -451,7 +437,6 @@ class _Capture:
             if self.head_calls > 1:
                 raise RuntimeError(f"fusedce: {type(self.model).__name__} called its LM head "
                                    "twice in one forward")
-            self.hidden = x
             kw = self.loss_kw
             x2, w, b = _effective(module, x)
             self.vocab = w.shape[0]
@@ -462,8 +447,7 @@ class _Capture:
                 ignore_index=kw.get("ignore_index", -100), shift_labels=kw.get("shift_labels"),
                 reduction=self.opts.reduction, chunk_size=self.opts.chunk_size)
             dtype = _autocast_dtype(x.device.type) if _autocast_on(x.device.type) else w.dtype
-            probe = torch.tensor(_PROBE, dtype=dtype, device=x.device)
-            self.probe = probe.expand(*x.shape[:-1], len(_PROBE)).clone()
+            self.probe = _probe(dtype, x.device).expand(*x.shape[:-1], len(_PROBE)).clone()
             return self.probe
         return forward
 
@@ -496,6 +480,12 @@ class _Capture:
         name = type(self.model).__name__
         if not isinstance(logits, torch.Tensor) or logits.shape[-1:] != (len(_PROBE),):
             raise RuntimeError(f"fusedce: {name} reshaped its logits before the loss")
+        # the forward's code applies the same transform for the same values: checking it
+        # once per model and transform is enough, and keeps the (syncing) read of the
+        # probe out of every training step
+        key = (self.transform, self.probe.dtype, str(self.opts.reduction))
+        if self.model.__dict__.get("_fusedce_checked") == key:
+            return
         got = logits.reshape(-1, len(_PROBE))[:1].double()
         if got.numel() == 0:
             return
@@ -508,6 +498,18 @@ class _Capture:
                 f"code reads as (logit_scale={self.transform.logit_scale}, softcap="
                 f"{self.transform.softcap}): {got[0].tolist()} vs {want.tolist()}. Please "
                 "report this; revert(model) runs the original forward.")
+        self.model.__dict__["_fusedce_checked"] = key
+
+
+_PROBES: Dict[Tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def _probe(dtype, device) -> torch.Tensor:
+    key = (dtype, str(device))
+    t = _PROBES.get(key)
+    if t is None:
+        t = _PROBES[key] = torch.tensor(_PROBE, dtype=dtype, device=device)
+    return t
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -859,7 +861,7 @@ def revert(model):
     """Undo :func:`apply` on ``model``; returns it."""
     hf = _hf_model(model)
     state = hf.__dict__.pop("_fusedce_state", None)
-    for key in ("_fusedce_plan", "_fusedce_logged", "_fusedce_warned"):
+    for key in ("_fusedce_plan", "_fusedce_logged", "_fusedce_warned", "_fusedce_checked"):
         hf.__dict__.pop(key, None)
     _APPLIED.discard(hf)
     if state is None:
