@@ -195,6 +195,36 @@ def test_router_aux_loss_is_added():
     assert_close_normwise(out.loss.detach(), ce + 0.1 * out.aux_loss.detach(), 1e-5, "aux")
 
 
+def test_vision_language_model_with_images():
+    """LLaVA with images: the fused loss of the language head, and gradients down to the
+    vision tower, equal the unpatched model's."""
+    if not hasattr(transformers, "LlavaForConditionalGeneration"):
+        pytest.skip("no LLaVA in this transformers")
+    text = transformers.LlamaConfig(**COMMON)
+    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=16, patch_size=8, projection_dim=16)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                   image_token_index=V - 1, vision_feature_layer=-1)
+    ref_model = transformers.LlavaForConditionalGeneration(cfg).train()
+    model = _apply(copy.deepcopy(ref_model))
+    ids = torch.randint(0, V - 1, (2, 10))
+    ids[:, 1:5] = V - 1  # 4 image tokens: (16 / 8)^2 patches
+    labels = ids.clone()
+    labels[:, :5] = -100
+    pixels = torch.randn(2, 3, 16, 16)
+    ref = ref_model(input_ids=ids, pixel_values=pixels, labels=labels)
+    out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+    assert out.logits is None
+    assert_close_normwise(out.loss.detach(), ref.loss.detach(), 1e-5, "llava loss")
+    ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = _grads(ref_model), _grads(model)
+    assert g.keys() == g_ref.keys() and any("vision_tower" in n for n in g)
+    for name in g_ref:
+        assert_close_normwise(g[name], g_ref[name], 1e-4, f"llava grad {name}")
+
+
 def test_eval_with_labels_and_options():
     ref_model = _tiny("llama")
     model = fhf.apply(copy.deepcopy(ref_model))
@@ -414,6 +444,19 @@ def test_patch_classes():
     finally:
         fhf.unpatch()
     assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_loss_function_set_after_apply_falls_back(caplog):
+    """A custom loss function set after apply() is honoured: the original forward runs
+    (with a warning), never the fused loss in its place."""
+    model = fhf.apply(_tiny("llama")).train()
+    ids, labels = _batch()
+    assert model(input_ids=ids, labels=labels).logits is None
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean()
+    with caplog.at_level(logging.WARNING, logger="fusedce.integrations.transformers"):
+        out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None and "loss_function" in caplog.text
+    assert torch.equal(out.loss, out.logits.float().mean())
 
 
 def test_class_patch_instance_refusal_falls_back(caplog):

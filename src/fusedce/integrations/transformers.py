@@ -695,7 +695,8 @@ def _head_key(model, original):
     except UnsupportedModel:
         return (id(original),)
     head = getattr(model, layout.head_attr, None)
-    key = [id(original), id(head), type(head)]
+    # a loss function set after apply() is checked again
+    key = [id(original), id(head), type(head), id(model.__dict__.get("_loss_function"))]
     LoraLinear, MTS = _peft_types()
     m = head
     while m is not None and LoraLinear is not None and isinstance(m, (LoraLinear, MTS)):
