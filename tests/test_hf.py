@@ -441,9 +441,14 @@ def test_patch_classes():
         assert len(handle.patched) >= (10 if OLD else 60)
         assert "musicgen" in handle.refused and "loss_function" in handle.refused["musicgen"]
         assert model(input_ids=ids, labels=labels).loss.shape == ids.shape
+        classes = {c for cs in handle.patched.values() for c in cs}
     finally:
         fhf.unpatch()
     assert model(input_ids=ids, labels=labels).logits is not None
+    # every class is unpatched, also where a model type has two (causal LM and VLM)
+    from fusedce.integrations.transformers import _class_options
+
+    assert not any(_class_options(c) is not None for c in classes)
 
 
 def test_loss_function_set_after_apply_falls_back(caplog):

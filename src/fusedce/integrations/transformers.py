@@ -394,7 +394,7 @@ def _plan(model, original=None) -> _Plan:
 
 def describe(model) -> str:
     """What the fused path does for ``model`` (a transformers or PEFT model), e.g.
-    ``"LlamaForCausalLM: lm_head, logit_scale=1.0, softcap=None"``; raises
+    ``"LlamaForCausalLM: head lm_head, logit_scale=1.0, softcap=None"``; raises
     :class:`UnsupportedModel` with the reason where :func:`apply` would."""
     hf = _hf_model(model)
     plan = _plan(hf, _instance_original(hf))
@@ -1000,18 +1000,25 @@ def _param_dtype(module):
 
 
 class PatchHandle:
-    """What :func:`patch` did: ``patched`` (model type -> class), ``refused`` (model type ->
+    """What :func:`patch` did: ``patched`` (model type -> the classes patched for it: a
+    causal LM and an image-text-to-text class may share a type), ``refused`` (model type ->
     reason); ``undo()`` (or leaving a ``with`` block) unpatches those classes."""
 
     def __init__(self):
-        self.patched: Dict[str, type] = {}
+        self.patched: Dict[str, Tuple[type, ...]] = {}
         self.refused: Dict[str, str] = {}
 
+    def _drop(self, cls) -> None:
+        self.patched = {k: tuple(c for c in v if c is not cls)
+                        for k, v in self.patched.items()}
+        self.patched = {k: v for k, v in self.patched.items() if v}
+
     def undo(self) -> None:
-        for cls in set(self.patched.values()):
-            entry = _CLASS_OPTIONS.get(cls)
-            if entry is not None and entry[1] is self:
-                del _CLASS_OPTIONS[cls]
+        for classes in self.patched.values():
+            for cls in classes:
+                entry = _CLASS_OPTIONS.get(cls)
+                if entry is not None and entry[1] is self:
+                    del _CLASS_OPTIONS[cls]
         self.patched.clear()
         _restore_classes()
 
@@ -1096,12 +1103,12 @@ def patch(*model_types: Any, reduction: str = "mean", skip_logits: Optional[bool
                 raise UnsupportedModel(f"{cls.__name__} ({mt}): {exc}") from None
             continue
         previous = _CLASS_OPTIONS.get(cls)
-        if previous is not None:  # patched before: this handle takes the class over
-            previous[1].patched = {k: v for k, v in previous[1].patched.items()
-                                   if v is not cls}
+        if previous is not None and previous[1] is not handle:
+            previous[1]._drop(cls)  # patched before: this handle takes the class over
         _install(cls)
         _CLASS_OPTIONS[cls] = (opts, handle)
-        handle.patched[mt] = cls
+        if cls not in handle.patched.get(mt, ()):
+            handle.patched[mt] = handle.patched.get(mt, ()) + (cls,)
     return handle
 
 
