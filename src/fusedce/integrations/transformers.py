@@ -174,6 +174,8 @@ def linear_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     target = _shifted(labels, shift_labels, ignore_index, hidden.device)
     red, normalizer = _reduction(num_items_in_batch, reduction)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(hidden.device)  # as transformers moves it to the loss
     D = hidden.shape[-1]
     loss = _fce.linear_cross_entropy(hidden.reshape(-1, D), weight, target.reshape(-1),
                                      bias=bias, ignore_index=ignore_index, reduction=red,
