@@ -1,6 +1,6 @@
 """GPU benchmark of cross-entropy on materialised logits (fusedce.cross_entropy, Triton backend).
 
-Floors (PERF.md): forward + backward reads the bf16 logits once and writes the gradient once,
+Floors (docs/performance.md): forward + backward reads the bf16 logits once and writes the gradient once,
 4 bytes per element over the copy bandwidth B measured in this run; forward only (no_grad)
 reads them once, 2 bytes per element. Extra peak memory: with inplace_backward, 1 MB + O(N);
 without, one logits-sized gradient buffer.

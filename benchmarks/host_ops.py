@@ -1,7 +1,7 @@
 """The aten ops one Triton-backend call makes on the host, counted with a TorchDispatchMode on
 the CPU (Triton launches stubbed out, as in host_proxy_cpu.py). On slow GPU hosts every op
 costs ~10-20 us of host time before the kernel launch, so this count is what a host-bound
-call at V = 32000 pays for (notes/KERNELS.md, session 9). tests/test_launch.py keeps the
+call at V = 32000 pays for (docs/kernels.md). tests/test_launch.py keeps the
 counts from growing.
 
 Usage: python benchmarks/host_ops.py

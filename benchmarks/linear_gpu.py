@@ -1,6 +1,6 @@
 """GPU benchmark of the fused linear cross-entropy (fusedce.linear_cross_entropy).
 
-Floor (PERF.md): forward + backward of CE(hidden @ W^T) needs three GEMMs of 2*N*D*V FLOPs
+Floor (docs/performance.md): forward + backward of CE(hidden @ W^T) needs three GEMMs of 2*N*D*V FLOPs
 (logits, dHidden, dW), so floor = 6*N*D*V / R with R the 8192^3 bf16 matmul rate measured in
 this run; the extra-memory floor is the gradients (dHidden [N, D] + dW [V, D]) plus O(N).
 

@@ -2,7 +2,7 @@
 
 Each rank of a TP group holds bf16 logits [N, V / TP] (consecutive vocabulary shards) and the
 same global targets; one step is the forward + backward of the mean loss over N tokens.
-Floor (PERF.md), per rank: read the shard once and write its gradient once,
+Floor (docs/performance.md), per rank: read the shard once and write its gradient once,
 
     floor = 4 bytes * N * (V / TP) / B,     B = measured device-to-device copy bandwidth
                                                 (bytes read + written per second),

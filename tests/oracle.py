@@ -1,4 +1,4 @@
-"""fp64 reference for the loss spec (DESIGN.md section 1), built on F.cross_entropy.
+"""fp64 reference for the loss spec (docs/design.md), built on F.cross_entropy.
 
     loss_row = F.cross_entropy(z, t, weight, label_smoothing, reduction="none") + zl * lse^2
     z = softcap * tanh(logit_scale * x / softcap)  (or logit_scale * x)

@@ -1,6 +1,6 @@
 """Seed-compatible entry points (fusedce.compat) against the fp64 oracle and their documents.
 
-Every seed API is checked for what its page and shared/seeds/README.md promise: names,
+Every seed API is checked for what its page and documentation promises (docs/migration.md): names,
 signatures and defaults, shapes and dtypes of every output, target shifting, reductions,
 masks that never write into the caller's labels, z-loss outputs, empty results, and that
 values and gradients equal the fp64 reference

@@ -1,5 +1,5 @@
 """TP = 8 on the CPU (gloo, 8 processes): cross_entropy and linear_cross_entropy with uneven
-vocabulary shards against the unsharded fp64 result. The 8-GPU run of issue 8 needs a
+vocabulary shards against the unsharded fp64 result. The 8-GPU run needs a
 machine kind that is not lent; this is the part the CPU can check."""
 
 from __future__ import annotations

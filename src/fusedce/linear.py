@@ -81,7 +81,7 @@ def _env_bytes(name: str, default: int) -> int:
 # Budget for one chunk of logits (in the hidden dtype) when chunk_size="auto". On the GPU
 # larger chunks give the dW GEMM a longer inner dimension (K = chunk rows: fewer
 # read-modify-write passes over dW, less prologue/epilogue per tile) and the dH GEMM more
-# output tiles; measured on an H200 (notes/LINEAR.md), 250 -> 469 MiB chunks took the
+# output tiles; measured on an H200 (docs/kernels.md), 250 -> 469 MiB chunks took the
 # Gemma-2 shape from 1.29x to 1.20x of the 3-GEMM floor. 480 MiB keeps the extra memory
 # under the gradients + 512 MB. Override with FUSEDCE_LINEAR_CHUNK_BYTES (every device)
 # or assign these module attributes.

@@ -29,7 +29,7 @@ def _chunk_rows(x3: torch.Tensor) -> int:
     """Rows per chunk: 32 MB of fp32 logits on GPUs, 8 MB on CPUs, where the chunk's passes
     then run from the last-level cache and its temporaries stay below glibc's mmap threshold
     (no page faults per chunk): 5-14% faster than 32 MB chunks on a 2-core CPU at V =
-    32000-128256 (session 4)."""
+    32000-128256."""
     V = x3.shape[-1]
     return default_chunk_rows(V, (8 << 20) if x3.device.type == "cpu" else (32 << 20))
 

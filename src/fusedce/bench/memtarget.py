@@ -1,4 +1,4 @@
-"""The CPU memory / time target (notes/BENCH_CPU.md), measured two independent ways.
+"""The CPU memory / time target (docs/performance.md), measured two independent ways.
 
 Setting: torch backend on the CPU, logits x [N, V] = [4096, 32000] fp32 (a leaf that
 requires grad), targets [N]; one step = forward + backward of the mean loss, leaving the
