@@ -49,12 +49,12 @@ def _triton_backend():
 def backend(request, monkeypatch):
     """Force the backend every compat call ends up on (they take no backend argument)."""
     if request.param == "eager":
-        monkeypatch.setattr(fce_functional, "_pick_backend", lambda b, x: EAGER)
+        monkeypatch.setattr(fce_functional, "pick_backend", lambda b, x: EAGER)
     elif request.param == "triton":
         tb = _triton_backend()
         if tb is None:
             pytest.skip("fusedce.triton.backend is not importable")
-        monkeypatch.setattr(fce_functional, "_pick_backend", lambda b, x: tb)
+        monkeypatch.setattr(fce_functional, "pick_backend", lambda b, x: tb)
     return request.param
 
 

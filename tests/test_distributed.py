@@ -183,11 +183,15 @@ CE_CASES = {
     "bf16": ("uneven", {"label_smoothing": 0.1, "z_loss": 1e-3}, {"dtype": torch.bfloat16}),
     "fp16_none": ("permuted", {"reduction": "none", "softcap": 8.0}, {"dtype": torch.float16}),
     "big_rows": ("uneven", {"reduction": "sum"}, {"B": 3, "T": 23, "n_ignored": 9}),
+    # validation off and no cached layout: the global V is not gathered, and rank 0's shard
+    # (vocab_start 0) must still not pass for a whole row
+    "unvalidated_uneven": ("uneven", {"unvalidated": True}, {}),
+    "unvalidated_permuted_none": ("permuted", {"unvalidated": True, "reduction": "none"}, {}),
 }
 
 # cases also run on the Triton backend (through its interpreter on the CPU)
 TRITON_CE = ("mean_even", "none_permuted", "all_options", "bf16", "int32_targets",
-             "smoothing_weights_sum", "weights_sharded_smoothing")
+             "smoothing_weights_sum", "weights_sharded_smoothing", "unvalidated_uneven")
 
 
 def run_ce_case(c: Case, name: str):
@@ -198,6 +202,16 @@ def run_ce_case(c: Case, name: str):
     full, target = inputs(c, V, **ikw)
     if kw.pop("int32", False):
         target = target.to(torch.int32)
+    if kw.pop("unvalidated", False):
+        from fusedce.distributed import clear_layout_cache
+
+        clear_layout_cache()
+        with fce.validation(False):
+            return _run_ce(c, name, kw, V, start, n, vs, dtype, full, target)
+    return _run_ce(c, name, kw, V, start, n, vs, dtype, full, target)
+
+
+def _run_ce(c: Case, name, kw, V, start, n, vs, dtype, full, target):
     sharded_w = kw.get("weight") == "sharded"
     if kw.get("weight"):
         kw["weight"] = torch.rand(V, generator=c.gen(3), dtype=torch.float64) + 0.25

@@ -174,7 +174,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
             gbuf = _grad_buffer(logits, plan)
             be.grad(x3, t, stats.m, stats.s, g0, c_p, c_t, opts, vocab_size=plan.vocab_size,
-                    out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
+                    out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl,
+                    whole_row=plan.group is None)
         if eager and plan.inplace:
             written(logits)
 
@@ -276,7 +277,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         x3 = as_rows3d(logits)
         wl = _weight_local(weight, plan, x3.shape[-1])
         plan.backend.grad(x3, t, m, s, g, c_p, c_t, plan.opts, vocab_size=plan.vocab_size,
-                          out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl)
+                          out=as_rows3d(gbuf), vocab_start=plan.vocab_start, weight_local=wl,
+                          whole_row=plan.group is None)
         if plan.inplace:
             written(logits)
         return gbuf.view_as(gbuf), None, None, None
@@ -339,7 +341,7 @@ class LseFunction(torch.autograd.Function):
         gbuf = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         plan.backend.grad(x3, dummy, m, s, g, ones, torch.zeros_like(ones), opts,
                           vocab_size=plan.vocab_size, out=as_rows3d(gbuf),
-                          vocab_start=plan.vocab_start)
+                          vocab_start=plan.vocab_start, whole_row=plan.group is None)
         return gbuf.view_as(gbuf), None
 
 

@@ -97,7 +97,7 @@ def _all_gather_flat(x: torch.Tensor, group, world: int) -> torch.Tensor:
     return out.view((world,) + tuple(x.shape))
 
 
-def _gather_on_comm_device(x: torch.Tensor, group, world: int) -> torch.Tensor:
+def gather_on_comm_device(x: torch.Tensor, group, world: int) -> torch.Tensor:
     dev = comm_device(group, x.device)
     out = _all_gather_flat(x.to(dev), group, world)
     return out.to(x.device)
@@ -147,7 +147,7 @@ def gather_packed_stats(stats: RowStats, group, *, need_sz: bool = True) -> torc
         if need_sz:
             fields.append(stats.sz)
     packed = torch.stack([f.float() if f.dtype != torch.float32 else f for f in fields])
-    return _gather_on_comm_device(packed, group, world).contiguous()
+    return gather_on_comm_device(packed, group, world).contiguous()
 
 
 # ---------------------------------------------------------------------------- DTensor
@@ -164,7 +164,8 @@ class Unpacked(NamedTuple):
     vocab_size: Optional[int]  # the global V when the DTensor says it, else None
 
 
-def _dtensor_types():
+def dtensor_types():
+    """(DTensor, Replicate, Shard), or None where torch has no DTensor."""
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -218,7 +219,7 @@ def unpack_dtensor(logits, group, vocab_start=None, target=None, weight=None) ->
         Unpacked(logits, target, weight, group, vocab_start, vocab_size); for plain logits
         the arguments come back unchanged with vocab_size None.
     """
-    types = _dtensor_types()
+    types = dtensor_types()
     if types is None:
         return Unpacked(logits, target, weight, group, vocab_start, None)
     DTensor, Replicate, Shard = types

@@ -44,7 +44,9 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pick_backend(backend: str, x: torch.Tensor):
+def pick_backend(backend: str, x: torch.Tensor):
+    """The backend module a call on ``x`` runs ("auto": Triton on CUDA, torch elsewhere);
+    a ValueError / InputError where the choice cannot run here."""
     if backend == "torch":
         return torch_backend
     if backend == "auto" and not x.is_cuda:
@@ -69,7 +71,7 @@ def _backend_name(backend, x) -> str:
     """The backend a call resolves to, for the TP options fingerprint (never raises: a bad
     choice is raised by the local checks, inside the shared check)."""
     try:
-        return _pick_backend(backend, x).name
+        return pick_backend(backend, x).name
     except Exception:  # noqa: BLE001
         return f"invalid {backend!r}"
 
@@ -110,7 +112,7 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
         _check_logits(logits)
         if op != "entropy":
             _check_target(target, logits.shape[:-1], logits.device)
-        picked.append(_pick_backend(backend, logits))
+        picked.append(pick_backend(backend, logits))
         if weight is not None and tp_group is not None:
             if isinstance(weight, torch.Tensor) and weight.dim() != 1:
                 raise ValueError(f"weight must be the whole [V] class-weight vector (or this "
@@ -140,7 +142,8 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
     fingerprint = 0
     if syncing:
         fingerprint = distributed.options_fingerprint(
-            *map(_fp, options), _backend_name(backend, logits), repr(getattr(logits, "dtype", None)))
+            *map(_fp, options), _backend_name(backend, logits),
+            repr(getattr(logits, "dtype", None)))
     start, vocab_size = distributed.tp_call_layout(
         tp_group, op=codes[op], logits=logits, vocab_start=u.vocab_start,
         vocab_size=u.vocab_size, target=target, ignore_index=ignore_index, weight=weight,

@@ -64,6 +64,10 @@ from . import functional as _fn
 from . import spec
 from .spec import CrossEntropyOutput, InputError, LossOptions
 
+# (named imports: the package attribute ``fusedce.validation`` is the public context manager)
+from .validation import (FLOAT_DTYPES, check_group, check_options, check_target,  # noqa: E402
+                         check_target_range, check_weight, fingerprint_value, syncing, widened)
+
 
 def _env_bytes(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
@@ -290,7 +294,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     c_p, c_t = spec.grad_coefficients(lse_c, _chunk_terms(terms, r0, r1),
                                                       opts, V)
                     be.grad(x3, t_c, st.m, st.s, g0[r0:r1], c_p, c_t, opts, vocab_size=V,
-                            out=x3, vocab_start=plan.vocab_start, weight_local=wl)
+                            out=x3, vocab_start=plan.vocab_start, weight_local=wl,
+                            whole_row=plan.group is None)
             m[r0:r1] = st.m
             s[r0:r1] = st.s
             zt[r0:r1] = st.zt
@@ -361,7 +366,8 @@ def _lazy_backward(plan: LinearPlan, hidden, weight, bias, t, class_weight, m, s
     for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
         x3 = x.unsqueeze(0)
         be.grad(x3, t[r0:r1], m[r0:r1], s[r0:r1], g[r0:r1], c_p[r0:r1], c_t[r0:r1], opts,
-                vocab_size=V, out=x3, vocab_start=plan.vocab_start, weight_local=wl)
+                vocab_size=V, out=x3, vocab_start=plan.vocab_start, weight_local=wl,
+                whole_row=plan.group is None)
         grads.add_chunk(x, h_c, weight, r0, r1)
     return grads.finish(plan, weight, bias)
 
@@ -500,7 +506,7 @@ def _combine_ranks(m, s, zt, u, group, want_lp: bool, want_ent: bool):
     if world == 1:
         return m, s, zt, u
     fields = [m, s] + ([zt] if want_lp else []) + ([u] if want_ent else [])
-    allf = distributed._gather_on_comm_device(torch.stack(fields), group, world)  # [W, F, N]
+    allf = distributed.gather_on_comm_device(torch.stack(fields), group, world)  # [W, F, N]
     m_all, s_all = allf[:, 0], allf[:, 1]
     m_tot = m_all.amax(dim=0)
     empty = m_all == float("-inf")  # a piece whose z are all -inf contributes nothing
@@ -602,7 +608,7 @@ def _kernel_dx(plan: RLPlan, x, t_c, local_c, inside_c, m_c, s_c, c_c, zt_c, g_t
         ones = torch.ones_like(g_t)
         # (vocab_size enters label smoothing only, which log-probs do not have)
         be.grad(x3, t_c, m_c, s_c, -g_t, ones, ones, opts, vocab_size=x.shape[1], out=x3,
-                vocab_start=plan.vocab_start)
+                vocab_start=plan.vocab_start, whole_row=plan.group is None)
         return
     log_s = torch.log(s_c)
     if g_t is None:
@@ -751,7 +757,7 @@ def _check_linear_inputs(hidden, weight, bias) -> None:
         raise InputError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise InputError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if hidden.dtype not in _fn._FLOAT_DTYPES:
+    if hidden.dtype not in FLOAT_DTYPES:
         raise InputError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size D)")
@@ -816,14 +822,6 @@ def _autocast(hidden, weight, bias):
     return cast[0], cast[1], cast[2]
 
 
-def _dtensor_types():
-    try:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-    except ImportError:  # pragma: no cover - old torch
-        return None
-    return DTensor, Replicate, Shard
-
-
 def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
     """Plain tensors (hidden, weight, bias), group, vocab_start and whether hidden must be
     checked to be the same on every rank, from DTensor inputs.
@@ -836,7 +834,9 @@ def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
     checks that hidden is the same on every rank (the last value returned) and otherwise
     raises what to do. Fully replicated DTensors are unwrapped. Other layouts are refused.
     """
-    types = _dtensor_types()
+    from .distributed import dtensor_types
+
+    types = dtensor_types()
     if types is None:
         return hidden, weight, bias, tp_group, vocab_start, False
     DTensor, Replicate, Shard = types
@@ -898,7 +898,7 @@ _FSDP_HINT = ("For an FSDP2-sharded LM head, call the loss inside the FSDP-wrapp
 
 
 def _select_backend(backend: str, hidden: torch.Tensor):
-    return _fn._pick_backend(backend, hidden)
+    return _fn.pick_backend(backend, hidden)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -973,16 +973,16 @@ def linear_cross_entropy(
         The loss, fp32: a scalar, or shaped like ``target`` for reduction="none"; with
         ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
     """
-    _fn._check_group(tp_group)
+    check_group(tp_group)
     hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
         hidden, weight, bias, tp_group, vocab_start)
     # under TP with validation, this rank's own argument errors reach every rank through
     # the group's validation (distributed.check_tp), as in cross_entropy: a bad argument on
     # one rank must not leave the others waiting in a collective
-    validate_tp = tp_group is not None and _fn.validation_enabled() and not _fn._compiling()
+    validate_tp = tp_group is not None and syncing()
     err = None
     try:
-        _fn._check_options(ignore_index=ignore_index, reduction=reduction,
+        check_options(ignore_index=ignore_index, reduction=reduction,
                            normalizer=normalizer, label_smoothing=label_smoothing,
                            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
                            backend=backend)
@@ -998,8 +998,8 @@ def linear_cross_entropy(
         _check_linear_inputs(hidden, weight, bias)
         accum = _check_accum_dtype(accum_dtype, weight.dtype)
         be = _select_backend(backend, hidden)  # (may refuse: before any collective)
-        _fn._check_target(target, hidden.shape[:-1], hidden.device)
-        target = _fn._widened(target, ignore_index)
+        check_target(target, hidden.shape[:-1], hidden.device)
+        target = widened(target, ignore_index)
         if tp_group is not None:
             from .distributed import checked_vocab_start
 
@@ -1030,7 +1030,7 @@ def linear_cross_entropy(
         # class weights: the whole [V] vector, or each rank's slice of its rows of the head
         w_sharded = distributed.weight_is_sharded(class_weight, v_local, tp_group)
         if validate_tp:
-            fp = distributed.options_fingerprint(*map(_fn._fp, (
+            fp = distributed.options_fingerprint(*map(fingerprint_value, (
                 ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                 normalizer, chunk_size, reduce_hidden_grad, return_aux, differentiable_lse,
                 be.name, hidden.dtype)))
@@ -1050,9 +1050,9 @@ def linear_cross_entropy(
                 else int(class_weight.shape[0]))
         if w_sharded:
             class_weight = distributed.gather_weight(class_weight, tp_group, start, vocab_size)
-    _fn._check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
+    check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
     if not validate_tp:  # (check_tp has checked the targets on every rank)
-        _fn._check_target_range(target, vocab_size, ignore_index)
+        check_target_range(target, vocab_size, ignore_index)
 
     opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
@@ -1141,17 +1141,17 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
     ``return_entropy``) or "entropy" (``target`` None). Returns the [N] outputs and the
     leading shape of hidden.
     """
-    _fn._check_group(tp_group)
+    check_group(tp_group)
     hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
         hidden, weight, bias, tp_group, vocab_start)
     # under TP with validation, this rank's argument errors reach every rank through the
     # group's validation, so that no rank is left waiting in a collective
-    validate_tp = tp_group is not None and _fn.validation_enabled() and not _fn._compiling()
+    validate_tp = tp_group is not None and syncing()
     flags = (("return_entropy", return_entropy), ("inference_only", inference_only),
              ("reduce_hidden_grad", reduce_hidden_grad))
     err = None
     try:
-        _fn._check_options(ignore_index=ignore_index, reduction="none", normalizer=None,
+        check_options(ignore_index=ignore_index, reduction="none", normalizer=None,
                            label_smoothing=0.0, z_loss=0.0, softcap=softcap,
                            logit_scale=logit_scale, backend=backend)
         for name, value in flags:
@@ -1165,8 +1165,8 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
         accum = _check_accum_dtype(accum_dtype, weight.dtype)
         be = _select_backend(backend, hidden)  # (may refuse: before any collective)
         if op == "logprobs":
-            _fn._check_target(target, hidden.shape[:-1], hidden.device)
-            target = _fn._widened(target, ignore_index)
+            check_target(target, hidden.shape[:-1], hidden.device)
+            target = widened(target, ignore_index)
         if tp_group is not None:
             from .distributed import checked_vocab_start
 
@@ -1181,7 +1181,7 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
             raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
         start = 0
         if op == "logprobs":
-            _fn._check_target_range(target, v_local, ignore_index)
+            check_target_range(target, v_local, ignore_index)
     else:
         from . import distributed
 
@@ -1192,7 +1192,7 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
         if validate_tp:
             # every option that changes the collectives (the statistics exchanged, the
             # all-reduce of hidden's gradient) must agree on every rank
-            fp = distributed.options_fingerprint(*map(_fn._fp, (
+            fp = distributed.options_fingerprint(*map(fingerprint_value, (
                 "linear_" + op, ignore_index, softcap, logit_scale, return_entropy,
                 inference_only, reduce_hidden_grad)))
             start, _ = distributed.check_tp(

@@ -101,7 +101,8 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
 def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
          g: torch.Tensor, c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *,
          vocab_size: int, out: torch.Tensor, vocab_start: int = 0,
-         weight_local: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None) -> None:
+         weight_local: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None,
+         whole_row: bool = False) -> None:
     """Write dx (in ``out``'s dtype) for the loss spec.
 
     Args:
@@ -111,6 +112,8 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
             of :func:`fusedce.spec.grad_coefficients`).
         vocab_size: the global V (label smoothing spreads a / V over it).
         out: [B, T, V_local] destination; may be ``x3`` itself (in-place backward).
+        whole_row: ``x3`` holds every column of each row (no vocabulary shard), so m and s
+            are its own row statistics.
     """
     B, T, V = x3.shape
     valid = target != opts.ignore_index
@@ -120,7 +123,8 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
     # softmax shifts by the row maximum itself (offset-invariant) in fewer passes over the
     # chunk than sub, exp and a scale (~1.5x faster on CPUs). A vocabulary shard needs the
     # whole row's m and s: the shifted exponential, with 1 / s folded into the row factor.
-    whole = V == vocab_size
+    # (The caller says which: under TP the shard on rank 0 can look like a whole row.)
+    whole = whole_row
     gp = g * c_p if whole else g * c_p / s
     # the target column is written as g * (c_t * (p_t - 1) + (c_p - c_t) * p_t), which is
     # exact where p_t = 1 (a one-class row), instead of p_t * c_p - c_t, which cancels there

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from ..functional import _finite
+from ..validation import finite as _finite
 from ..spec import InputError
 
 

@@ -135,15 +135,17 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
 def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
          g: torch.Tensor, c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *,
          vocab_size: int, out: torch.Tensor, vocab_start: int = 0,
-         weight_local: Optional[torch.Tensor] = None) -> None:
+         weight_local: Optional[torch.Tensor] = None, whole_row: bool = False) -> None:
     """Write dx into ``out`` [B, T, V_local] (may be ``x3``) for per-row m, s (the whole row's
-    maximum and sum of exp(z - m)), g, c_p, c_t [B*T]."""
+    maximum and sum of exp(z - m)), g, c_p, c_t [B*T]. The kernel forms exp(z - m) / s for
+    a shard and a whole row alike, so ``whole_row`` changes nothing here."""
     n = x3.shape[0] * x3.shape[1]
     w = None
     if opts.label_smoothing > 0.0 and weight_local is not None:
         w = weight_local.float().contiguous()
     _call("tr_grad")(
-        _k(x3), _ids(target), _vec(m, n), _vec(s, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n), _k(out), w,
+        _k(x3), _ids(target), _vec(m, n), _vec(s, n), _vec(g, n), _vec(c_p, n), _vec(c_t, n),
+        _k(out), w,
         int(vocab_start), int(vocab_size), int(opts.ignore_index), float(opts.label_smoothing),
         float(opts.logit_scale), opts.softcap)
 
