@@ -29,27 +29,28 @@ import inspect
 import math
 import operator
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
-__all__ = ["Refused", "Layout", "analyze_forward", "Transform", "canonical"]
+__all__ = ["Layout", "Refused", "Transform", "analyze_forward", "canonical"]
 
 
 class Refused(ValueError):
     """The model's layout cannot be shown equivalent to a fused linear cross-entropy."""
 
 
-Cond = Tuple[ast.expr, bool]  # (test, polarity): the statement runs when bool(test) == polarity
+Cond = tuple[ast.expr, bool]  # (test, polarity): the statement runs when bool(test) == polarity
 
 
 @dataclass
 class Step:
     """One statement of the head-to-loss chain: ``ops`` run when every cond holds."""
 
-    ops: List[Tuple[str, Optional[ast.expr]]]  # ("mul"|"div", value) / ("tanh"|"cast", None)
-    conds: Tuple[Cond, ...] = ()
+    ops: list[tuple[str, ast.expr | None]]  # ("mul"|"div", value) / ("tanh"|"cast", None)
+    conds: tuple[Cond, ...] = ()
     line: int = 0
     head: bool = False  # the head's own line: its conditions must hold
 
@@ -60,7 +61,7 @@ class Bind:
 
     name: str
     value: ast.expr
-    conds: Tuple[Cond, ...] = ()
+    conds: tuple[Cond, ...] = ()
 
 
 @dataclass
@@ -70,12 +71,12 @@ class Layout:
     qualname: str
     head_attr: str  # the forward calls ``self.<head_attr>(hidden)``
     logits_name: str
-    steps: List[Any]  # Bind and Step actions, in source order (the first Step: the head)
-    guards: List[Tuple[Tuple[Cond, ...], int, str]] = field(default_factory=list)
+    steps: list[Any]  # Bind and Step actions, in source order (the first Step: the head)
+    guards: list[tuple[tuple[Cond, ...], int, str]] = field(default_factory=list)
     # conditions that must NOT all hold at call time (they guard a use of the logits that
     # fusedce does not reproduce, e.g. a z-loss over all positions); (conds, line, what)
-    var_kw: Optional[str] = None
-    params: Tuple[str, ...] = ()
+    var_kw: str | None = None
+    params: tuple[str, ...] = ()
     has_return_dict: bool = False
     adds_to_loss: bool = False  # the forward adds terms to the loss after the call
 
@@ -85,7 +86,7 @@ class Transform:
     """z = softcap * tanh(logit_scale * x / softcap) (softcap None: z = logit_scale * x)."""
 
     logit_scale: float = 1.0
-    softcap: Optional[float] = None
+    softcap: float | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.double() * self.logit_scale
@@ -94,7 +95,7 @@ class Transform:
         return x
 
 
-_CACHE: Dict[Any, Any] = {}
+_CACHE: dict[Any, Any] = {}
 
 
 def _unwrap(fn):
@@ -124,7 +125,7 @@ def analyze_forward(fn, qualname: str = "") -> Layout:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _self_attr(node: ast.AST) -> Optional[str]:
+def _self_attr(node: ast.AST) -> str | None:
     """``attr`` for ``self.attr``, else None."""
     if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
             and node.value.id == "self"):
@@ -141,7 +142,13 @@ def _names_read(node: ast.AST) -> set:
             and isinstance(n.ctx, ast.Load)}
 
 
-def _flatten(body: Sequence[ast.stmt], conds: Tuple[Cond, ...] = ()):
+# compound statements whose inside the analysis does not follow: a loop body may run any
+# number of times, a ``with``/``try`` may skip or repeat, a nested def runs elsewhere
+_OPAQUE = (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try,
+           ast.FunctionDef, ast.ClassDef, ast.Match)
+
+
+def _flatten(body: Sequence[ast.stmt], conds: tuple[Cond, ...] = ()):
     """Statements in source order with the ``if`` conditions that enclose them. Other
     compound statements (loops, with, try) are kept whole (marked opaque)."""
     for st in body:
@@ -149,13 +156,22 @@ def _flatten(body: Sequence[ast.stmt], conds: Tuple[Cond, ...] = ()):
             yield from _flatten(st.body, conds + ((st.test, True),))
             yield from _flatten(st.orelse, conds + ((st.test, False),))
         else:
-            opaque = isinstance(st, (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith,
-                                     ast.Try, ast.FunctionDef, ast.ClassDef, ast.Match)
-                                ) if hasattr(ast, "Match") else isinstance(
-                st, (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try,
-                     ast.FunctionDef, ast.ClassDef))
-            yield st, conds, opaque
+            yield st, conds, isinstance(st, _OPAQUE)
 
+
+def _single_name_target(st: ast.AST) -> str | None:
+    """``x`` for a plain ``x = ...`` statement, else None."""
+    if (isinstance(st, ast.Assign) and len(st.targets) == 1
+            and isinstance(st.targets[0], ast.Name)):
+        return st.targets[0].id
+    return None
+
+
+# ---------------------------------------------------------------------------- expressions
+# What the transforms and their conditions may read: only what the model alone determines
+# (its configuration and attributes, constants), so that the per-call check computes the
+# same values the forward computes. Each expression kind has one checker (_evaluable) and
+# one evaluator (evaluate), looked up by node type.
 
 # ``labels`` is readable only as ``labels is not None`` (true on every fused call)
 _EVAL_NAMES = ("self", "torch", "math", "None", "True", "False", "labels")
@@ -164,39 +180,77 @@ _CMP_OPS = (ast.Is, ast.IsNot, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.G
 _BIN_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
 
 
+def _is_getattr_call(e: ast.Call) -> bool:
+    """``getattr(obj, "name"[, default])`` with a literal attribute name."""
+    return (isinstance(e.func, ast.Name) and e.func.id == "getattr" and not e.keywords
+            and len(e.args) in (2, 3) and isinstance(e.args[1], ast.Constant)
+            and isinstance(e.args[1].value, str))
+
+
+def _evaluable_constant(e: ast.Constant, bound: set) -> bool:
+    return True
+
+
+def _evaluable_name(e: ast.Name, bound: set) -> bool:
+    return e.id in _EVAL_NAMES or e.id in bound
+
+
+def _evaluable_attribute(e: ast.Attribute, bound: set) -> bool:
+    return _evaluable(e.value, bound)
+
+
+def _evaluable_call(e: ast.Call, bound: set) -> bool:
+    """Only ``getattr`` with a literal name and ``<config>.get_text_config()``: reads that
+    have no effect and depend on the model alone."""
+    if _is_getattr_call(e):
+        return all(_evaluable(a, bound) for a in e.args)
+    return (isinstance(e.func, ast.Attribute) and e.func.attr == "get_text_config"
+            and not e.args and not e.keywords and _evaluable(e.func.value, bound))
+
+
+def _evaluable_compare(e: ast.Compare, bound: set) -> bool:
+    return (all(isinstance(op, _CMP_OPS) for op in e.ops)
+            and _evaluable(e.left, bound)
+            and all(_evaluable(c, bound) for c in e.comparators))
+
+
+def _evaluable_boolop(e: ast.BoolOp, bound: set) -> bool:
+    return all(_evaluable(v, bound) for v in e.values)
+
+
+def _evaluable_unaryop(e: ast.UnaryOp, bound: set) -> bool:
+    return isinstance(e.op, (ast.Not, ast.USub, ast.UAdd)) and _evaluable(e.operand, bound)
+
+
+def _evaluable_binop(e: ast.BinOp, bound: set) -> bool:
+    return isinstance(e.op, _BIN_OPS) and _evaluable(e.left, bound) and \
+        _evaluable(e.right, bound)
+
+
+def _evaluable_namedexpr(e: ast.NamedExpr, bound: set) -> bool:
+    """A walrus is evaluable where its value is; its name is then bound for what follows
+    (``if (c := self.config.cap) is not None: logits = c * ...``)."""
+    if _evaluable(e.value, bound):
+        bound.add(e.target.id)
+        return True
+    return False
+
+
+_EVALUABLE = {
+    ast.Constant: _evaluable_constant, ast.Name: _evaluable_name,
+    ast.Attribute: _evaluable_attribute, ast.Call: _evaluable_call,
+    ast.Compare: _evaluable_compare, ast.BoolOp: _evaluable_boolop,
+    ast.UnaryOp: _evaluable_unaryop, ast.BinOp: _evaluable_binop,
+    ast.NamedExpr: _evaluable_namedexpr,
+}
+
+
 def _evaluable(e: ast.AST, bound: set) -> bool:
     """Whether :func:`evaluate` can compute ``e`` from the model alone (config reads,
-    attributes, constants), never from the call's tensors."""
-    if isinstance(e, ast.Constant):
-        return True
-    if isinstance(e, ast.Name):
-        return e.id in _EVAL_NAMES or e.id in bound
-    if isinstance(e, ast.Attribute):
-        return _evaluable(e.value, bound)
-    if isinstance(e, ast.Call):
-        if (isinstance(e.func, ast.Name) and e.func.id == "getattr" and not e.keywords
-                and len(e.args) in (2, 3) and isinstance(e.args[1], ast.Constant)
-                and isinstance(e.args[1].value, str)):
-            return all(_evaluable(a, bound) for a in e.args)
-        return (isinstance(e.func, ast.Attribute) and e.func.attr == "get_text_config"
-                and not e.args and not e.keywords and _evaluable(e.func.value, bound))
-    if isinstance(e, ast.Compare):
-        return (all(isinstance(op, _CMP_OPS) for op in e.ops)
-                and _evaluable(e.left, bound)
-                and all(_evaluable(c, bound) for c in e.comparators))
-    if isinstance(e, ast.BoolOp):
-        return all(_evaluable(v, bound) for v in e.values)
-    if isinstance(e, ast.UnaryOp):
-        return isinstance(e.op, (ast.Not, ast.USub, ast.UAdd)) and _evaluable(e.operand, bound)
-    if isinstance(e, ast.BinOp):
-        return isinstance(e.op, _BIN_OPS) and _evaluable(e.left, bound) and \
-            _evaluable(e.right, bound)
-    if isinstance(e, ast.NamedExpr):
-        if _evaluable(e.value, bound):
-            bound.add(e.target.id)
-            return True
-        return False
-    return False
+    attributes, constants), never from the call's tensors. Walrus targets of ``e`` are
+    added to ``bound``."""
+    check = _EVALUABLE.get(type(e))
+    return check is not None and check(e, bound)
 
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -204,55 +258,87 @@ _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _CMP = {ast.Is: operator.is_, ast.IsNot: operator.is_not, ast.Eq: operator.eq,
         ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
         ast.Gt: operator.gt, ast.GtE: operator.ge}
+_UNARY = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos}
+# the names evaluate resolves itself; everything else comes from ``env``
+_GLOBALS = {"torch": torch, "math": math, "None": None, "True": True, "False": False}
 
 
-def evaluate(e: ast.AST, env: Dict[str, Any]) -> Any:
+def _evaluate_constant(e: ast.Constant, env: dict[str, Any]) -> Any:
+    return e.value
+
+
+def _evaluate_name(e: ast.Name, env: dict[str, Any]) -> Any:
+    if e.id in env:
+        return env[e.id]
+    return _GLOBALS[e.id]
+
+
+def _evaluate_attribute(e: ast.Attribute, env: dict[str, Any]) -> Any:
+    return getattr(evaluate(e.value, env), e.attr)
+
+
+def _evaluate_call(e: ast.Call, env: dict[str, Any]) -> Any:
+    if isinstance(e.func, ast.Name):  # getattr(obj, "name"[, default])
+        return getattr(*[evaluate(a, env) for a in e.args])
+    return getattr(evaluate(e.func.value, env), e.func.attr)()  # .get_text_config()
+
+
+def _evaluate_compare(e: ast.Compare, env: dict[str, Any]) -> Any:
+    """A chained comparison, evaluated left to right and stopping at the first false one
+    (as Python does: ``a < b < c`` does not evaluate ``c`` when ``a < b`` is false)."""
+    left = evaluate(e.left, env)
+    for op, comp in zip(e.ops, e.comparators):
+        right = evaluate(comp, env)
+        if not _CMP[type(op)](left, right):
+            return False
+        left = right
+    return True
+
+
+def _evaluate_boolop(e: ast.BoolOp, env: dict[str, Any]) -> Any:
+    """``and``/``or`` with Python's short circuit and its value (the deciding operand)."""
+    stop_when = isinstance(e.op, ast.Or)  # ``and`` stops at a falsy value, ``or`` a truthy
+    result = None
+    for v in e.values:
+        result = evaluate(v, env)
+        if bool(result) == stop_when:
+            return result
+    return result
+
+
+def _evaluate_unaryop(e: ast.UnaryOp, env: dict[str, Any]) -> Any:
+    return _UNARY.get(type(e.op), operator.pos)(evaluate(e.operand, env))
+
+
+def _evaluate_binop(e: ast.BinOp, env: dict[str, Any]) -> Any:
+    return _BIN[type(e.op)](evaluate(e.left, env), evaluate(e.right, env))
+
+
+def _evaluate_namedexpr(e: ast.NamedExpr, env: dict[str, Any]) -> Any:
+    v = evaluate(e.value, env)
+    env[e.target.id] = v
+    return v
+
+
+_EVALUATE = {
+    ast.Constant: _evaluate_constant, ast.Name: _evaluate_name,
+    ast.Attribute: _evaluate_attribute, ast.Call: _evaluate_call,
+    ast.Compare: _evaluate_compare, ast.BoolOp: _evaluate_boolop,
+    ast.UnaryOp: _evaluate_unaryop, ast.BinOp: _evaluate_binop,
+    ast.NamedExpr: _evaluate_namedexpr,
+}
+
+
+def evaluate(e: ast.AST, env: dict[str, Any]) -> Any:
     """Evaluate an expression that :func:`_evaluable` accepted; ``env`` holds ``self`` and
     receives walrus bindings."""
-    if isinstance(e, ast.Constant):
-        return e.value
-    if isinstance(e, ast.Name):
-        if e.id in env:
-            return env[e.id]
-        return {"torch": torch, "math": math, "None": None, "True": True,
-                "False": False}[e.id]
-    if isinstance(e, ast.Attribute):
-        return getattr(evaluate(e.value, env), e.attr)
-    if isinstance(e, ast.Call):
-        if isinstance(e.func, ast.Name):  # getattr(obj, "name"[, default])
-            return getattr(*[evaluate(a, env) for a in e.args])
-        return getattr(evaluate(e.func.value, env), e.func.attr)()
-    if isinstance(e, ast.Compare):
-        left = evaluate(e.left, env)
-        for op, comp in zip(e.ops, e.comparators):
-            right = evaluate(comp, env)
-            if not _CMP[type(op)](left, right):
-                return False
-            left = right
-        return True
-    if isinstance(e, ast.BoolOp):
-        result = None
-        for v in e.values:
-            result = evaluate(v, env)
-            if isinstance(e.op, ast.And) and not result:
-                return result
-            if isinstance(e.op, ast.Or) and result:
-                return result
-        return result
-    if isinstance(e, ast.UnaryOp):
-        v = evaluate(e.operand, env)
-        return (not v) if isinstance(e.op, ast.Not) else (-v if isinstance(e.op, ast.USub)
-                                                           else +v)
-    if isinstance(e, ast.BinOp):
-        return _BIN[type(e.op)](evaluate(e.left, env), evaluate(e.right, env))
-    if isinstance(e, ast.NamedExpr):
-        v = evaluate(e.value, env)
-        env[e.target.id] = v
-        return v
-    raise Refused(f"cannot evaluate {ast.unparse(e)}")  # pragma: no cover - checked before
+    fn = _EVALUATE.get(type(e))
+    if fn is None:  # pragma: no cover - checked before
+        raise Refused(f"cannot evaluate {ast.unparse(e)}")
+    return fn(e, env)
 
 
-def conds_hold(conds: Sequence[Cond], env: Dict[str, Any]) -> bool:
+def conds_hold(conds: Sequence[Cond], env: dict[str, Any]) -> bool:
     for test, polarity in conds:
         if bool(evaluate(test, env)) != polarity:
             return False
@@ -263,54 +349,67 @@ def conds_hold(conds: Sequence[Cond], env: Dict[str, Any]) -> bool:
 
 _TANH_FUNCS = ("torch.tanh", "nn.functional.tanh", "F.tanh", "torch.nn.functional.tanh")
 _CAST_METHODS = ("float", "to", "type_as", "contiguous")
+Op = tuple[str, ast.expr | None]  # ("mul"|"div", value) / ("tanh"|"cast", None)
 
 
-def _chain(e: ast.expr, logits: Optional[str], bound: set):
+def _peel_call(e: ast.Call, bound: set) -> tuple[Op, ast.expr] | None:
+    """The outermost call of a chain as (op, its input): a dtype cast (``x.float()``,
+    ``x.to(<config dtype>)``, ``x.type_as(y)``, ``x.contiguous()``) or a tanh (function
+    or method); None for any other call."""
+    f = e.func
+    if (isinstance(f, ast.Attribute) and f.attr in _CAST_METHODS
+            and not e.keywords and len(e.args) <= 1
+            and (not e.args or f.attr == "type_as" or _evaluable(e.args[0], set(bound)))):
+        return ("cast", None), f.value
+    if ast.unparse(f) in _TANH_FUNCS and len(e.args) == 1 and not e.keywords:
+        return ("tanh", None), e.args[0]
+    if isinstance(f, ast.Attribute) and f.attr == "tanh" and not e.args:
+        return ("tanh", None), f.value
+    return None
+
+
+def _peel_scaling(e: ast.BinOp, bound: set) -> tuple[Op, ast.expr] | None:
+    """The outermost ``x * c``, ``c * x`` or ``x / c`` of a chain as (op, x), where ``c``
+    is read from the model alone; None otherwise (``c / x`` is not a scaling of x)."""
+    if _evaluable(e.right, set(bound)):
+        return ("mul" if isinstance(e.op, ast.Mult) else "div", e.right), e.left
+    if isinstance(e.op, ast.Mult) and _evaluable(e.left, set(bound)):
+        return ("mul", e.left), e.right
+    return None
+
+
+def _head_call(e: ast.Call) -> bool:
+    """A module call the chain can start from: ``self.<attr>(x)``, one plain argument."""
+    return len(e.args) == 1 and not e.keywords and not isinstance(e.args[0], ast.Starred)
+
+
+def _chain(e: ast.expr, logits: str | None, bound: set):
     """Parse ``e`` as a transform chain over the head call or the logits name.
 
     Returns (base, ops): base is ("head", attr, call node) or ("var",); None when ``e`` is
-    not such a chain.
+    not such a chain. The chain is peeled from the outside in, so ``ops`` is collected
+    last-applied first and returned in the order the forward applies them.
     """
-    ops: List[Tuple[str, Optional[ast.expr]]] = []
+    ops: list[Op] = []
     while True:
         if isinstance(e, ast.Name) and logits is not None and e.id == logits:
             return ("var",), ops[::-1]
         if isinstance(e, ast.Call):
             attr = _self_attr(e.func)
             if attr is not None and attr != "loss_function":
-                if len(e.args) != 1 or e.keywords or isinstance(e.args[0], ast.Starred):
-                    return None
-                return ("head", attr, e), ops[::-1]
-            f = e.func
-            if (isinstance(f, ast.Attribute) and f.attr in _CAST_METHODS
-                    and not e.keywords and len(e.args) <= 1
-                    and (not e.args or f.attr == "type_as" or _evaluable(e.args[0], set(bound)))):
-                ops.append(("cast", None))
-                e = f.value
-                continue
-            if ast.unparse(f) in _TANH_FUNCS and len(e.args) == 1 and not e.keywords:
-                ops.append(("tanh", None))
-                e = e.args[0]
-                continue
-            if isinstance(f, ast.Attribute) and f.attr == "tanh" and not e.args:
-                ops.append(("tanh", None))
-                e = f.value
-                continue
+                return (("head", attr, e), ops[::-1]) if _head_call(e) else None
+            peeled = _peel_call(e, bound)
+        elif isinstance(e, ast.BinOp) and isinstance(e.op, (ast.Mult, ast.Div)):
+            peeled = _peel_scaling(e, bound)
+        else:
             return None
-        if isinstance(e, ast.BinOp) and isinstance(e.op, (ast.Mult, ast.Div)):
-            if _evaluable(e.right, set(bound)):
-                ops.append(("mul" if isinstance(e.op, ast.Mult) else "div", e.right))
-                e = e.left
-                continue
-            if isinstance(e.op, ast.Mult) and _evaluable(e.left, set(bound)):
-                ops.append(("mul", e.left))
-                e = e.right
-                continue
+        if peeled is None:
             return None
-        return None
+        op, e = peeled
+        ops.append(op)
 
 
-def _src(fn) -> Tuple[ast.FunctionDef, int]:
+def _src(fn) -> tuple[ast.FunctionDef, int]:
     try:
         source = inspect.getsource(fn)
     except (OSError, TypeError) as exc:
@@ -327,7 +426,7 @@ def _stores(st: ast.AST, name: str) -> bool:
                for n in ast.walk(st))
 
 
-def _reads(st: ast.AST, name: str) -> List[ast.Name]:
+def _reads(st: ast.AST, name: str) -> list[ast.Name]:
     return [n for n in ast.walk(st) if isinstance(n, ast.Name) and n.id == name
             and isinstance(n.ctx, ast.Load)]
 
@@ -335,210 +434,340 @@ def _reads(st: ast.AST, name: str) -> List[ast.Name]:
 # loss keywords ForCausalLMLoss acts on: fixed by the fused call, so the forward must not set
 # them itself (any other keyword reaches fixed_cross_entropy's **kwargs, which ignores it)
 _LOSS_ACTS_ON = ("num_items_in_batch", "ignore_index", "shift_labels")
+_LOSS_SLOTS = ("logits", "labels", "vocab_size")  # ForCausalLMLoss's leading parameters
+_KWARGS_METHODS = ("pop", "update", "setdefault", "clear", "popitem")
 
 
-def _analyze(fn, qualname: str) -> Layout:
+# ---------------------------------------------------------------------------- the forward
+
+
+@dataclass
+class _Forward:
+    """The parsed forward and what the analysis has established about it so far."""
+
+    fdef: ast.FunctionDef
+    line0: int  # the source line before the ``def``: node line numbers are relative to it
+    params: tuple[str, ...]
+    var_kw: str | None
+    flat: list[tuple[ast.stmt, tuple[Cond, ...], bool]]  # see _flatten
+    loss_at: int = -1  # index in ``flat`` of ``<loss_name> = self.loss_function(...)``
+    loss_name: str = ""
+    logits: str = ""  # the variable passed to the loss as its logits
+
+    def where(self, node) -> str:
+        return f"line {self.line0 + getattr(node, 'lineno', 1)}"
+
+    def first_line(self, st: ast.stmt) -> tuple[int, str]:
+        """(absolute line, first source line) of a statement, as guards report it."""
+        return self.line0 + st.lineno, ast.unparse(st).splitlines()[0]
+
+
+@dataclass
+class _Chain:
+    """What the walk over the statements up to the loss collects: the transforms' actions,
+    the names they may read, and the guards for branches fusedce cannot reproduce."""
+
+    bound: set = field(default_factory=set)  # locals read from the model alone
+    actions: list[Any] = field(default_factory=list)  # Bind and Step, in source order
+    guards: list[tuple[tuple[Cond, ...], int, str]] = field(default_factory=list)
+    head_attr: str | None = None  # set by the first Step, the head call
+    handled: set = field(default_factory=set)  # ids of the statements Steps and guards cover
+
+
+def _parse_forward(fn) -> _Forward:
     fdef, line0 = _src(fn)
     args = fdef.args
     params = tuple(a.arg for a in args.posonlyargs + args.args + args.kwonlyargs)
     var_kw = args.kwarg.arg if args.kwarg is not None else None
     if "labels" not in params:
         raise Refused("its forward takes no labels")
+    return _Forward(fdef=fdef, line0=line0, params=params, var_kw=var_kw,
+                    flat=list(_flatten(fdef.body)))
 
-    def where(node) -> str:
-        return f"line {line0 + getattr(node, 'lineno', 1)}"
 
+def _the_loss_call(fdef: ast.FunctionDef) -> ast.Call:
     loss_calls = [n for n in ast.walk(fdef) if _is_loss_call(n)]
     if not loss_calls:
         raise Refused("its forward does not compute the loss with self.loss_function "
                       "(transformers' ForCausalLMLoss): it computes it another way")
     if len(loss_calls) > 1:
         raise Refused("its forward calls self.loss_function more than once")
-    call = loss_calls[0]
+    return loss_calls[0]
 
-    flat = list(_flatten(fdef.body))
+
+def _locate_loss(fw: _Forward, call: ast.Call) -> None:
+    """Set ``fw.loss_at``/``fw.loss_name``: the loss must be a plain ``loss = <call>`` that
+    runs on every call with labels (under ``labels is not None`` at most)."""
     loss_at = None
-    for i, (st, conds, opaque) in enumerate(flat):
-        if any(n is call for n in ast.walk(st)):
-            loss_at = i
-            if opaque:
-                raise Refused(f"its loss is computed inside a loop or block ({where(st)})")
-            if not (isinstance(st, ast.Assign) and len(st.targets) == 1
-                    and isinstance(st.targets[0], ast.Name) and st.value is call):
-                raise Refused(f"its loss call is not a plain assignment ({where(st)})")
-            for test, pol in conds:
-                if not (pol and ast.unparse(test) == "labels is not None"):
-                    raise Refused(f"its loss is computed under the condition "
-                                  f"{ast.unparse(test)!r} ({where(st)})")
+    for i, (st, conds, opaque) in enumerate(fw.flat):
+        if not any(n is call for n in ast.walk(st)):
+            continue
+        loss_at = i
+        if opaque:
+            raise Refused(f"its loss is computed inside a loop or block ({fw.where(st)})")
+        if not (_single_name_target(st) is not None and st.value is call):
+            raise Refused(f"its loss call is not a plain assignment ({fw.where(st)})")
+        for test, pol in conds:
+            if not (pol and ast.unparse(test) == "labels is not None"):
+                raise Refused(f"its loss is computed under the condition "
+                              f"{ast.unparse(test)!r} ({fw.where(st)})")
     assert loss_at is not None
-    loss_name = flat[loss_at][0].targets[0].id
+    fw.loss_at = loss_at
+    fw.loss_name = fw.flat[loss_at][0].targets[0].id
 
-    # the call's arguments: (logits, labels, vocab_size, **kwargs)
-    slots = ["logits", "labels", "vocab_size"]
-    got: Dict[str, ast.expr] = {}
+
+def _loss_arguments(fw: _Forward, call: ast.Call) -> dict[str, ast.expr]:
+    """The call's (logits, labels, vocab_size) by slot; its ``**`` must be the forward's
+    own ``**kwargs``, and it must not set what ForCausalLMLoss acts on itself."""
+    got: dict[str, ast.expr] = {}
     if len(call.args) > 3 or any(isinstance(a, ast.Starred) for a in call.args):
-        raise Refused(f"its loss call takes unexpected positional arguments ({where(call)})")
-    for name, a in zip(slots, call.args):
+        raise Refused(f"its loss call takes unexpected positional arguments "
+                      f"({fw.where(call)})")
+    for name, a in zip(_LOSS_SLOTS, call.args):
         got[name] = a
     splat = False
     for kw in call.keywords:
         if kw.arg is None:
-            if not (isinstance(kw.value, ast.Name) and kw.value.id == var_kw):
+            if not (isinstance(kw.value, ast.Name) and kw.value.id == fw.var_kw):
                 raise Refused(f"its loss call passes **{ast.unparse(kw.value)}, not the "
-                              f"forward's own **{var_kw} ({where(call)})")
+                              f"forward's own **{fw.var_kw} ({fw.where(call)})")
             splat = True
-        elif kw.arg in slots and kw.arg not in got:
+        elif kw.arg in _LOSS_SLOTS and kw.arg not in got:
             got[kw.arg] = kw.value
-        elif kw.arg in _LOSS_ACTS_ON or kw.arg in slots:
-            raise Refused(f"its loss call sets {kw.arg}= itself ({where(call)}): the loss "
+        elif kw.arg in _LOSS_ACTS_ON or kw.arg in _LOSS_SLOTS:
+            raise Refused(f"its loss call sets {kw.arg}= itself ({fw.where(call)}): the loss "
                           "is not the plain shifted causal-LM loss of its labels")
-    if var_kw is not None and not splat:
-        raise Refused(f"its loss call does not pass the forward's **{var_kw} "
-                      f"(num_items_in_batch would be lost) ({where(call)})")
+    if fw.var_kw is not None and not splat:
+        raise Refused(f"its loss call does not pass the forward's **{fw.var_kw} "
+                      f"(num_items_in_batch would be lost) ({fw.where(call)})")
+    return got
+
+
+def _check_loss_call(fw: _Forward, call: ast.Call) -> None:
+    """Set ``fw.logits``: the loss is ``self.loss_function(<name>, labels, ...)``."""
+    got = _loss_arguments(fw, call)
     logits_node = got.get("logits")
     if not isinstance(logits_node, ast.Name):
-        raise Refused(f"its loss call's logits are not a plain variable ({where(call)})")
+        raise Refused(f"its loss call's logits are not a plain variable ({fw.where(call)})")
     if not (isinstance(got.get("labels"), ast.Name) and got["labels"].id == "labels"):
-        raise Refused(f"its loss call does not pass the forward's labels ({where(call)})")
-    X = logits_node.id
+        raise Refused(f"its loss call does not pass the forward's labels ({fw.where(call)})")
+    fw.logits = logits_node.id
 
-    # labels and kwargs reach the loss unchanged
-    for st, conds, opaque in flat[:loss_at]:
+
+# ------------------------------------------------------------- labels and kwargs unchanged
+
+
+def _assigned(n: ast.AST) -> list:
+    """The targets a node assigns or deletes (none for other nodes)."""
+    if isinstance(n, (ast.Assign, ast.Delete)):
+        return n.targets
+    if isinstance(n, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)):
+        return [n.target]
+    return []
+
+
+def _is_labels_to(v: Any) -> bool:
+    """``labels.to(...)``: moves the labels to the logits' device, values unchanged."""
+    return (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute)
+            and v.func.attr == "to" and isinstance(v.func.value, ast.Name)
+            and v.func.value.id == "labels")
+
+
+def _check_target(fw: _Forward, n: ast.AST, t: ast.expr) -> None:
+    """Refuse an assignment (target ``t`` of node ``n``) that changes the labels or the
+    loss kwargs before the loss."""
+    var_kw = fw.var_kw
+    if (isinstance(t, ast.Name) and t.id == "labels"
+            and not _is_labels_to(getattr(n, "value", None))):
+        raise Refused(f"its forward rewrites the labels before the loss "
+                          f"({fw.where(n)}: {ast.unparse(n)})")
+    if isinstance(t, ast.Name) and t.id == var_kw:
+        raise Refused(f"its forward reassigns **{var_kw} before the loss ({fw.where(n)})")
+    if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)
+            and t.value.id == var_kw):
+        key = t.slice
+        if not (isinstance(key, ast.Constant) and key.value not in _LOSS_ACTS_ON):
+            raise Refused(f"its forward sets a loss kwarg ({fw.where(n)}: {ast.unparse(n)})")
+
+
+def _check_kwargs_method(fw: _Forward, n: ast.AST) -> None:
+    """Refuse ``kwargs.<method>(...)`` that can change what ForCausalLMLoss acts on; a
+    ``pop``/``setdefault`` of another literal key leaves it as it is."""
+    if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == fw.var_kw
+            and n.func.attr in _KWARGS_METHODS):
+        return
+    key = n.args[0] if n.args else None
+    if not (n.func.attr in ("pop", "setdefault") and isinstance(key, ast.Constant)
+            and key.value not in _LOSS_ACTS_ON):
+        raise Refused(f"its forward changes its **{fw.var_kw} before the loss "
+                      f"({fw.where(n)}: {ast.unparse(n)})")
+
+
+def _check_inputs_unchanged(fw: _Forward) -> None:
+    """The labels and kwargs reach the loss as the forward received them."""
+    for st, _, _ in fw.flat[:fw.loss_at]:
         for n in ast.walk(st):
-            targets = []
-            if isinstance(n, ast.Assign):
-                targets = n.targets
-            elif isinstance(n, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)):
-                targets = [n.target]
-            elif isinstance(n, ast.Delete):
-                targets = n.targets
-            for t in targets:
-                if isinstance(t, ast.Name) and t.id == "labels":
-                    v = getattr(n, "value", None)
-                    if not (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute)
-                            and v.func.attr == "to" and isinstance(v.func.value, ast.Name)
-                            and v.func.value.id == "labels"):
-                        raise Refused(f"its forward rewrites the labels before the loss "
-                                      f"({where(n)}: {ast.unparse(n)})")
-                if isinstance(t, ast.Name) and t.id == var_kw:
-                    raise Refused(f"its forward reassigns **{var_kw} before the loss "
-                                  f"({where(n)})")
-                if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)
-                        and t.value.id == var_kw):
-                    key = t.slice
-                    if not (isinstance(key, ast.Constant) and key.value not in _LOSS_ACTS_ON):
-                        raise Refused(f"its forward sets a loss kwarg ({where(n)}: "
-                                      f"{ast.unparse(n)})")
-            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                    and isinstance(n.func.value, ast.Name) and n.func.value.id == var_kw
-                    and n.func.attr in ("pop", "update", "setdefault", "clear", "popitem")):
-                key = n.args[0] if n.args else None
-                if not (n.func.attr in ("pop", "setdefault") and isinstance(key, ast.Constant)
-                        and key.value not in _LOSS_ACTS_ON):
-                    raise Refused(f"its forward changes its **{var_kw} before the loss "
-                                  f"({where(n)}: {ast.unparse(n)})")
+            for t in _assigned(n):
+                _check_target(fw, n, t)
+            _check_kwargs_method(fw, n)
 
-    # the head assignment, the transforms, and the config reads they use (in order)
-    guards: List[Tuple[Tuple[Cond, ...], int, str]] = []
-    bound: set = set()
-    actions: List[Any] = []
-    head_attr = None
-    handled = set()
-    for i, (st, conds, opaque) in enumerate(flat):
+
+# ---------------------------------------------------------------- head and transforms
+
+
+def _bind(ch: _Chain, st: ast.Assign, name: str, conds: tuple[Cond, ...]) -> None:
+    """A local the transforms may read where it (and its conditions) come from the model
+    alone; any other assignment makes the name unreadable again."""
+    if all(_evaluable(t, set(ch.bound)) for t, _ in conds) and \
+            _evaluable(st.value, set(ch.bound)):
+        ch.bound.add(name)
+        ch.actions.append(Bind(name, st.value, conds))
+    else:
+        ch.bound.discard(name)
+
+
+def _check_logits_statement(fw: _Forward, ch: _Chain, st: ast.stmt,
+                            conds: tuple[Cond, ...], opaque: bool) -> None:
+    """A statement assigning the logits before the loss: a plain ``logits = ...``, under
+    conditions the model alone decides."""
+    if opaque:
+        raise Refused(f"its logits are computed inside a loop or block ({fw.where(st)})")
+    if _single_name_target(st) is None:
+        raise Refused(f"its logits are assigned in an unexpected form ({fw.where(st)}: "
+                      f"{ast.unparse(st)})")
+    for test, _ in conds:
+        if not _evaluable(test, set(ch.bound)):
+            raise Refused(f"its logit transform depends on {ast.unparse(test)!r}, "
+                          f"which is not read from the configuration ({fw.where(st)})")
+
+
+def _refuse_step(fw: _Forward, ch: _Chain, st: ast.stmt, parsed) -> None:
+    """Why an unconditional logits statement is not part of a chain fusedce reproduces."""
+    if parsed is not None and parsed[0][0] == "head":
+        raise Refused(f"its logits go through self.{parsed[0][1]}(...), a module "
+                      f"whose transform fusedce cannot read ({fw.where(st)})")
+    what = "head" if ch.head_attr is None else "logit transform"
+    raise Refused(f"its {what} is not a linear layer followed by scalings, a tanh "
+                  f"softcap or casts ({fw.where(st)}: {ast.unparse(st)})")
+
+
+def _logits_step(fw: _Forward, ch: _Chain, st: ast.Assign, conds: tuple[Cond, ...]) -> None:
+    """The head call (the first assignment of the logits) or a transform of the logits
+    (each later one), as a Step; a branch of neither kind becomes a guard."""
+    expected = "head" if ch.head_attr is None else "var"
+    parsed = _chain(st.value, None if ch.head_attr is None else fw.logits, ch.bound)
+    if parsed is None or parsed[0][0] != expected:
+        if not conds:
+            _refuse_step(fw, ch, st, parsed)
+        # a branch fusedce cannot reproduce (Llama's pretraining_tp > 1 split head)
+        # is fine where the configuration never takes it: a guard, checked per call
+        ch.guards.append((conds, *fw.first_line(st)))
+        ch.handled.add(id(st))
+        return
+    base, ops = parsed
+    head = ch.head_attr is None
+    if head:
+        ch.head_attr = base[1]
+    ch.actions.append(Step(ops=ops, conds=conds, line=fw.line0 + st.lineno, head=head))
+    ch.handled.add(id(st))
+
+
+def _collect_chain(fw: _Forward) -> _Chain:
+    """The head assignment, the transforms, and the config reads they use (in order)."""
+    ch = _Chain()
+    for i, (st, conds, opaque) in enumerate(fw.flat):
         for test, _ in conds:
-            _evaluable(test, bound)  # collects walrus names
-        if i > loss_at:
+            _evaluable(test, ch.bound)  # collects walrus names
+        if i > fw.loss_at:
             continue  # a change after the loss only reaches the returned logits
-        if (not opaque and isinstance(st, ast.Assign) and len(st.targets) == 1
-                and isinstance(st.targets[0], ast.Name) and st.targets[0].id not in (X, "labels")):
-            name = st.targets[0].id
-            if all(_evaluable(t, set(bound)) for t, _ in conds) and \
-                    _evaluable(st.value, set(bound)):
-                bound.add(name)
-                actions.append(Bind(name, st.value, conds))
-            else:
-                bound.discard(name)
-            continue
-        if not _stores(st, X):
-            continue
-        if opaque:
-            raise Refused(f"its logits are computed inside a loop or block ({where(st)})")
-        if not (isinstance(st, ast.Assign) and len(st.targets) == 1
-                and isinstance(st.targets[0], ast.Name)):
-            raise Refused(f"its logits are assigned in an unexpected form ({where(st)}: "
-                          f"{ast.unparse(st)})")
-        for test, _ in conds:
-            if not _evaluable(test, set(bound)):
-                raise Refused(f"its logit transform depends on {ast.unparse(test)!r}, "
-                              f"which is not read from the configuration ({where(st)})")
-        parsed = _chain(st.value, X if head_attr is not None else None, bound)
-        if parsed is not None and head_attr is None and parsed[0][0] != "head":
-            parsed = None
-        if parsed is None or (head_attr is not None and parsed[0][0] != "var"):
-            if conds:
-                # a branch fusedce cannot reproduce (Llama's pretraining_tp > 1 split head)
-                # is fine where the configuration never takes it: a guard, checked per call
-                guards.append((conds, line0 + st.lineno, ast.unparse(st).splitlines()[0]))
-                handled.add(id(st))
-                continue
-            if parsed is not None:
-                raise Refused(f"its logits go through self.{parsed[0][1]}(...), a module "
-                              f"whose transform fusedce cannot read ({where(st)})")
-            what = "head" if head_attr is None else "logit transform"
-            raise Refused(f"its {what} is not a linear layer followed by scalings, a tanh "
-                          f"softcap or casts ({where(st)}: {ast.unparse(st)})")
-        base, ops = parsed
-        head = head_attr is None
-        if head:
-            head_attr = base[1]
-        actions.append(Step(ops=ops, conds=conds, line=line0 + st.lineno, head=head))
-        handled.add(id(st))
-    if head_attr is None:
+        name = None if opaque else _single_name_target(st)
+        if name is not None and name not in (fw.logits, "labels"):
+            _bind(ch, st, name, conds)
+        elif _stores(st, fw.logits):
+            _check_logits_statement(fw, ch, st, conds, opaque)
+            _logits_step(fw, ch, st, conds)
+    return ch
+
+
+def _check_chain(fw: _Forward, ch: _Chain) -> None:
+    """One head, called once, and at most one tanh on the way to the loss."""
+    if ch.head_attr is None:
         raise Refused("no head call produces the logits passed to the loss")
-    calls = [n for n in ast.walk(fdef) if isinstance(n, ast.Call)
-             and _self_attr(n.func) == head_attr]
+    calls = [n for n in ast.walk(fw.fdef) if isinstance(n, ast.Call)
+             and _self_attr(n.func) == ch.head_attr]
     if len(calls) != 1:
-        raise Refused(f"its forward calls self.{head_attr} {len(calls)} times")
-    steps = [a for a in actions if isinstance(a, Step)]
+        raise Refused(f"its forward calls self.{ch.head_attr} {len(calls)} times")
+    steps = [a for a in ch.actions if isinstance(a, Step)]
     if sum(op == "tanh" for s in steps for op, _ in s.ops) > 1:
         raise Refused("its logits go through more than one tanh")
 
-    # every other read of the logits: returned, or behind a condition that is false for
-    # the model (checked at apply() and at every call)
-    adds_to_loss = False
-    for i, (st, conds, opaque) in enumerate(flat):
-        if id(st) in handled:
-            continue
-        if i > loss_at and _stores(st, loss_name):
-            adds_to_loss = True
-        reads = _reads(st, X)
-        if not reads:
-            continue
-        if i == loss_at and len(reads) == 1:
-            continue
-        if isinstance(st, ast.Return):
-            continue
-        if any("return_dict" in _names_read(test) for test, _ in conds):
-            continue  # builds the tuple output; the fused call asks for a ModelOutput
-        if (i > loss_at and not opaque and isinstance(st, ast.Assign)
-                and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name)
-                and st.targets[0].id != loss_name):
-            out_name = st.targets[0].id
-            if out_name == X and _chain(st.value, X, bound) is not None:
-                continue  # a cast or scaling of the returned logits
-            # an output object or tuple that is only returned
-            later = [s for s, _, _ in flat[i + 1:] if out_name in _names_read(s)]
-            if out_name != X and all(isinstance(s, ast.Return) for s in later):
-                continue
-        if conds and all(_evaluable(t, set(bound)) for t, _ in conds):
-            guards.append((conds, line0 + st.lineno, ast.unparse(st).splitlines()[0]))
-            continue
-        raise Refused(f"its forward uses the logits beyond the loss ({where(st)}: "
-                      f"{ast.unparse(st).splitlines()[0]})")
 
-    return Layout(qualname=qualname, head_attr=head_attr, logits_name=X, steps=actions,
-                  guards=guards, var_kw=var_kw, params=params,
-                  has_return_dict="return_dict" in params, adds_to_loss=adds_to_loss)
+# ----------------------------------------------------------------- other uses of the logits
+
+
+def _only_returned(fw: _Forward, ch: _Chain, i: int, st: ast.stmt, opaque: bool) -> bool:
+    """After the loss: a cast or scaling of the returned logits, or an output object or
+    tuple built from them that is only returned."""
+    out_name = None if opaque or i <= fw.loss_at else _single_name_target(st)
+    if out_name is None or out_name == fw.loss_name:
+        return False
+    if out_name == fw.logits and _chain(st.value, fw.logits, ch.bound) is not None:
+        return True  # a cast or scaling of the returned logits
+    later = [s for s, _, _ in fw.flat[i + 1:] if out_name in _names_read(s)]
+    return out_name != fw.logits and all(isinstance(s, ast.Return) for s in later)
+
+
+def _harmless_use(fw: _Forward, ch: _Chain, i: int, st: ast.stmt,
+                  conds: tuple[Cond, ...], opaque: bool) -> bool:
+    """A statement that does not read the logits, or reads them only to pass them to the
+    loss (once), return them, or build the output."""
+    reads = _reads(st, fw.logits)
+    if not reads or (i == fw.loss_at and len(reads) == 1) or isinstance(st, ast.Return):
+        return True
+    if any("return_dict" in _names_read(test) for test, _ in conds):
+        return True  # builds the tuple output; the fused call asks for a ModelOutput
+    return _only_returned(fw, ch, i, st, opaque)
+
+
+def _check_other_uses(fw: _Forward, ch: _Chain) -> bool:
+    """Every other read of the logits: returned, or behind a condition that is false for
+    the model (a guard, checked at apply() and at every call). Whether the forward adds
+    terms to the loss after the call."""
+    adds_to_loss = False
+    for i, (st, conds, opaque) in enumerate(fw.flat):
+        if id(st) in ch.handled:
+            continue
+        if i > fw.loss_at and _stores(st, fw.loss_name):
+            adds_to_loss = True
+        if _harmless_use(fw, ch, i, st, conds, opaque):
+            continue
+        if conds and all(_evaluable(t, set(ch.bound)) for t, _ in conds):
+            ch.guards.append((conds, *fw.first_line(st)))
+            continue
+        raise Refused(f"its forward uses the logits beyond the loss ({fw.where(st)}: "
+                      f"{ast.unparse(st).splitlines()[0]})")
+    return adds_to_loss
+
+
+def _analyze(fn, qualname: str) -> Layout:
+    """Prove the forward's head-to-loss code a chain fusedce reproduces, in the order
+    the refusal reasons are checked: the loss call, the labels and kwargs it receives,
+    the head and transforms, then every other use of the logits."""
+    fw = _parse_forward(fn)
+    call = _the_loss_call(fw.fdef)
+    _locate_loss(fw, call)
+    _check_loss_call(fw, call)
+    _check_inputs_unchanged(fw)
+    ch = _collect_chain(fw)
+    _check_chain(fw, ch)
+    adds_to_loss = _check_other_uses(fw, ch)
+    return Layout(qualname=qualname, head_attr=ch.head_attr, logits_name=fw.logits,
+                  steps=ch.actions, guards=ch.guards, var_kw=fw.var_kw, params=fw.params,
+                  has_return_dict="return_dict" in fw.params, adds_to_loss=adds_to_loss)
+
+
+# ---------------------------------------------------------------------------- head modules
 
 
 def analyze_head_module(fn) -> str:
@@ -559,23 +788,35 @@ def analyze_head_module(fn) -> str:
     return hit
 
 
-def _analyze_head(fn) -> str:
-    fdef, _ = _src(fn)
+def _straight_line(fdef: ast.FunctionDef) -> list:
+    """The flattened body of a forward without branches, loops or early returns, ending
+    in an unconditional return."""
     flat = list(_flatten(fdef.body))
     if not flat or not isinstance(flat[-1][0], ast.Return) or flat[-1][1] or \
             any(isinstance(st, ast.Return) for st, _, _ in flat[:-1]) or \
             any(op for _, _, op in flat):
         raise Refused("its head module's forward is not a straight line ending in a return")
+    return flat
+
+
+def _returned_chain(flat: list):
+    """The chain of the returned value: the return's expression, or for ``return name``
+    the last assignment of ``name``."""
     value = flat[-1][0].value
     parsed = _chain(value, None, set())
-    if parsed is None and isinstance(value, ast.Name):
-        name = value.id
-        for st, conds, _ in reversed(flat[:-1]):
-            if _stores(st, name):
-                if not (isinstance(st, ast.Assign) and len(st.targets) == 1):
-                    break
-                parsed = _chain(st.value, None, set())
-                break
+    if parsed is not None or not isinstance(value, ast.Name):
+        return parsed
+    for st, _, _ in reversed(flat[:-1]):
+        if _stores(st, value.id):
+            if isinstance(st, ast.Assign) and len(st.targets) == 1:
+                return _chain(st.value, None, set())
+            return None
+    return None
+
+
+def _analyze_head(fn) -> str:
+    fdef, _ = _src(fn)
+    parsed = _returned_chain(_straight_line(fdef))
     if parsed is None or parsed[0][0] != "head" or any(op != "cast" for op, _ in parsed[1]):
         raise Refused("its head module does not end in a projection whose output it returns")
     attr = parsed[0][1]
@@ -608,7 +849,7 @@ def _number(v: Any, what: str) -> float:
 def canonical(layout: Layout, model) -> Transform:
     """The transform the forward applies to the head's output on this call, as fusedce's
     (logit_scale, softcap)."""
-    env: Dict[str, Any] = {"self": model, "labels": LABELS_PRESENT}
+    env: dict[str, Any] = {"self": model, "labels": LABELS_PRESENT}
     pre, post, capped = 1.0, 1.0, False
     for step in layout.steps:
         if not conds_hold(step.conds, env):
