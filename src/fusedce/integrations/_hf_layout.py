@@ -15,7 +15,9 @@ labels, vocab_size, **kwargs)`` with the forward's own labels and kwargs. This m
 the forward's source (its syntax tree), checks exactly that, and refuses anything else with
 the reason: a transform it cannot read (a module call, vocabulary slicing), a loss computed
 another way (``CrossEntropyLoss`` on the logits, several heads), the logits used after the
-loss (a z-loss on them), labels rewritten before the loss.
+loss (a z-loss on them), labels rewritten before the loss. After the loss, a value computed
+from the logits is followed through every assignment: it must reach neither the loss nor
+the returned output, where the logits themselves may only appear as the output's logits.
 
 The transforms' values are not copied at analysis time: the expressions (``self.config.x``,
 ``self.logit_scale``) are evaluated on the model at each call, so a changed config is
@@ -706,47 +708,145 @@ def _check_chain(fw: _Forward, ch: _Chain) -> None:
 # ----------------------------------------------------------------- other uses of the logits
 
 
-def _only_returned(fw: _Forward, ch: _Chain, i: int, st: ast.stmt, opaque: bool) -> bool:
-    """After the loss: a cast or scaling of the returned logits, or an output object or
-    tuple built from them that is only returned."""
-    out_name = None if opaque or i <= fw.loss_at else _single_name_target(st)
-    if out_name is None or out_name == fw.loss_name:
-        return False
-    if out_name == fw.logits and _chain(st.value, fw.logits, ch.bound) is not None:
-        return True  # a cast or scaling of the returned logits
-    later = [s for s, _, _ in fw.flat[i + 1:] if out_name in _names_read(s)]
-    return out_name != fw.logits and all(isinstance(s, ast.Return) for s in later)
+@dataclass
+class _Flow:
+    """What the statements after the loss make of the logits, in source order: names that
+    hold a value computed from them, and names that hold an output built from them as they
+    are (``output = (logits,) + outputs[1:]``), which may only be passed on as they are."""
+
+    bound: set  # the chain's locals read from the model alone
+    derived: set = field(default_factory=set)
+    carriers: set = field(default_factory=set)
+
+    def readable(self) -> set:
+        """The locals a condition may read to be evaluated on the model alone."""
+        return self.bound - self.derived - self.carriers
 
 
-def _harmless_use(fw: _Forward, ch: _Chain, i: int, st: ast.stmt,
-                  conds: tuple[Cond, ...], opaque: bool) -> bool:
-    """A statement that does not read the logits, or reads them only to pass them to the
-    loss (once), return them, or build the output."""
-    reads = _reads(st, fw.logits)
-    if not reads or (i == fw.loss_at and len(reads) == 1) or isinstance(st, ast.Return):
-        return True
-    if any("return_dict" in _names_read(test) for test, _ in conds):
-        return True  # builds the tuple output; the fused call asks for a ModelOutput
-    return _only_returned(fw, ch, i, st, opaque)
+def _is_output_class(f: ast.expr) -> bool:
+    """A call that builds an output object (``CausalLMOutputWithPast(...)``,
+    ``modeling_outputs.X(...)``), not a method of the model."""
+    while isinstance(f, ast.Attribute):
+        f = f.value
+    return isinstance(f, ast.Name) and f.id != "self"
+
+
+def _is_concat(e: ast.expr) -> bool:
+    """``(a,) + b`` or ``b + [a]``: a sequence concatenation, not arithmetic."""
+    return (isinstance(e, ast.BinOp) and isinstance(e.op, ast.Add)
+            and any(isinstance(x, (ast.Tuple, ast.List)) for x in (e.left, e.right)))
+
+
+def _held(e: ast.expr, is_field: bool = False) -> dict[int, bool]:
+    """The parts of ``e`` that it holds as they are, not computed with: ``e`` itself, the
+    branches of a conditional expression, the operands of a tuple concatenation and the
+    fields of an output (a tuple's elements, the ``logits=`` of an output object). Maps each
+    part's id to whether it is such a field."""
+    held = {id(e): is_field}
+    if isinstance(e, ast.IfExp):
+        parts = [(e.body, is_field), (e.orelse, is_field)]
+    elif isinstance(e, (ast.Tuple, ast.List)):
+        parts = [(x, True) for x in e.elts]
+    elif _is_concat(e):
+        parts = [(e.left, False), (e.right, False)]
+    elif isinstance(e, ast.Call) and _is_output_class(e.func):
+        parts = [(k.value, True) for k in e.keywords if k.arg == "logits"]
+    else:
+        parts = []
+    for part, f in parts:
+        held.update(_held(part, f))
+    return held
+
+
+def _passed_on(fw: _Forward, i: int, st: ast.stmt) -> ast.expr | None:
+    """The expression of a statement that may pass the logits on as they are: a return's
+    value, or after the loss the value of a plain assignment (an output being built)."""
+    if isinstance(st, ast.Return):
+        return st.value
+    name = _single_name_target(st) if i > fw.loss_at else None
+    if name is not None and name not in (fw.loss_name, fw.logits):
+        return st.value
+    return None
+
+
+def _reads_in(fw: _Forward, flow: _Flow, i: int, st: ast.stmt) -> list[str]:
+    """The reads in a statement of the logits or of a value computed from them, other than
+    the loss call's one read, a cast of the returned logits after the loss, and the logits
+    passed on as they are as an output's logits field."""
+    if i == fw.loss_at and len(_reads(st, fw.logits)) == 1:
+        return []
+    if i > fw.loss_at and _single_name_target(st) == fw.logits:
+        parsed = _chain(st.value, fw.logits, flow.readable())
+        if parsed is not None and parsed[0][0] == "var":
+            return []  # a cast or scaling of the returned logits
+    root = _passed_on(fw, i, st)
+    held = {} if root is None else _held(root)
+    return [n.id for n in ast.walk(st) if isinstance(n, ast.Name)
+            and isinstance(n.ctx, ast.Load)
+            and (n.id in flow.derived or (n.id == fw.logits and not held.get(id(n)))
+                 or (n.id in flow.carriers and id(n) not in held))]
+
+
+def _derived_reads(fw: _Forward, flow: _Flow, i: int, st: ast.stmt,
+                   conds: tuple[Cond, ...]) -> list[str]:
+    """What a statement, or a condition it runs under, reads of the logits beyond passing
+    them on (see :func:`_reads_in`)."""
+    names = flow.derived | flow.carriers | {fw.logits}
+    in_conds = [x for test, _ in conds for x in sorted(_names_read(test) & names)]
+    return _reads_in(fw, flow, i, st) + in_conds
+
+
+def _follow(fw: _Forward, flow: _Flow, i: int, st: ast.stmt, conds: tuple[Cond, ...],
+            derived: list) -> bool:
+    """Follow what a plain assignment after the loss makes of the logits: the names it (or
+    a walrus in its conditions) sets hold a value computed from them, or an output holding
+    them as they are. False for any other statement that reads them (a return, the loss, a
+    call, a loop, an attribute set)."""
+    value = None if isinstance(st, ast.Return) else _passed_on(fw, i, st)
+    if value is None:
+        return not derived
+    if derived:
+        flow.derived.update(n.id for node in (st, *(t for t, _ in conds))
+                            for n in ast.walk(node)
+                            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+    elif _names_read(value) & (flow.carriers | {fw.logits}):
+        flow.carriers.add(_single_name_target(st))
+    return True
+
+
+def _refuse_use(fw: _Forward, st: ast.stmt, conds: tuple[Cond, ...], derived: list) -> None:
+    """Why a use of the logits (or of what is computed from them) is not reproduced."""
+    via = sorted(set(derived) - {fw.logits})
+    how = f" through {', '.join(via)}" if via else ""
+    if _stores(st, fw.loss_name):
+        how = f": the loss it returns depends on them{how}"
+    elif isinstance(st, ast.Return):
+        how = f": its returned output depends on them{how} beyond the logits field"
+    elif any(set(derived) & _names_read(test) for test, _ in conds):
+        how = f": it branches on them{how}"
+    raise Refused(f"its forward uses the logits beyond the loss{how} ({fw.where(st)}: "
+                  f"{ast.unparse(st).splitlines()[0]})")
 
 
 def _check_other_uses(fw: _Forward, ch: _Chain) -> bool:
-    """Every other read of the logits: returned, or behind a condition that is false for
-    the model (a guard, checked at apply() and at every call). Whether the forward adds
-    terms to the loss after the call."""
+    """Every other read of the logits, or of a value computed from them through any chain
+    of assignments: the logits passed on as the output's logits field, a value computed
+    from them that reaches neither the loss nor the output, or a statement behind a
+    condition that is false for the model (a guard, checked at apply() and at every call;
+    a guarded statement never runs on a fused call, so what it computes is not followed).
+    Whether the forward adds terms to the loss after the call."""
     adds_to_loss = False
-    for i, (st, conds, opaque) in enumerate(fw.flat):
+    flow = _Flow(bound=set(ch.bound))
+    for i, (st, conds, _) in enumerate(fw.flat):
         if id(st) in ch.handled:
             continue
         if i > fw.loss_at and _stores(st, fw.loss_name):
             adds_to_loss = True
-        if _harmless_use(fw, ch, i, st, conds, opaque):
-            continue
-        if conds and all(_evaluable(t, set(ch.bound)) for t, _ in conds):
+        derived = _derived_reads(fw, flow, i, st, conds)
+        if derived and conds and all(_evaluable(t, flow.readable()) for t, _ in conds):
             ch.guards.append((conds, *fw.first_line(st)))
-            continue
-        raise Refused(f"its forward uses the logits beyond the loss ({fw.where(st)}: "
-                      f"{ast.unparse(st).splitlines()[0]})")
+        elif not _follow(fw, flow, i, st, conds, derived):
+            _refuse_use(fw, st, conds, derived)
     return adds_to_loss
 
 
