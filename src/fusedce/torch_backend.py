@@ -18,12 +18,10 @@ from typing import Optional
 import torch
 
 from .layout import iter_row_chunks, row_slice
-from . import spec
-from .spec import (LossOptions, RowStats, RowTerms, chain_factor, default_chunk_rows,
-                   transform)
+from .spec import LossOptions, RowStats, chain_factor, default_chunk_rows, transform
 
 name = "torch"
-supports_fused = True  # fused(): the statistics and dx of a whole row in one chunk loop
+supports_fused = False
 optional_argmax = True  # row_stats(need_am=False) skips the argmax (only the accuracy needs it)
 
 
@@ -88,10 +86,11 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
             sez[r0:r1] = torch.where(e > 0, e * zs, torch.zeros_like(e)).sum(dim=-1)
             del e, zs
         else:
-            # s = sum_j exp(z_j - m) from the fused log_softmax (~2.5x faster on CPUs than
-            # the sub / exp / sum passes): its maximum is 0 - log(s), rounded once
-            ls_max = torch.log_softmax(z, dim=-1).amax(dim=-1)
-            s[r0:r1] = torch.where(torch.isneginf(mc), torch.zeros_like(mc), (-ls_max).exp_())
+            # s = sum_j exp(z_j - m) from torch's fused softmax (faster on CPUs than the sub /
+            # exp / sum passes, and than log_softmax): its largest entry, at the argmax where
+            # z - m is exactly 0, is 1 / s
+            p_max = torch.softmax(z, dim=-1).amax(dim=-1)
+            s[r0:r1] = torch.where(torch.isneginf(mc), torch.zeros_like(mc), p_max.reciprocal_())
         m[r0:r1] = mc
         zc = z.gather(1, local[r0:r1].unsqueeze(1)).squeeze(1)
         zt[r0:r1] = torch.where(inside[r0:r1], zc, torch.zeros_like(zc))
@@ -120,142 +119,55 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
     B, T, V = x3.shape
     valid = target != opts.ignore_index
     local, inside = _local_target(target, valid, vocab_start, V)
+    a = opts.label_smoothing
     # p_j = exp(z_j - m) / s. Over the whole vocabulary that is softmax(z): torch's fused
     # softmax shifts by the row maximum itself (offset-invariant) in fewer passes over the
     # chunk than sub, exp and a scale (~1.5x faster on CPUs). A vocabulary shard needs the
     # whole row's m and s: the shifted exponential, with 1 / s folded into the row factor.
     # (The caller says which: under TP the shard on rank 0 can look like a whole row.)
-    rg = _RowGrad(g, c_p if whole_row else c_p / s, c_t, c_p, m, s, opts, vocab_size,
-                  weight_local, x3.device)
+    gp = g * c_p if whole_row else g * c_p / s
+    # the target column is written as g * (c_t * (p_t - 1) + (c_p - c_t) * p_t), which is
+    # exact where p_t = 1 (a one-class row), instead of p_t * c_p - c_t, which cancels there
+    gt = g * c_t
+    gr = g * (c_p - c_t)
+    wl = None if weight_local is None else weight_local.float()
+    # rows without upstream gradient (ignored) get exactly 0 even where their logits are NaN
+    # or inf (0 * exp(z - m) is NaN there); such rows have a non-finite m or s. They are rare:
+    # in eager CPU calls the fill runs only for chunks holding one; on GPUs (no host sync)
+    # and under torch.compile (no data-dependent branch) always
+    zero_rows = (g == 0) & ~(torch.isfinite(m) & (s > 0) & torch.isfinite(s))
+    always = x3.device.type != "cpu" or torch.compiler.is_compiling()
     for r0, r1, xv in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
         idx = local[r0:r1].unsqueeze(1)
         if whole_row:
-            p = torch.softmax(z, dim=-1)
-            p_t = p.gather(1, idx).squeeze(1)
+            e = torch.softmax(z, dim=-1)
+            p_t = e.gather(1, idx).squeeze(1)
         else:
             # read before the destination (which may alias z) is written
             p_t = (z.gather(1, idx).squeeze(1) - m[r0:r1]).exp_() / s[r0:r1]
-            p = z - m[r0:r1].unsqueeze(1)
-            p.exp_()
-        rg.write(r0, r1, z, p, p_t, idx, inside[r0:r1], ov)
-
-
-class _RowGrad:
-    """The per-row factors of dx and its chunk writer, shared by :func:`grad` and
-    :func:`fused`: dx_j = gp * e_j (e_j = p_j over a whole row, exp(z_j - m) over a shard),
-    the target column rewritten as g * (c_t * (p_t - 1) + (c_p - c_t) * p_t), which is exact
-    where p_t = 1 (a one-class row), instead of p_t * c_p - c_t, which cancels there."""
-
-    def __init__(self, g, gp_factor, c_t, c_p, m, s, opts: LossOptions, vocab_size: int,
-                 weight_local, device):
-        self.g = g
-        self.gp = g * gp_factor
-        self.gt = g * c_t
-        self.gr = g * (c_p - c_t)
-        self.opts = opts
-        self.a = opts.label_smoothing
-        self.vocab_size = vocab_size
-        self.wl = None if weight_local is None else weight_local.float()
-        # rows without upstream gradient (ignored) get exactly 0 even where their logits are
-        # NaN or inf (0 * exp(z - m) is NaN there); such rows have a non-finite m or s. They
-        # are rare: in eager CPU calls the fill runs only for chunks holding one; on GPUs (no
-        # host sync) and under torch.compile (no data-dependent branch) always
-        self.zero_rows = None if m is None else \
-            (g == 0) & ~(torch.isfinite(m) & (s > 0) & torch.isfinite(s))
-        self.always = device.type != "cpu" or torch.compiler.is_compiling()
-
-    def write(self, r0, r1, z, e, p_t, idx, inside, ov, zero_rows=None) -> None:
-        """Write the rows [r0, r1) of dx into ``ov`` from z and e (which may be consumed)."""
-        # an fp32 2-D destination is computed in place: no chunk temporary, no copy pass
-        # (elementwise ops only, so ov aliasing z in the in-place backward is safe)
-        direct = ov.dtype == torch.float32 and ov.dim() == 2
+            e = z - m[r0:r1].unsqueeze(1)
+            e.exp_()
+        # an fp32 2-D destination is computed in place (elementwise ops only, so ov aliasing
+        # z in the in-place backward is safe); any other is written from e, then copied
+        direct = out.dtype == torch.float32 and ov.dim() == 2
         d = ov if direct else e
-        torch.mul(e, self.gp[r0:r1].unsqueeze(1), out=d)
-        exact = self.gt[r0:r1] * (p_t - 1.0) + self.gr[r0:r1] * p_t
+        torch.mul(e, gp[r0:r1].unsqueeze(1), out=d)
+        exact = gt[r0:r1] * (p_t - 1.0) + gr[r0:r1] * p_t
         keep = d.gather(1, idx).squeeze(1)
-        d.scatter_(1, idx, torch.where(inside, exact, keep).unsqueeze(1))
-        if self.a > 0.0:
-            ga = self.g[r0:r1].unsqueeze(1) * (self.a / self.vocab_size)
-            d.sub_(ga if self.wl is None else ga * self.wl.unsqueeze(0))
-        f = chain_factor(z, self.opts)
+        d.scatter_(1, idx, torch.where(inside[r0:r1], exact, keep).unsqueeze(1))
+        if a > 0.0:
+            ga = g[r0:r1].unsqueeze(1) * (a / vocab_size)
+            d.sub_(ga if wl is None else ga * wl.unsqueeze(0))
+        f = chain_factor(z, opts)
         if f is not None:
             d.mul_(f)
-        zr = self.zero_rows[r0:r1] if zero_rows is None else zero_rows
-        if self.always or bool(zr.any()):
+        zr = zero_rows[r0:r1]
+        if always or bool(zr.any()):
             d.masked_fill_(zr.unsqueeze(1), 0.0)
         if not direct:
             ov.copy_(d.view(ov.shape))
-
-
-def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torch.Tensor,
-          terms: RowTerms, vocab_size: int, out: torch.Tensor,
-          weight_local: Optional[torch.Tensor], need_am: bool = True,
-          chunk_rows: Optional[int] = None) -> RowStats:
-    """Statistics of every row AND dx for the upstream row gradient g0, chunk by chunk.
-
-    Each chunk is read once for both while it sits in the last-level cache, and one softmax
-    serves both: p's largest entry is 1 / s (at the argmax, where z - m is exactly 0), so a
-    chunk costs a max, a softmax and a scale where :func:`row_stats` then :func:`grad` cost
-    a max, a log-softmax, a max, a softmax and a scale over two reads of the logits.
-
-    Args:
-        x3: logits [B, T, V] (the whole vocabulary: no shard), any strides.
-        target: [B*T] ids. g0: [B*T] fp32 upstream row gradient (0 on ignored rows).
-        terms: target-only row terms (w_t, total weight W).
-        out: [B, T, V] gradient destination in the logits' dtype; may be ``x3`` itself.
-        weight_local: class weights [V] or None.
-        need_am: compute the argmax (for accuracy); without it am holds -1.
-    Returns:
-        RowStats (m, s, zt, sz, am) with [B*T] fields.
-    """
-    B, T, V = x3.shape
-    n = B * T
-    dev = x3.device
-    m = torch.empty(n, device=dev, dtype=torch.float32)
-    s = torch.empty_like(m)
-    zt = torch.empty_like(m)
-    sz = torch.zeros_like(m)
-    am = torch.full((n,), -1, device=dev, dtype=torch.int64)
-    local, inside = _local_target(target, terms.valid, 0, V)
-    smooth = opts.label_smoothing > 0.0
-    wl = None if weight_local is None else weight_local.float()
-    ones = torch.ones_like(g0)
-    # the per-row factors need lse, known chunk by chunk: the writer gets them per chunk
-    rg = _RowGrad(g0, ones, ones, ones, None, None, opts, vocab_size, weight_local, dev)
-    for r0, r1, xv in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
-        z = transform(xv.reshape(-1, V), opts)
-        idx = local[r0:r1].unsqueeze(1)
-        if need_am:
-            mc, ac = z.max(dim=-1)
-            am[r0:r1] = ac
-        else:
-            mc = z.amax(dim=-1)
-        zc = z.gather(1, idx).squeeze(1)
-        zt[r0:r1] = torch.where(inside[r0:r1], zc, torch.zeros_like(zc))
-        if smooth:
-            sz[r0:r1] = z.sum(dim=-1) if wl is None else z @ wl
-        p = torch.softmax(z, dim=-1)
-        p_max = p.gather(1, ac.unsqueeze(1)).squeeze(1) if need_am else p.amax(dim=-1)
-        # an all -inf row has s = 0 (lse = -inf), as in row_stats
-        sc = torch.where(torch.isneginf(mc), torch.zeros_like(mc), p_max.reciprocal())
-        m[r0:r1] = mc
-        s[r0:r1] = sc
-        lse = mc + torch.log(sc)
-        c_p, c_t = spec.grad_coefficients(lse, _terms_rows(terms, r0, r1), opts, vocab_size)
-        g = g0[r0:r1]
-        rg.gp[r0:r1] = g * c_p
-        rg.gt[r0:r1] = g * c_t
-        rg.gr[r0:r1] = g * (c_p - c_t)
-        zero = (g == 0) & ~(torch.isfinite(mc) & (sc > 0) & torch.isfinite(sc))
-        rg.write(r0, r1, z, p, p.gather(1, idx).squeeze(1), idx, inside[r0:r1],
-                 row_slice(out, r0, r1), zero_rows=zero)
-    return RowStats(m, s, zt, sz, am)
-
-
-def _terms_rows(terms: RowTerms, r0: int, r1: int) -> RowTerms:
-    return RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom, terms.total_weight)
 
 
 def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor,
