@@ -632,6 +632,36 @@ def _sl(x: Optional[torch.Tensor], r0: int, r1: int) -> Optional[torch.Tensor]:
     return None if x is None else x[r0:r1]
 
 
+def _kernel_stats(plan: RLPlan, x: torch.Tensor, t_stats: torch.Tensor, r0: int, r1: int,
+                  m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor, u: torch.Tensor) -> None:
+    """Write rows r0:r1 of m, s, z_t (log-probs) and u (entropy) from the logits chunk ``x``
+    through the backend's statistics kernel (one read of the chunk)."""
+    st = plan.backend.row_stats(x.unsqueeze(0), t_stats[r0:r1], plan.opts,
+                                vocab_start=plan.vocab_start, need_sez=plan.want_ent,
+                                need_am=False)
+    m[r0:r1], s[r0:r1] = st.m, st.s
+    if plan.want_lp:
+        zt[r0:r1] = st.zt
+    if plan.want_ent:
+        u[r0:r1] = st.sez
+
+
+def _rl_outputs(plan: RLPlan, valid, m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor,
+                u: torch.Tensor):
+    """The outputs the plan asks for (log-probs first) from the whole rows' statistics, and
+    c = u / s (None without the entropy), which the backward takes."""
+    log_s = torch.log(s)
+    outs = []
+    if plan.want_lp:
+        # where, not a product: ignored rows give +0.0 whatever their logits hold
+        outs.append(torch.where(valid, (zt - m) - log_s, 0.0))
+    c = None
+    if plan.want_ent:
+        c = u / s
+        outs.append(log_s - c)
+    return outs, c
+
+
 class LinearLogprobEntropyFunction(torch.autograd.Function):
     """Per-row log p(target) and/or entropy of softmax(z(hidden @ weight.T + bias)), fp32;
     every output differentiable. Returns the outputs the plan asks for, log-probs first."""
@@ -667,14 +697,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         g_h0 = torch.ones_like(m) if eager and want_ent else None
         for r0, r1, _, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
             if kernels:
-                st = be.row_stats(x.unsqueeze(0), t_stats[r0:r1], opts,
-                                  vocab_start=plan.vocab_start, need_sez=want_ent,
-                                  need_am=False)
-                m[r0:r1], s[r0:r1] = st.m, st.s
-                if want_lp:
-                    zt[r0:r1] = st.zt
-                if want_ent:
-                    u[r0:r1] = st.sez
+                _kernel_stats(plan, x, t_stats, r0, r1, m, s, zt, u)
             else:
                 _chunk_stats(x, _sl(local, r0, r1), _sl(inside, r0, r1), opts, want_ent, rows,
                              m[r0:r1], s[r0:r1], zt[r0:r1], u[r0:r1])
@@ -686,15 +709,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
                 torch.mm(x, weight, out=dh0[r0:r1])
         if plan.group is not None:
             m, s, zt, u = _combine_ranks(m, s, zt, u, plan.group, want_lp, want_ent)
-        log_s = torch.log(s)
-        outs = []
-        if want_lp:
-            # where, not a product: ignored rows give +0.0 whatever their logits hold
-            outs.append(torch.where(valid, (zt - m) - log_s, 0.0))
-        c = None
-        if want_ent:
-            c = u / s
-            outs.append(log_s - c)
+        outs, c = _rl_outputs(plan, valid, m, s, zt, u)
         ctx.plan = plan
         if eager:
             ctx.dh0 = dh0
@@ -822,7 +837,21 @@ def _autocast(hidden, weight, bias):
     return cast[0], cast[1], cast[2]
 
 
-def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
+@dataclass
+class _Unpacked:
+    """The plain-tensor arguments of a linear call and its vocabulary layout, as
+    :func:`_unpack_dtensors` finds them in DTensor inputs."""
+
+    hidden: Any
+    weight: Any
+    bias: Any
+    group: Any
+    vocab_start: Any  # as given until the call's checks
+    # the validation checks that hidden is the same on every rank of ``group``
+    check_hidden: bool = False
+
+
+def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start) -> _Unpacked:
     """Plain tensors (hidden, weight, bias), group, vocab_start and whether hidden must be
     checked to be the same on every rank, from DTensor inputs.
 
@@ -831,36 +860,44 @@ def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
     An FSDP2 shard looks the same (Shard(0) over the data-parallel mesh) but its ranks hold
     different hidden states; so where neither ``tp_group`` (that mesh's group) nor a
     replicated DTensor ``hidden`` on the mesh says it is a vocabulary shard, the validation
-    checks that hidden is the same on every rank (the last value returned) and otherwise
-    raises what to do. Fully replicated DTensors are unwrapped. Other layouts are refused.
+    checks that hidden is the same on every rank (``check_hidden``) and otherwise raises
+    what to do. Fully replicated DTensors are unwrapped. Other layouts are refused.
     """
     from .distributed import dtensor_types
 
-    types = dtensor_types()
-    if types is None:
-        return hidden, weight, bias, tp_group, vocab_start, False
-    DTensor, Replicate, Shard = types
+    plain = _Unpacked(hidden, weight, bias, tp_group, vocab_start)
+    dt = dtensor_types()
+    if dt is None:
+        return plain
+    DTensor, Replicate, Shard = dt
     if not any(isinstance(x, DTensor) for x in (hidden, weight, bias)):
-        return hidden, weight, bias, tp_group, vocab_start, False
-
-    def replicated(x):
-        return isinstance(x, DTensor) and all(isinstance(p, Replicate) for p in x.placements)
-
-    if isinstance(hidden, DTensor) and not replicated(hidden):
+        return plain
+    if isinstance(hidden, DTensor) and not _replicated(hidden, DTensor, Replicate):
         raise ValueError(f"hidden is a DTensor with placements {hidden.placements}; only a "
                          "replicated DTensor hidden is taken (pass hidden.to_local() for data "
                          "that differs per rank, or hidden.full_tensor())")
-    if isinstance(weight, DTensor) and replicated(weight):
+    if _replicated(weight, DTensor, Replicate):
         weight = weight.to_local()
-    if isinstance(bias, DTensor) and replicated(bias):
+    if _replicated(bias, DTensor, Replicate):
         bias = bias.to_local()
     if not isinstance(weight, DTensor):
         if isinstance(bias, DTensor):
             raise ValueError(f"bias is a DTensor ({bias.placements}) but weight is not")
-        if isinstance(hidden, DTensor):
-            hidden = hidden.to_local()
-        return hidden, weight, bias, tp_group, vocab_start, False
+        return _Unpacked(_to_local(hidden, DTensor), weight, bias, tp_group, vocab_start)
+    return _vocab_shard(hidden, weight, bias, tp_group, vocab_start, DTensor, Shard)
 
+
+def _replicated(x, DTensor, Replicate) -> bool:
+    return isinstance(x, DTensor) and all(isinstance(p, Replicate) for p in x.placements)
+
+
+def _to_local(x, DTensor):
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _vocab_shard(hidden, weight, bias, tp_group, vocab_start, DTensor, Shard) -> _Unpacked:
+    """The layout of a DTensor weight that is not replicated: a vocabulary shard over its
+    1-D mesh, whose group is the vocabulary group, or an error that says what to do."""
     mesh = weight.device_mesh
     pl = weight.placements
     sharded_rows = (mesh.ndim == 1 and len(pl) == 1 and isinstance(pl[0], Shard)
@@ -881,14 +918,11 @@ def _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start):
         bias = bias.to_local()
     if vocab_start is None:
         # DTensor's Shard follows torch.chunk: ceil(V / world) rows per rank, the tail short
-        world = mesh.size()
-        rank = mesh.get_local_rank()
-        step = math.ceil(weight.shape[0] / world)
-        vocab_start = min(rank * step, weight.shape[0])
+        step = math.ceil(weight.shape[0] / mesh.size())
+        vocab_start = min(mesh.get_local_rank() * step, weight.shape[0])
     weight = weight.to_local()
-    if isinstance(hidden, DTensor):
-        hidden = hidden.to_local()
-    return hidden, weight, bias, mesh_group, vocab_start, check_hidden
+    return _Unpacked(_to_local(hidden, DTensor), weight, bias, mesh_group, vocab_start,
+                     check_hidden)
 
 
 _FSDP_HINT = ("For an FSDP2-sharded LM head, call the loss inside the FSDP-wrapped module's "
@@ -896,9 +930,186 @@ _FSDP_HINT = ("For an FSDP2-sharded LM head, call the loss inside the FSDP-wrapp
               "weight.full_tensor(); for a manual TP shard pass weight.to_local() with "
               "tp_group and vocab_start.")
 
+# what the group's validation says when the ranks of a DTensor vocabulary shard pass
+# different hidden states
+_REPLICATED_WHAT = (
+    "hidden: a Shard(0) DTensor weight is taken as a vocabulary (tensor-parallel) shard over "
+    "its mesh, whose ranks must all pass the same hidden states; these differ, as under "
+    "FSDP2. " + _FSDP_HINT)
+
 
 def _select_backend(backend: str, hidden: torch.Tensor):
     return _fn.pick_backend(backend, hidden)
+
+
+# ---------------------------------------------------------------------------- call set-up
+#
+# The steps that linear_cross_entropy and the RL ops share: this rank's own argument checks
+# (under TP with validation their error reaches every rank through _share_error), the
+# layout of the vocabulary over the group, and the chunking and gradients of the plan.
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_flags(*flags) -> None:
+    for name, value in flags:
+        _check_flag(name, value)
+
+
+def _checked_inputs(hidden, weight, bias, accum_dtype, backend):
+    """(hidden, weight, bias, dW accumulator dtype, backend) of a call once checked, the
+    operands cast as F.linear casts them under torch.autocast."""
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    _check_linear_inputs(hidden, weight, bias)
+    accum = _check_accum_dtype(accum_dtype, weight.dtype)
+    be = _select_backend(backend, hidden)  # (may refuse: before any collective)
+    return hidden, weight, bias, accum, be
+
+
+def _checked_target(target, hidden: torch.Tensor, ignore_index):
+    check_target(target, hidden.shape[:-1], hidden.device)
+    return widened(target, ignore_index)
+
+
+def _checked_start(group, vocab_start):
+    """``vocab_start`` as an int under TP; without a group it stays as given (the layout
+    refuses any start but 0 there)."""
+    if group is None:
+        return vocab_start
+    from .distributed import checked_vocab_start
+
+    return checked_vocab_start(vocab_start)
+
+
+def _check_tp_class_weight(group, class_weight) -> None:
+    if group is None or class_weight is None:
+        return
+    # its length is checked against the global V once the layout gives it
+    if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1:
+        raise ValueError("class_weight must be the whole [V] class-weight vector "
+                         "(or this rank's [V_local] slice)")
+
+
+def _unsharded_start(vocab_start) -> int:
+    if vocab_start not in (None, 0):
+        raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
+    return 0
+
+
+def _tp_op(op: str, label_smoothing=0.0) -> int:
+    """The operation code the ranks of a group must agree on: the entropy, or a cross-entropy
+    (log-probs are one without smoothing), smoothed or not."""
+    from . import distributed
+
+    if op == "entropy":
+        return distributed.OP_ENTROPY
+    smoothed = isinstance(label_smoothing, (int, float)) and label_smoothing > 0
+    return distributed.OP_CROSS_ENTROPY_SMOOTHED if smoothed else distributed.OP_CROSS_ENTROPY
+
+
+def _share_error(group, op_code: int, ignore_index, err: BaseException) -> None:
+    """Raise this rank's argument error on every rank of ``group``: the group's validation
+    hands it to the others, so that no rank is left waiting in a collective."""
+    from . import distributed
+
+    distributed.check_tp(group, op=op_code, v_local=0, vocab_start=None, n_rows=0, target=None,
+                         ignore_index=ignore_index, local_error=err)
+
+
+def _fingerprint(*options) -> int:
+    """The fingerprint of the options that the ranks of a group must agree on."""
+    from . import distributed
+
+    return distributed.options_fingerprint(*map(fingerprint_value, options))
+
+
+def _ce_tp_layout(group, op_code: int, fp, *, hidden, v_local: int, target,
+                  class_weight, vocab_start, ignore_index, check_hidden: bool):
+    """(vocab_start, V, class weights) of a vocabulary-parallel cross-entropy: checked on
+    every rank where the options' fingerprint ``fp`` is given (validation), else resolved
+    from the group; class weights given as this rank's slice come back as the whole [V]
+    vector."""
+    from . import distributed
+
+    # class weights: the whole [V] vector, or each rank's slice of its rows of the head
+    w_sharded = distributed.weight_is_sharded(class_weight, v_local, group)
+    if fp is not None:
+        start, vocab_size = distributed.check_tp(
+            group, op=op_code, v_local=v_local, vocab_start=vocab_start,
+            n_rows=target.numel(), target=target, ignore_index=ignore_index,
+            weight=class_weight, options=fp, device=hidden.device, weight_sharded=w_sharded,
+            replicated=hidden if check_hidden else None, replicated_what=_REPLICATED_WHAT)
+    else:
+        start, vocab_size = distributed.resolve_layout(
+            group, v_local, vocab_start,
+            vocab_size=None if class_weight is None or w_sharded else int(class_weight.shape[0]))
+    if w_sharded:
+        class_weight = distributed.gather_weight(class_weight, group, start, vocab_size)
+    return start, vocab_size, class_weight
+
+
+def _rl_tp_layout(group, op_code: int, fp, *, hidden, v_local: int, target,
+                  vocab_start, ignore_index, check_hidden: bool) -> int:
+    """vocab_start of this rank's shard in an RL op under TP: checked on every rank where the
+    options' fingerprint ``fp`` is given (validation), else resolved from the group (the
+    global V is not needed)."""
+    from . import distributed
+
+    if fp is None:
+        start, _ = distributed.resolve_layout(group, v_local, vocab_start,
+                                              need_vocab_size=False)
+        return start
+    start, _ = distributed.check_tp(
+        group, op=op_code, v_local=v_local, vocab_start=vocab_start,
+        n_rows=math.prod(hidden.shape[:-1]), target=target, ignore_index=ignore_index,
+        options=fp, device=hidden.device, replicated=hidden if check_hidden else None,
+        replicated_what=_REPLICATED_WHAT)
+    return start
+
+
+def _as_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden as [N, D] rows for the GEMMs: a view where its strides allow, else a copy."""
+    D = hidden.shape[-1]
+    h2 = hidden.reshape(-1, D)
+    if h2.stride(-1) != 1 or (h2.shape[0] > 1 and h2.stride(0) != D):
+        h2 = h2.contiguous()
+    return h2
+
+
+def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    if weight.stride(-1) != 1 and weight.stride(0) != 1:
+        weight = weight.contiguous()  # GEMMs take either row- or column-major heads as they are
+    return weight
+
+
+def _chunk_rows(chunk_size, n: int, v_local: int, hidden: torch.Tensor, group=None,
+                vocab_size: int = 0) -> int:
+    """Rows per chunk: ``chunk_size`` when given, else sized from this rank's shard, or with
+    ``group`` from the mean shard of ``vocab_size`` columns."""
+    if chunk_size != "auto":
+        return int(chunk_size)
+    if group is None:
+        return auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
+    # every rank must cut the same chunks (their statistics are exchanged chunk by
+    # chunk): size them from the mean shard, the same number on every rank (exactly
+    # V_local for even shards; a larger uneven shard goes over the budget by its excess)
+    import torch.distributed as dist
+
+    return auto_chunk_rows(n, -(-vocab_size // dist.get_world_size(group)), hidden.dtype,
+                           hidden.device)
+
+
+def _grad_needs(grad_on: bool, hidden, weight, bias) -> dict:
+    """The plan's need_dh, need_dw and need_db: the inputs that take a gradient."""
+    return {"need_dh": grad_on and hidden.requires_grad,
+            "need_dw": grad_on and weight.requires_grad,
+            "need_db": grad_on and bias is not None and bias.requires_grad}
 
 
 # ---------------------------------------------------------------------------- public API
@@ -974,8 +1185,8 @@ def linear_cross_entropy(
         ``return_aux`` a CrossEntropyOutput (lse per row, shaped like target).
     """
     check_group(tp_group)
-    hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
-        hidden, weight, bias, tp_group, vocab_start)
+    u = _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start)
+    tp_group = u.group
     # under TP with validation, this rank's own argument errors reach every rank through
     # the group's validation (distributed.check_tp), as in cross_entropy: a bad argument on
     # one rank must not leave the others waiting in a collective
@@ -983,73 +1194,36 @@ def linear_cross_entropy(
     err = None
     try:
         check_options(ignore_index=ignore_index, reduction=reduction,
-                           normalizer=normalizer, label_smoothing=label_smoothing,
-                           z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
-                           backend=backend)
+                      normalizer=normalizer, label_smoothing=label_smoothing,
+                      z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+                      backend=backend)
         _check_chunk_size(chunk_size)
-        for name, flag in (("return_aux", return_aux), ("inplace_backward", inplace_backward),
-                           ("reduce_hidden_grad", reduce_hidden_grad),
-                           ("differentiable_lse", differentiable_lse)):
-            _check_flag(name, flag)
-        for name, x in (("hidden", hidden), ("weight", weight)):
-            if not isinstance(x, torch.Tensor):
-                raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        hidden, weight, bias = _autocast(hidden, weight, bias)
-        _check_linear_inputs(hidden, weight, bias)
-        accum = _check_accum_dtype(accum_dtype, weight.dtype)
-        be = _select_backend(backend, hidden)  # (may refuse: before any collective)
-        check_target(target, hidden.shape[:-1], hidden.device)
-        target = widened(target, ignore_index)
-        if tp_group is not None:
-            from .distributed import checked_vocab_start
-
-            vocab_start = checked_vocab_start(vocab_start)
-        if tp_group is not None and class_weight is not None:
-            # its length is checked against the global V below
-            if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1:
-                raise ValueError("class_weight must be the whole [V] class-weight vector "
-                                 "(or this rank's [V_local] slice)")
+        _check_flags(("return_aux", return_aux), ("inplace_backward", inplace_backward),
+                     ("reduce_hidden_grad", reduce_hidden_grad),
+                     ("differentiable_lse", differentiable_lse))
+        hidden, weight, bias, accum, be = _checked_inputs(u.hidden, u.weight, u.bias,
+                                                          accum_dtype, backend)
+        target = _checked_target(target, hidden, ignore_index)
+        vocab_start = _checked_start(tp_group, u.vocab_start)
+        _check_tp_class_weight(tp_group, class_weight)
     except (TypeError, ValueError) as exc:
         if not validate_tp:
             raise
         err = exc
     if tp_group is None:
-        if vocab_start not in (None, 0):
-            raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
-        v_local = weight.shape[0]
-        start, vocab_size = 0, v_local
+        start, vocab_size = _unsharded_start(vocab_start), weight.shape[0]
     else:
-        from . import distributed
-
-        smoothed = isinstance(label_smoothing, (int, float)) and label_smoothing > 0
-        op = distributed.OP_CROSS_ENTROPY_SMOOTHED if smoothed else distributed.OP_CROSS_ENTROPY
+        op_code = _tp_op("cross_entropy", label_smoothing)
         if err is not None:
-            distributed.check_tp(tp_group, op=op, v_local=0, vocab_start=None, n_rows=0,
-                                 target=None, ignore_index=ignore_index, local_error=err)
-        v_local = weight.shape[0]
-        # class weights: the whole [V] vector, or each rank's slice of its rows of the head
-        w_sharded = distributed.weight_is_sharded(class_weight, v_local, tp_group)
-        if validate_tp:
-            fp = distributed.options_fingerprint(*map(fingerprint_value, (
-                ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-                normalizer, chunk_size, reduce_hidden_grad, return_aux, differentiable_lse,
-                be.name, hidden.dtype)))
-            start, vocab_size = distributed.check_tp(
-                tp_group, op=op, v_local=v_local, vocab_start=vocab_start,
-                n_rows=target.numel(), target=target, ignore_index=ignore_index,
-                weight=class_weight, options=fp, device=hidden.device,
-                weight_sharded=w_sharded, replicated=hidden if check_hidden else None,
-                replicated_what=(
-                    "hidden: a Shard(0) DTensor weight is taken as a vocabulary "
-                    "(tensor-parallel) shard over its mesh, whose ranks must all pass the "
-                    "same hidden states; these differ, as under FSDP2. " + _FSDP_HINT))
-        else:
-            start, vocab_size = distributed.resolve_layout(
-                tp_group, v_local, vocab_start,
-                vocab_size=None if class_weight is None or w_sharded
-                else int(class_weight.shape[0]))
-        if w_sharded:
-            class_weight = distributed.gather_weight(class_weight, tp_group, start, vocab_size)
+            _share_error(tp_group, op_code, ignore_index, err)
+        fp = _fingerprint(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                          normalizer, chunk_size, reduce_hidden_grad, return_aux,
+                          differentiable_lse, be.name, hidden.dtype) if validate_tp else None
+        start, vocab_size, class_weight = _ce_tp_layout(
+            tp_group, op_code, fp, hidden=hidden, v_local=weight.shape[0], target=target,
+            class_weight=class_weight, vocab_start=vocab_start, ignore_index=ignore_index,
+            check_hidden=u.check_hidden)
+    v_local = weight.shape[0]
     check_weight(class_weight, vocab_size, hidden.device, name="class_weight")
     if not validate_tp:  # (check_tp has checked the targets on every rank)
         check_target_range(target, vocab_size, ignore_index)
@@ -1058,33 +1232,15 @@ def linear_cross_entropy(
                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                        softcap=None if softcap is None else float(softcap),
                        logit_scale=float(logit_scale))
-    D = hidden.shape[-1]
-    h2 = hidden.reshape(-1, D)
-    if h2.stride(-1) != 1 or (h2.shape[0] > 1 and h2.stride(0) != D):
-        h2 = h2.contiguous()
+    h2 = _as_rows(hidden)
     t1 = target.reshape(-1)
-    n = h2.shape[0]
-    if chunk_size != "auto":
-        rows = int(chunk_size)
-    elif tp_group is None:
-        rows = auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
-    else:
-        # every rank must cut the same chunks (their statistics are exchanged chunk by
-        # chunk): size them from the mean shard, the same number on every rank (exactly
-        # V_local for even shards; a larger uneven shard goes over the budget by its excess)
-        import torch.distributed as dist
-
-        rows = auto_chunk_rows(n, -(-vocab_size // dist.get_world_size(tp_group)),
-                               hidden.dtype, hidden.device)
-    grad_on = torch.is_grad_enabled()
+    rows = _chunk_rows(chunk_size, h2.shape[0], v_local, hidden, tp_group, vocab_size)
     plan = LinearPlan(
         opts=opts, backend=be, vocab_size=vocab_size,
         chunk_rows=rows, vocab_start=start, group=tp_group, normalizer=normalizer,
-        need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
-        need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
-        reduce_hidden_grad=bool(reduce_hidden_grad))
-    if weight.stride(-1) != 1 and weight.stride(0) != 1:
-        weight = weight.contiguous()  # GEMMs take either row- or column-major heads as they are
+        accum_dtype=accum, reduce_hidden_grad=bool(reduce_hidden_grad),
+        **_grad_needs(torch.is_grad_enabled(), hidden, weight, bias))
+    weight = _gemm_weight(weight)
     loss, lse, zl, acc = LinearCrossEntropyFunction.apply(h2, weight, bias, t1, class_weight,
                                                           plan)
     if reduction == "none" and normalizer is None:
@@ -1127,11 +1283,6 @@ def _lse_with_grad(hidden, weight, bias, target, *, ignore_index, logit_scale, s
     return z - lp
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise InputError(f"{name} must be a bool, got {value!r}")
-
-
 def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ignore_index,
              return_entropy: bool, tp_group, vocab_start, inference_only, chunk_size,
              reduce_hidden_grad, accum_dtype, backend):
@@ -1142,104 +1293,73 @@ def _rl_call(op: str, hidden, weight, target, *, bias, logit_scale, softcap, ign
     leading shape of hidden.
     """
     check_group(tp_group)
-    hidden, weight, bias, tp_group, vocab_start, check_hidden = _unpack_dtensors(
-        hidden, weight, bias, tp_group, vocab_start)
+    u = _unpack_dtensors(hidden, weight, bias, tp_group, vocab_start)
+    tp_group = u.group
     # under TP with validation, this rank's argument errors reach every rank through the
     # group's validation, so that no rank is left waiting in a collective
     validate_tp = tp_group is not None and syncing()
-    flags = (("return_entropy", return_entropy), ("inference_only", inference_only),
-             ("reduce_hidden_grad", reduce_hidden_grad))
     err = None
     try:
         check_options(ignore_index=ignore_index, reduction="none", normalizer=None,
-                           label_smoothing=0.0, z_loss=0.0, softcap=softcap,
-                           logit_scale=logit_scale, backend=backend)
-        for name, value in flags:
-            _check_flag(name, value)
+                      label_smoothing=0.0, z_loss=0.0, softcap=softcap,
+                      logit_scale=logit_scale, backend=backend)
+        _check_flags(("return_entropy", return_entropy), ("inference_only", inference_only),
+                     ("reduce_hidden_grad", reduce_hidden_grad))
         _check_chunk_size(chunk_size)
-        for name, x in (("hidden", hidden), ("weight", weight)):
-            if not isinstance(x, torch.Tensor):
-                raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        hidden, weight, bias = _autocast(hidden, weight, bias)
-        _check_linear_inputs(hidden, weight, bias)
-        accum = _check_accum_dtype(accum_dtype, weight.dtype)
-        be = _select_backend(backend, hidden)  # (may refuse: before any collective)
+        hidden, weight, bias, accum, be = _checked_inputs(u.hidden, u.weight, u.bias,
+                                                          accum_dtype, backend)
         if op == "logprobs":
-            check_target(target, hidden.shape[:-1], hidden.device)
-            target = widened(target, ignore_index)
-        if tp_group is not None:
-            from .distributed import checked_vocab_start
-
-            vocab_start = checked_vocab_start(vocab_start)
+            target = _checked_target(target, hidden, ignore_index)
+        vocab_start = _checked_start(tp_group, u.vocab_start)
     except (TypeError, ValueError) as exc:
         if not validate_tp:
             raise
         err = exc
-    v_local = 0 if err is not None else weight.shape[0]
     if tp_group is None:
-        if vocab_start not in (None, 0):
-            raise ValueError("vocab_start needs tp_group (a vocabulary shard needs its group)")
-        start = 0
+        start = _unsharded_start(vocab_start)
         if op == "logprobs":
-            check_target_range(target, v_local, ignore_index)
+            check_target_range(target, weight.shape[0], ignore_index)
     else:
-        from . import distributed
-
-        code = distributed.OP_CROSS_ENTROPY if op == "logprobs" else distributed.OP_ENTROPY
+        op_code = _tp_op(op)
         if err is not None:
-            distributed.check_tp(tp_group, op=code, v_local=0, vocab_start=None, n_rows=0,
-                                 target=None, ignore_index=ignore_index, local_error=err)
-        if validate_tp:
-            # every option that changes the collectives (the statistics exchanged, the
-            # all-reduce of hidden's gradient) must agree on every rank
-            fp = distributed.options_fingerprint(*map(fingerprint_value, (
-                "linear_" + op, ignore_index, softcap, logit_scale, return_entropy,
-                inference_only, reduce_hidden_grad)))
-            start, _ = distributed.check_tp(
-                tp_group, op=code, v_local=v_local, vocab_start=vocab_start,
-                n_rows=math.prod(hidden.shape[:-1]), target=target, ignore_index=ignore_index,
-                options=fp, device=hidden.device,
-                replicated=hidden if check_hidden else None,
-                replicated_what=(
-                    "hidden: a Shard(0) DTensor weight is taken as a vocabulary "
-                    "(tensor-parallel) shard over its mesh, whose ranks must all pass the "
-                    "same hidden states; these differ, as under FSDP2. " + _FSDP_HINT))
-        else:
-            start, _ = distributed.resolve_layout(tp_group, v_local, vocab_start,
-                                                  need_vocab_size=False)
+            _share_error(tp_group, op_code, ignore_index, err)
+        # every option that changes the collectives (the statistics exchanged, the
+        # all-reduce of hidden's gradient) must agree on every rank
+        fp = _fingerprint("linear_" + op, ignore_index, softcap, logit_scale, return_entropy,
+                          inference_only, reduce_hidden_grad) if validate_tp else None
+        start = _rl_tp_layout(tp_group, op_code, fp, hidden=hidden, v_local=weight.shape[0],
+                              target=target, vocab_start=vocab_start,
+                              ignore_index=ignore_index, check_hidden=u.check_hidden)
 
     opts = LossOptions(ignore_index=ignore_index, reduction="none",
                        softcap=None if softcap is None else float(softcap),
                        logit_scale=float(logit_scale))
     lead = hidden.shape[:-1]
-    D = hidden.shape[-1]
-    h2 = hidden.reshape(-1, D)
-    if h2.stride(-1) != 1 or (h2.shape[0] > 1 and h2.stride(0) != D):
-        h2 = h2.contiguous()
+    h2 = _as_rows(hidden)
     t1 = None if target is None else target.reshape(-1)
-    n = h2.shape[0]
     # the statistics are exchanged once for all rows (not per chunk), so ranks may cut
     # different chunks: each sizes them from its own shard
-    rows = int(chunk_size) if chunk_size != "auto" else \
-        auto_chunk_rows(n, v_local, hidden.dtype, hidden.device)
-    grad_on = torch.is_grad_enabled() and not inference_only
+    rows = _chunk_rows(chunk_size, h2.shape[0], weight.shape[0], hidden)
     plan = RLPlan(
         opts=opts, backend=be, chunk_rows=rows, want_lp=op == "logprobs",
         want_ent=op == "entropy" or return_entropy, vocab_start=start, group=tp_group,
-        need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
-        need_db=grad_on and bias is not None and bias.requires_grad, accum_dtype=accum,
-        reduce_hidden_grad=reduce_hidden_grad)
-    if weight.stride(-1) != 1 and weight.stride(0) != 1:
-        weight = weight.contiguous()  # GEMMs take either row- or column-major heads as they are
-    if plan.need_dh or plan.need_dw or plan.need_db:
-        out = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, plan)
-    else:
-        # nothing to differentiate: no graph, nothing kept (the forward keeps nothing on a
-        # ctx whose plan needs no gradient)
-        with torch.no_grad():
-            out = LinearLogprobEntropyFunction._forward(types.SimpleNamespace(), h2, weight,
-                                                        bias, t1, plan)
+        accum_dtype=accum, reduce_hidden_grad=reduce_hidden_grad,
+        **_grad_needs(torch.is_grad_enabled() and not inference_only, hidden, weight, bias))
+    weight = _gemm_weight(weight)
+    out = _rl_apply(h2, weight, bias, t1, plan)
     return (out if isinstance(out, tuple) else (out,)), lead
+
+
+def _rl_apply(h2, weight, bias, t1, plan: RLPlan):
+    """The outputs of :class:`LinearLogprobEntropyFunction` for the plan: through autograd
+    where an input needs a gradient, else its forward alone."""
+    if plan.need_dh or plan.need_dw or plan.need_db:
+        return LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, plan)
+    # nothing to differentiate: no graph, nothing kept (the forward keeps nothing on a
+    # ctx whose plan needs no gradient)
+    with torch.no_grad():
+        return LinearLogprobEntropyFunction._forward(types.SimpleNamespace(), h2, weight, bias,
+                                                     t1, plan)
 
 
 def linear_logprobs(

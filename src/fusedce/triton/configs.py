@@ -147,45 +147,56 @@ def rows_grid(x3: torch.Tensor, out: Optional[torch.Tensor], softcap, weight,
     ``peer_cfg``: (the in-kernel exchange with a gradient) the split configuration every
     rank takes (_peer_config), or None."""
     B, T, V = launch.dims3(x3)
-    n = B * T
     if traced is None:
         traced = launch.is_traced(x3, out)
     in_place = need_grad and not traced and out is not None and out.data_ptr() == x3.data_ptr()
-    cfg = fused_config(V, x3.element_size(), in_place=in_place)
-    if peer_cfg is not None and need_grad:
-        cfg = peer_cfg
-    elif cfg.split > 1 and (resident or not splittable or not need_grad):
-        # the long-row entry without cooperating programs (an override only loses its parts)
-        cfg = (replace(cfg, split=1, reverse=True) if "fused" in _OVERRIDE or INTERPRET
-               else _long_rows(x3.element_size()))
-    if resident:
-        cfg = replace(cfg, persistent=True)
-    elif not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
-        # statistics only: no second read, so no L2 budget; one program per row and no
-        # register cap lets the hardware keep as many resident as fit
-        cfg = RowsConfig(block=8192 // x3.element_size(), num_warps=8, per_sm=1,
-                         persistent=False)
+    elem = x3.element_size()
+    cfg = _call_config(fused_config(V, elem, in_place=in_place), elem, need_grad, resident,
+                       splittable, peer_cfg)
     if softcap is not None or weight is not None:
         # more live values per element (z for the softcap chain, class weights): give each
         # program twice the registers rather than spill
         cfg = replace(cfg, per_sm=max(1, cfg.per_sm // 2))
-    if cfg.split > 1:
-        # the cooperating programs: the launcher takes min(rows, P / split) groups of split
-        P = 3 * cfg.split if INTERPRET else cfg.per_sm * launch.sm_count(x3.device)
-    elif INTERPRET:
-        P = min(n, 3)
-    elif not cfg.persistent:
-        P = n
-    else:
-        P = min(n, cfg.per_sm * launch.sm_count(x3.device))
-        if cfg.balance and not resident:
-            P = _balanced(n, P)
+    P = _programs(cfg, B * T, x3.device, resident)
     maxnreg = None
     if cfg.persistent and not INTERPRET and not traced:
         # under torch.compile the launch carries no register cap (it is only a hint for
         # occupancy: programs that wait on others take their places from a ticket)
         maxnreg = _maxnreg(cfg.num_warps, cfg.per_sm)
     return cfg, P, maxnreg
+
+
+def _call_config(cfg: RowsConfig, elem_size: int, need_grad: bool, resident: bool,
+                 splittable: bool, peer_cfg) -> RowsConfig:
+    """The table's configuration ``cfg`` for this call's kind (see rows_grid): the split one
+    every rank takes, no cooperating programs where they cannot run, a resident grid, or
+    one program per row for the statistics alone."""
+    if peer_cfg is not None and need_grad:
+        cfg = peer_cfg
+    elif cfg.split > 1 and (resident or not splittable or not need_grad):
+        # the long-row entry without cooperating programs (an override only loses its parts)
+        cfg = (replace(cfg, split=1, reverse=True) if "fused" in _OVERRIDE or INTERPRET
+               else _long_rows(elem_size))
+    if resident:
+        return replace(cfg, persistent=True)
+    if not need_grad and not INTERPRET and "fused" not in _OVERRIDE:
+        # statistics only: no second read, so no L2 budget; one program per row and no
+        # register cap lets the hardware keep as many resident as fit
+        return RowsConfig(block=8192 // elem_size, num_warps=8, per_sm=1, persistent=False)
+    return cfg
+
+
+def _programs(cfg: RowsConfig, n: int, device, resident: bool) -> int:
+    """Programs of the launch for ``n`` rows under ``cfg``."""
+    if cfg.split > 1:
+        # the cooperating programs: the launcher takes min(rows, P / split) groups of split
+        return 3 * cfg.split if INTERPRET else cfg.per_sm * launch.sm_count(device)
+    if INTERPRET:
+        return min(n, 3)
+    if not cfg.persistent:
+        return n
+    P = min(n, cfg.per_sm * launch.sm_count(device))
+    return _balanced(n, P) if cfg.balance and not resident else P
 
 
 def _balanced(n: int, slots: int) -> int:
