@@ -63,7 +63,8 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     s = torch.empty_like(m)
     zt = torch.empty_like(m)
     sz = torch.zeros_like(m)
-    am = torch.empty(n, device=dev, dtype=torch.int64)
+    am = torch.empty(n, device=dev, dtype=torch.int64) if need_am else \
+        torch.full((n,), -1, device=dev, dtype=torch.int64)
     sez = torch.empty_like(m) if need_sez else None
     valid = target != opts.ignore_index
     local, inside = _local_target(target, valid, vocab_start, V)
@@ -75,25 +76,24 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
             am[r0:r1] = ac + vocab_start
         else:
             mc = z.amax(dim=-1)
-            am[r0:r1] = -1
         if need_sez:
             # an all -inf row has no finite shift; use 0 so that s = 0 and lse = -inf
-            shift = torch.where(torch.isneginf(mc), torch.zeros_like(mc), mc)
+            shift = torch.where(torch.isneginf(mc), 0.0, mc)
             zs = z - shift.unsqueeze(1)
             e = zs.exp()
             s[r0:r1] = e.sum(dim=-1)
             # (z - m) exp(z - m) with exp(-inf) = 0 must give 0, not NaN
-            sez[r0:r1] = torch.where(e > 0, e * zs, torch.zeros_like(e)).sum(dim=-1)
+            sez[r0:r1] = torch.where(e > 0, e * zs, 0.0).sum(dim=-1)
             del e, zs
         else:
             # s = sum_j exp(z_j - m) from torch's fused softmax (faster on CPUs than the sub /
             # exp / sum passes, and than log_softmax): its largest entry, at the argmax where
             # z - m is exactly 0, is 1 / s
             p_max = torch.softmax(z, dim=-1).amax(dim=-1)
-            s[r0:r1] = torch.where(torch.isneginf(mc), torch.zeros_like(mc), p_max.reciprocal_())
+            s[r0:r1] = torch.where(torch.isneginf(mc), 0.0, p_max.reciprocal_())
         m[r0:r1] = mc
         zc = z.gather(1, local[r0:r1].unsqueeze(1)).squeeze(1)
-        zt[r0:r1] = torch.where(inside[r0:r1], zc, torch.zeros_like(zc))
+        zt[r0:r1] = torch.where(inside[r0:r1], zc, 0.0)
         if need_sz:
             sz[r0:r1] = z.sum(dim=-1) if wl is None else z @ wl
     return RowStats(m, s, zt, sz, am, sez)
@@ -185,7 +185,7 @@ def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.
         zs = z - m[r0:r1].unsqueeze(1)
         e = zs.exp()
         centred = zs - mean_zs[r0:r1].unsqueeze(1)
-        d = torch.where(e > 0, e * centred, torch.zeros_like(e)).mul_(coef[r0:r1].unsqueeze(1))
+        d = torch.where(e > 0, e * centred, 0.0).mul_(coef[r0:r1].unsqueeze(1))
         f = chain_factor(z, opts)
         if f is not None:
             d.mul_(f)
