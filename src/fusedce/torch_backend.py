@@ -168,6 +168,8 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
             d.masked_fill_(zr.unsqueeze(1), 0.0)
         if not direct:
             ov.copy_(d.view(ov.shape))
+        # (freed before the next chunk's softmax: one chunk temporary at a time)
+        del e, d
 
 
 def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor,
