@@ -242,6 +242,15 @@ def methods(x_src, t, peers):
                  weight_local=None, need_am=False)
     out["fused kernel alone (in-place)"] = ("fb", kernel_only, restore)
     out["fusedce"] = fb(lambda: fce.cross_entropy(x, t), False)
+
+    def validated(**kw):
+        # the library's default setting: the target-range check reads the device
+        def call():
+            with fce.validation(True):
+                return fce.cross_entropy(x, t, **kw)
+        return call
+    out["fusedce, validation on"] = fb(validated(), False)
+    out["fusedce in-place, validation on"] = fb(validated(inplace_backward=True), True)
     out["fusedce in-place, upstream 2"] = fb(
         lambda: 2.0 * fce.cross_entropy(x, t, inplace_backward=True), True)
     out["fusedce none, upstream g"] = ("fb", lambda: fce.cross_entropy(

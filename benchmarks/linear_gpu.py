@@ -35,10 +35,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import fusedce as fce  # noqa: E402,I001
 from fusedce import linear as fce_linear  # noqa: E402
 
-SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000)]
-# extra chunk sizes (rows) timed beside the "auto" choice
-GRID = {(8192, 4096, 128256): (1024, 1536, 1792, 2048),
-        (8192, 2304, 256000): (512, 768, 896, 1024, 1152)}
+SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 4096, 151936)]
+# extra chunk sizes (rows) timed beside the "auto" choice; the largest are whole-batch
+# chunks, the memory Liger's SM90 kernel keeps (all logits in bf16)
+GRID = {(8192, 4096, 128256): (1024, 2048, 4096, 8192),
+        (8192, 2304, 256000): (512, 1024, 4096, 8192),
+        (16384, 4096, 151936): (2048, 4096, 8192, 16384)}
 GB = 1e9
 
 
@@ -164,6 +166,22 @@ def peers():
         out["Liger FLCE 0.8.5"] = lambda h, w, t: liger(w, h, t)
     except Exception as exc:  # noqa: BLE001
         log(f"  Liger unavailable: {exc!r}")
+    try:
+        # Liger's Hopper kernel: per-token NLL from hidden states (SM90 only, CuTe DSL)
+        from liger_kernel.ops import fused_linear_scaled_cross_entropy as lsce
+
+        if torch.cuda.get_device_capability() != (9, 0):
+            raise RuntimeError("not an SM90 card")
+        lsce._load_sm90_function()
+
+        def liger_sm90(h, w, t):
+            nll = lsce.LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, t, 1.0, -100, 1,
+                                                                         False)
+            nll = nll[0] if isinstance(nll, tuple) else nll
+            return nll.sum() / (t != -100).sum()
+        out["Liger SM90 CuTe 0.8.5"] = liger_sm90
+    except Exception as exc:  # noqa: BLE001
+        log(f"  Liger SM90 CuTe unavailable: {exc!r}")
     try:
         from cut_cross_entropy import linear_cross_entropy as cce_lce
 

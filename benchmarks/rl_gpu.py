@@ -184,6 +184,14 @@ def trl_function():
     except Exception as exc:  # noqa: BLE001 - its trainer module needs accelerate, datasets
         log(f"  trl.trainer.utils not importable ({type(exc).__name__}); vocabulary chunk "
             f"{chunk}, the value TRL 1.16's fused head passes")
+        # the kernel's backward imports one helper from there, which outside DeepSpeed
+        # ZeRO-3 returns a null context: stand in for that module with just the helper
+        import contextlib
+        import types
+
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = stub
     return fn, chunk
 
 

@@ -387,3 +387,30 @@ def test_logits_on_another_gpu_than_the_current_one():
     assert_close_normwise(la, lb, 1e-5, "loss")
     assert_close_normwise(lf, lb, 1e-5, "no_grad loss")
     assert_close_normwise(xa.grad, xb.grad, 2 * tol(torch.bfloat16), "grad")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [-5, 1000, 2**40])
+def test_bad_target_raises_after_the_queued_kernels(backend, bad):
+    """The default call reads its target-range check after queueing the loss kernels: a bad
+    id still raises the documented error from the call, the kernels read it safely (no
+    device fault: later work on the device still runs), and the logits are untouched."""
+    V = 1000
+    x, t = _data(64, V, torch.float32)
+    t[5] = bad
+    xg = x.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=f"holds {bad} at flat position 5"):
+        fce.cross_entropy(xg, t, backend=backend)
+    with pytest.raises(ValueError, match="class ids must lie"):
+        fce.cross_entropy(xg, t, backend=backend, reduction="none", return_aux=True)
+    # in place: checked before anything is written
+    xi = x.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="class ids must lie"):
+        fce.cross_entropy(xi, t, backend=backend, inplace_backward=True)
+    torch.cuda.synchronize()
+    assert torch.equal(xi.detach(), x) and torch.equal(xg.detach(), x)
+    t[5] = 3
+    loss = fce.cross_entropy(xg, t, backend=backend)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(x.double(), t, ignore_index=-100)
+    assert abs(float(loss) - float(ref)) < 1e-5

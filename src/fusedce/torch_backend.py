@@ -141,17 +141,22 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
         idx = local[r0:r1].unsqueeze(1)
+        # an fp32 2-D destination is computed in place (elementwise ops only, so ov aliasing
+        # z in the in-place backward is safe); any other is written from e, then copied
+        direct = out.dtype == torch.float32 and ov.dim() == 2
         if whole_row:
-            e = torch.softmax(z, dim=-1)
+            if direct and ov.is_contiguous() and not torch.compiler.is_compiling():
+                # the softmax straight into the destination (no chunk-sized temporary; the
+                # kernel reads each row's elements before it writes them, so ov may be z)
+                e = torch.ops.aten._softmax.out(z, -1, False, out=ov)
+            else:
+                e = torch.softmax(z, dim=-1)
             p_t = e.gather(1, idx).squeeze(1)
         else:
             # read before the destination (which may alias z) is written
             p_t = (z.gather(1, idx).squeeze(1) - m[r0:r1]).exp_() / s[r0:r1]
             e = z - m[r0:r1].unsqueeze(1)
             e.exp_()
-        # an fp32 2-D destination is computed in place (elementwise ops only, so ov aliasing
-        # z in the in-place backward is safe); any other is written from e, then copied
-        direct = out.dtype == torch.float32 and ov.dim() == 2
         d = ov if direct else e
         torch.mul(e, gp[r0:r1].unsqueeze(1), out=d)
         exact = gt[r0:r1] * (p_t - 1.0) + gr[r0:r1] * p_t

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -297,6 +298,53 @@ def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
         idx = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} holds {int(t[idx])} at flat position {idx}: class ids must lie "
                          f"in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+
+
+_PINNED = threading.local()
+
+
+def _pinned_pair(device: torch.device) -> torch.Tensor:
+    """This thread's two-int64 pinned host buffer for ``device``, allocated once: a pinned
+    tensor freed while its stream still runs cannot be reused by the caching host allocator,
+    so a fresh one per call would page-lock new memory (a slow, synchronizing call) every
+    time."""
+    bufs = getattr(_PINNED, "bufs", None)
+    if bufs is None:
+        bufs = _PINNED.bufs = {}
+    buf = bufs.get(device)
+    if buf is None:
+        buf = bufs[device] = torch.empty(2, dtype=torch.int64, pin_memory=True)
+    return buf
+
+
+def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
+                       name: str = "target"):
+    """:func:`check_target_range` in two halves, for calls that write nothing the user can
+    see before they return: this half queues the extremes of the targets and their copy to
+    pinned host memory (no host sync); the returned callable reads them and raises. Run
+    between the two, the loss kernels queue behind the check instead of waiting for the
+    host's read. Only for CUDA targets; elsewhere (and with validation off) it checks at
+    once and returns None. The kernels must read a bad target safely (masked), which every
+    backend's row-target lookup does."""
+    if target.numel() == 0 or not syncing():
+        return None
+    if not target.is_cuda:
+        check_target_range(target, vocab_size, ignore_index, name)
+        return None
+    t = target.reshape(-1)
+    ext = torch.stack(torch.aminmax(torch.where(t == ignore_index, 0, t))).long()
+    host = _pinned_pair(target.device)
+    host.copy_(ext, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+
+    def finish() -> None:
+        ready.synchronize()
+        lo, hi = host.tolist()
+        if lo < 0 or hi >= vocab_size:
+            check_target_range(target, vocab_size, ignore_index, name)
+
+    return finish
 
 
 def widened(target: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
