@@ -36,8 +36,8 @@ import fusedce as fce  # noqa: E402,I001
 from fusedce import linear as fce_linear  # noqa: E402
 
 SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 4096, 151936)]
-# extra chunk sizes (rows) timed beside the "auto" choice; the largest are whole-batch
-# chunks, the memory Liger's SM90 kernel keeps (all logits in bf16)
+# extra chunk sizes (rows) timed beside the "auto" choice, up to the whole batch (all
+# logits in bf16 at once: what speed the memory buys)
 GRID = {(8192, 4096, 128256): (1024, 2048, 4096, 8192),
         (8192, 2304, 256000): (512, 1024, 4096, 8192),
         (16384, 4096, 151936): (2048, 4096, 8192, 16384)}
