@@ -335,8 +335,10 @@ def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
     ext = torch.stack(torch.aminmax(torch.where(t == ignore_index, 0, t))).long()
     host = _pinned_pair(target.device)
     host.copy_(ext, non_blocking=True)
+    # (the copy runs on the target device's current stream, which need not be the current
+    # device's)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(target.device))
 
     def finish() -> None:
         ready.synchronize()
