@@ -238,21 +238,12 @@ def _evaluable_namedexpr(e: ast.NamedExpr, bound: set) -> bool:
     return False
 
 
-_EVALUABLE = {
-    ast.Constant: _evaluable_constant, ast.Name: _evaluable_name,
-    ast.Attribute: _evaluable_attribute, ast.Call: _evaluable_call,
-    ast.Compare: _evaluable_compare, ast.BoolOp: _evaluable_boolop,
-    ast.UnaryOp: _evaluable_unaryop, ast.BinOp: _evaluable_binop,
-    ast.NamedExpr: _evaluable_namedexpr,
-}
-
-
 def _evaluable(e: ast.AST, bound: set) -> bool:
     """Whether :func:`evaluate` can compute ``e`` from the model alone (config reads,
     attributes, constants), never from the call's tensors. Walrus targets of ``e`` are
     added to ``bound``."""
-    check = _EVALUABLE.get(type(e))
-    return check is not None and check(e, bound)
+    pair = _NODES.get(type(e))
+    return pair is not None and pair[0](e, bound)
 
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -322,22 +313,28 @@ def _evaluate_namedexpr(e: ast.NamedExpr, env: dict[str, Any]) -> Any:
     return v
 
 
-_EVALUATE = {
-    ast.Constant: _evaluate_constant, ast.Name: _evaluate_name,
-    ast.Attribute: _evaluate_attribute, ast.Call: _evaluate_call,
-    ast.Compare: _evaluate_compare, ast.BoolOp: _evaluate_boolop,
-    ast.UnaryOp: _evaluate_unaryop, ast.BinOp: _evaluate_binop,
-    ast.NamedExpr: _evaluate_namedexpr,
+# the expression nodes the analysis follows: (whether evaluable, how to evaluate), one entry
+# per node type so that the two always agree
+_NODES = {
+    ast.Constant: (_evaluable_constant, _evaluate_constant),
+    ast.Name: (_evaluable_name, _evaluate_name),
+    ast.Attribute: (_evaluable_attribute, _evaluate_attribute),
+    ast.Call: (_evaluable_call, _evaluate_call),
+    ast.Compare: (_evaluable_compare, _evaluate_compare),
+    ast.BoolOp: (_evaluable_boolop, _evaluate_boolop),
+    ast.UnaryOp: (_evaluable_unaryop, _evaluate_unaryop),
+    ast.BinOp: (_evaluable_binop, _evaluate_binop),
+    ast.NamedExpr: (_evaluable_namedexpr, _evaluate_namedexpr),
 }
 
 
 def evaluate(e: ast.AST, env: dict[str, Any]) -> Any:
     """Evaluate an expression that :func:`_evaluable` accepted; ``env`` holds ``self`` and
     receives walrus bindings."""
-    fn = _EVALUATE.get(type(e))
-    if fn is None:  # pragma: no cover - checked before
+    pair = _NODES.get(type(e))
+    if pair is None:  # pragma: no cover - checked before
         raise Refused(f"cannot evaluate {ast.unparse(e)}")
-    return fn(e, env)
+    return pair[1](e, env)
 
 
 def conds_hold(conds: Sequence[Cond], env: dict[str, Any]) -> bool:
