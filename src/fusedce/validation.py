@@ -289,15 +289,22 @@ def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
     if target.numel() == 0 or not syncing():
         return
     t = target.reshape(-1)
-    # two small kernels and one 16-byte read on the hot path (this check runs on every call):
-    # the extremes of the targets with ignored rows counted as class 0
-    lo, hi = torch.aminmax(torch.where(t == ignore_index, 0, t))
-    lo, hi = torch.stack([lo, hi]).tolist()
+    # two small kernels and one 16-byte read on the hot path (this check runs on every call)
+    lo, hi = _extremes(t, ignore_index).tolist()
     if lo < 0 or hi >= vocab_size:
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab_size))
-        idx = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} holds {int(t[idx])} at flat position {idx}: class ids must lie "
-                         f"in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+        _raise_out_of_range(t, vocab_size, ignore_index, name)
+
+
+def _extremes(t: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[min, max] of the flat targets ``t``, ignored rows counted as class 0."""
+    return torch.stack(torch.aminmax(torch.where(t == ignore_index, 0, t)))
+
+
+def _raise_out_of_range(t: torch.Tensor, vocab_size: int, ignore_index: int, name: str):
+    bad = (t != ignore_index) & ((t < 0) | (t >= vocab_size))
+    idx = int(bad.nonzero()[0, 0])
+    raise ValueError(f"{name} holds {int(t[idx])} at flat position {idx}: class ids must lie "
+                     f"in [0, {vocab_size}) or equal ignore_index={ignore_index}")
 
 
 _PINNED = threading.local()
@@ -332,7 +339,7 @@ def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
         check_target_range(target, vocab_size, ignore_index, name)
         return None
     t = target.reshape(-1)
-    ext = torch.stack(torch.aminmax(torch.where(t == ignore_index, 0, t))).long()
+    ext = _extremes(t, ignore_index).long()
     host = _pinned_pair(target.device)
     host.copy_(ext, non_blocking=True)
     # (the copy runs on the target device's current stream, which need not be the current
@@ -344,7 +351,7 @@ def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
         ready.synchronize()
         lo, hi = host.tolist()
         if lo < 0 or hi >= vocab_size:
-            check_target_range(target, vocab_size, ignore_index, name)
+            _raise_out_of_range(t, vocab_size, ignore_index, name)
 
     return finish
 
