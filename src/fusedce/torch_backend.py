@@ -155,7 +155,8 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
         else:
             # read before the destination (which may alias z) is written
             p_t = (z.gather(1, idx).squeeze(1) - m[r0:r1]).exp_() / s[r0:r1]
-            e = z - m[r0:r1].unsqueeze(1)
+            shifted = m[r0:r1].unsqueeze(1)
+            e = torch.sub(z, shifted, out=ov) if direct else z - shifted
             e.exp_()
         d = ov if direct else e
         torch.mul(e, gp[r0:r1].unsqueeze(1), out=d)
