@@ -181,10 +181,15 @@ class CrossEntropyFunction(torch.autograd.Function):
 
         if reduced:
             loss = loss_rows.sum() * scale
-            zl = zpart.sum() * scale if plan.need_aux else _unused(lse.device)
         else:
             loss = _shaped(loss_rows, target)
-            zl = _shaped(zpart, target)
+        if not plan.need_aux:
+            zl = _unused(lse.device)
+        elif zpart is None:
+            zl = torch.zeros(() if reduced else target.shape, device=lse.device,
+                             dtype=torch.float32)
+        else:
+            zl = zpart.sum() * scale if reduced else _shaped(zpart, target)
         acc = _accuracy(plan, stats.am, t, terms.valid, lse.device)
         _keep(ctx, plan, reduced, eager)
         if eager:

@@ -307,6 +307,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         stats = spec.RowStats(m, s, zt, sz, am)
         loss_rows, lse, zpart = spec.row_loss(stats, terms, opts, V)
+        if zpart is None:
+            zpart = torch.zeros_like(lse)
         if reduced:
             loss = loss_rows.sum() * scale
             zl = zpart.sum() * scale

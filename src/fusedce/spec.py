@@ -204,15 +204,17 @@ def row_terms(target: torch.Tensor, opts: LossOptions, vocab_size: int,
 
 
 def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: int):
-    """Per-row (loss, lse, zloss_part) in fp32 from combined statistics; ignored rows give 0.
+    """Per-row (loss, lse, zloss_part) in fp32 from combined statistics; ignored rows give 0
+    (zloss_part is None without z-loss).
 
     Written with as few device ops as the options allow: this runs on every call, and at
     small V its launches cost as much as the kernel.
     """
-    lse = lse_of(stats)
+    log_s = torch.log(stats.s)
+    lse = stats.m + log_s
     a = opts.label_smoothing
     weighted = isinstance(terms.total_weight, torch.Tensor)
-    loss = nll_of(stats)
+    loss = (stats.m - stats.zt) + log_s  # nll_of, sharing log s
     if weighted:
         loss = loss * (terms.w_t * (1.0 - a) if a > 0.0 else terms.w_t)
     elif a > 0.0:
@@ -223,7 +225,7 @@ def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: in
         zpart = torch.where(terms.valid, opts.z_loss * lse * lse, 0.0)
         loss = loss + zpart
     else:
-        zpart = torch.zeros_like(lse)
+        zpart = None
     # where, not multiply: a NaN logit on an ignored row must not leak, and the
     # NaN of a valid row must stay
     loss = torch.where(terms.valid, loss, 0.0)
@@ -233,8 +235,12 @@ def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: in
 def grad_coefficients(lse: torch.Tensor, terms: RowTerms, opts: LossOptions, vocab_size: int):
     """(c_p, c_t) of the gradient formula in the module docstring, each [N] fp32."""
     a = opts.label_smoothing
-    c_t = (1.0 - a) * terms.w_t
-    c_p = c_t + (a / vocab_size) * terms.total_weight
+    if a == 0.0:
+        # (the same tensors: no op per call for the plain loss)
+        c_t = c_p = terms.w_t
+    else:
+        c_t = (1.0 - a) * terms.w_t
+        c_p = c_t + (a / vocab_size) * terms.total_weight
     if opts.z_loss > 0.0:
         c_p = c_p + 2.0 * opts.z_loss * lse
     return c_p, c_t

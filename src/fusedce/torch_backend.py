@@ -35,9 +35,18 @@ def _chunk_rows(x3: torch.Tensor) -> int:
 
 
 def _local_target(target: torch.Tensor, valid: torch.Tensor, vocab_start: int, v_local: int):
-    local = target.long() - vocab_start
-    inside = valid & (local >= 0) & (local < v_local)
-    return local.clamp(0, max(v_local - 1, 0)), inside
+    """(each row's target column in this piece, clamped into it; whether it lies there)."""
+    t = target.long()
+    if vocab_start:
+        t = t - vocab_start
+    local = t.clamp(0, max(v_local - 1, 0))
+    # clamping moves exactly the ids outside [0, v_local)
+    return local, (local == t) & valid
+
+
+def _joined(parts: list) -> torch.Tensor:
+    """The per-chunk pieces of a row field as one [N] tensor (no copy for one chunk)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_start: int = 0,
@@ -59,21 +68,17 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     B, T, V = x3.shape
     n = B * T
     dev = x3.device
-    m = torch.empty(n, device=dev, dtype=torch.float32)
-    s = torch.empty_like(m)
-    zt = torch.empty_like(m)
-    sz = torch.zeros_like(m)
-    am = torch.empty(n, device=dev, dtype=torch.int64) if need_am else \
-        torch.full((n,), -1, device=dev, dtype=torch.int64)
-    sez = torch.empty_like(m) if need_sez else None
     valid = target != opts.ignore_index
     local, inside = _local_target(target, valid, vocab_start, V)
     wl = None if weight_local is None else weight_local.float()
+    # each chunk's fields are kept and joined once (one chunk, the common small case, costs
+    # no copies: each small op is a few microseconds, as much as a small chunk's passes)
+    ms, ss, zts, szs, ams, sezs = [], [], [], [], [], []
     for r0, r1, view in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
         z = transform(view.reshape(-1, V), opts)
         if need_am:
             mc, ac = z.max(dim=-1)
-            am[r0:r1] = ac + vocab_start
+            ams.append(ac + vocab_start if vocab_start else ac)
         else:
             mc = z.amax(dim=-1)
         if need_sez:
@@ -81,21 +86,28 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
             shift = torch.where(torch.isneginf(mc), 0.0, mc)
             zs = z - shift.unsqueeze(1)
             e = zs.exp()
-            s[r0:r1] = e.sum(dim=-1)
+            ss.append(e.sum(dim=-1))
             # (z - m) exp(z - m) with exp(-inf) = 0 must give 0, not NaN
-            sez[r0:r1] = torch.where(e > 0, e * zs, 0.0).sum(dim=-1)
+            sezs.append(torch.where(e > 0, e * zs, 0.0).sum(dim=-1))
             del e, zs
         else:
             # s = sum_j exp(z_j - m) from torch's fused softmax (faster on CPUs than the sub /
             # exp / sum passes, and than log_softmax): its largest entry, at the argmax where
-            # z - m is exactly 0, is 1 / s
+            # z - m is exactly 0, is 1 / s (an all -inf row's NaN becomes s = 0)
             p_max = torch.softmax(z, dim=-1).amax(dim=-1)
-            s[r0:r1] = torch.where(torch.isneginf(mc), 0.0, p_max.reciprocal_())
-        m[r0:r1] = mc
+            ss.append(p_max.reciprocal_().masked_fill_(torch.isneginf(mc), 0.0))
+        ms.append(mc)
         zc = z.gather(1, local[r0:r1].unsqueeze(1)).squeeze(1)
-        zt[r0:r1] = torch.where(inside[r0:r1], zc, 0.0)
+        zts.append(torch.where(inside[r0:r1], zc, 0.0))
         if need_sz:
-            sz[r0:r1] = z.sum(dim=-1) if wl is None else z @ wl
+            szs.append(z.sum(dim=-1) if wl is None else z @ wl)
+    if n == 0:
+        empty = torch.empty(0, device=dev, dtype=torch.float32)
+        ms = ss = zts = [empty]
+    m, s, zt = _joined(ms), _joined(ss), _joined(zts)
+    sz = _joined(szs) if szs else torch.zeros_like(m)
+    am = _joined(ams) if ams else torch.full((n,), -1, device=dev, dtype=torch.int64)
+    sez = None if not need_sez else _joined(sezs) if sezs else torch.empty_like(m)
     return RowStats(m, s, zt, sz, am, sez)
 
 
@@ -126,21 +138,20 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
     # whole row's m and s: the shifted exponential, with 1 / s folded into the row factor.
     # (The caller says which: under TP the shard on rank 0 can look like a whole row.)
     gp = g * c_p if whole_row else g * c_p / s
-    # the target column is written as g * (c_t * (p_t - 1) + (c_p - c_t) * p_t), which is
-    # exact where p_t = 1 (a one-class row), instead of p_t * c_p - c_t, which cancels there
-    gt = g * c_t
-    gr = g * (c_p - c_t)
+    # the row is written as g * c_p * p_j; the target column then gets -g * c_t added, which
+    # gives exactly 0 where p_t = 1 and c_p = c_t (a one-class row)
+    dt = torch.where(inside, torch.mul(g, c_t).neg_(), 0.0)
     wl = None if weight_local is None else weight_local.float()
     # rows without upstream gradient (ignored) get exactly 0 even where their logits are NaN
-    # or inf (0 * exp(z - m) is NaN there); such rows have a non-finite m or s. They are rare:
-    # in eager CPU calls the fill runs only for chunks holding one; on GPUs (no host sync)
+    # or inf (0 * exp(z - m) is NaN there); such rows have a non-finite lse = m + log s. They
+    # are rare: in eager CPU calls the fill runs only when one exists; on GPUs (no host sync)
     # and under torch.compile (no data-dependent branch) always
-    zero_rows = (g == 0) & ~(torch.isfinite(m) & (s > 0) & torch.isfinite(s))
+    finite = torch.isfinite(torch.log(s).add_(m))
     always = x3.device.type != "cpu" or torch.compiler.is_compiling()
+    zero_rows = (g == 0) & ~finite if always or not bool(finite.all()) else None
     for r0, r1, xv in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
-        idx = local[r0:r1].unsqueeze(1)
         # an fp32 2-D destination is computed in place (elementwise ops only, so ov aliasing
         # z in the in-place backward is safe); any other is written from e, then copied
         direct = out.dtype == torch.float32 and ov.dim() == 2
@@ -151,27 +162,21 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
                 e = torch.ops.aten._softmax.out(z, -1, False, out=ov)
             else:
                 e = torch.softmax(z, dim=-1)
-            p_t = e.gather(1, idx).squeeze(1)
         else:
-            # read before the destination (which may alias z) is written
-            p_t = (z.gather(1, idx).squeeze(1) - m[r0:r1]).exp_() / s[r0:r1]
             shifted = m[r0:r1].unsqueeze(1)
             e = torch.sub(z, shifted, out=ov) if direct else z - shifted
             e.exp_()
         d = ov if direct else e
         torch.mul(e, gp[r0:r1].unsqueeze(1), out=d)
-        exact = gt[r0:r1] * (p_t - 1.0) + gr[r0:r1] * p_t
-        keep = d.gather(1, idx).squeeze(1)
-        d.scatter_(1, idx, torch.where(inside[r0:r1], exact, keep).unsqueeze(1))
+        d.scatter_add_(1, local[r0:r1].unsqueeze(1), dt[r0:r1].unsqueeze(1))
         if a > 0.0:
             ga = g[r0:r1].unsqueeze(1) * (a / vocab_size)
             d.sub_(ga if wl is None else ga * wl.unsqueeze(0))
         f = chain_factor(z, opts)
         if f is not None:
             d.mul_(f)
-        zr = zero_rows[r0:r1]
-        if always or bool(zr.any()):
-            d.masked_fill_(zr.unsqueeze(1), 0.0)
+        if zero_rows is not None:
+            d.masked_fill_(zero_rows[r0:r1].unsqueeze(1), 0.0)
         if not direct:
             ov.copy_(d.view(ov.shape))
         # (freed before the next chunk's softmax: one chunk temporary at a time)
