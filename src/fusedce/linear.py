@@ -138,6 +138,7 @@ class LinearPlan:
     need_db: bool = False
     accum_dtype: Optional[torch.dtype] = None  # dW accumulator; None = weight's dtype
     reduce_hidden_grad: bool = True
+    need_aux: bool = True  # the accuracy is wanted (backends with optional_argmax skip it else)
 
 
 def _logits_into(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -276,6 +277,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grads = _Grads(plan, hidden, weight, bias) if eager else None
 
         need_sz = opts.label_smoothing > 0.0
+        # (the argmax costs a full pass of its own on CPUs: only for the accuracy)
+        am_kw = {"need_am": plan.need_aux} if getattr(be, "optional_argmax", False) else {}
         for r0, r1, h_c, x in _logit_chunks(hidden, weight, bias, plan.chunk_rows, v_local):
             x3 = x.unsqueeze(0)
             t_c = t[r0:r1]
@@ -284,7 +287,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                               vocab_size=V, out=x3, weight_local=wl)
             else:
                 st = be.row_stats(x3, t_c, opts, vocab_start=plan.vocab_start, weight_local=wl,
-                                  need_sz=need_sz)
+                                  need_sz=need_sz, **am_kw)
                 if plan.group is not None:
                     from .distributed import allgather_stats
 
@@ -315,7 +318,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss = loss_rows
             zl = zpart
-        acc = spec.accuracy(am, t, terms.valid)
+        # (None is no output while torch.compile traces the backward: the tensor then)
+        acc = spec.accuracy(am, t, terms.valid) \
+            if plan.need_aux or torch.compiler.is_compiling() else None
 
         ctx.plan = plan
         ctx.eager = eager
@@ -324,7 +329,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.grads = grads.finish(plan, weight, bias)
         elif need_any:
             ctx.save_for_backward(hidden, weight, bias, t, class_weight, m, s)
-        ctx.mark_non_differentiable(lse, zl, acc)
+        ctx.mark_non_differentiable(*(v for v in (lse, zl, acc) if v is not None))
         return loss, lse, zl, acc
 
     @staticmethod
@@ -1241,7 +1246,7 @@ def linear_cross_entropy(
         opts=opts, backend=be, vocab_size=vocab_size,
         chunk_rows=rows, vocab_start=start, group=tp_group, normalizer=normalizer,
         accum_dtype=accum, reduce_hidden_grad=bool(reduce_hidden_grad),
-        **_grad_needs(torch.is_grad_enabled(), hidden, weight, bias))
+        need_aux=bool(return_aux), **_grad_needs(torch.is_grad_enabled(), hidden, weight, bias))
     weight = _gemm_weight(weight)
     loss, lse, zl, acc = LinearCrossEntropyFunction.apply(h2, weight, bias, t1, class_weight,
                                                           plan)
