@@ -1,0 +1,99 @@
+"""The timeline of one default cross_entropy step on a GPU (forward + backward, bf16, new
+gradient buffer, validation on and off): when the host launches each kernel and when the GPU
+runs it, measured from the end of an L2 flush as do_bench times a step. Shows where the GPU
+waits for the host.
+
+Usage: PYTHONPATH=src python lab/ce_timeline.py [--V 32000] [--N 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fusedce as fce
+
+
+def step_fn(x, t):
+    def step():
+        fce.cross_entropy(x, t).backward()
+    return step
+
+
+def timed(step, x, flush, reps=60):
+    """Median ms of one step, events around it after an L2 flush (do_bench's method)."""
+    out = []
+    for _ in range(reps + 5):
+        x.grad = None
+        flush.zero_()
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out[5:])
+
+
+def timeline(step, x, flush):
+    for _ in range(3):
+        x.grad = None
+        step()
+    torch.cuda.synchronize()
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        flush.zero_()
+        step()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    evs.sort(key=lambda e: e.time_range.start)
+    cpu = [e for e in prof.events() if e.device_type.name == "CPU"]
+    t0 = min(e.time_range.start for e in cpu)
+    launches = sorted((e.time_range.start - t0, e.name) for e in cpu
+                      if "LaunchKernel" in e.name or "Memcpy" in e.name or "Memset" in e.name
+                      or "EventSynchronize" in e.name or "StreamSynchronize" in e.name)
+    print("  host calls (us from the first host event):")
+    for ts, name in launches:
+        print(f"    {ts:8.1f}  {name}")
+    flush_end = evs[0].time_range.end
+    print("  GPU (us from the flush's end): start, duration, kernel")
+    prev = flush_end
+    for e in evs[1:]:
+        gap = e.time_range.start - prev
+        print(f"    {e.time_range.start - flush_end:8.1f} {e.time_range.elapsed_us():8.1f}"
+              f"  (idle {gap:6.1f})  {e.name[:70]}")
+        prev = e.time_range.end
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--V", type=int, default=32000)
+    ap.add_argument("--N", type=int, default=16384)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.N, args.V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, args.V, (args.N,), device="cuda")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    step = step_fn(x, t)
+    floor_ms = None
+    src = torch.empty(args.N * args.V * 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), x, flush)
+    floor_ms = ms  # read + write of N x V bf16 = the forward + backward floor
+    print(f"floor (copy of the logits' bytes): {floor_ms * 1e3:.1f} us")
+    for val in (True, False):
+        fce.set_validation(val)
+        ms = timed(step, x, flush)
+        print(f"validation {'on ' if val else 'off'}: {ms * 1e3:.1f} us = {ms / floor_ms:.3f}x")
+    for val in (True, False):
+        fce.set_validation(val)
+        print(f"== timeline, validation {'on' if val else 'off'}")
+        timeline(step, x, flush)
+
+
+if __name__ == "__main__":
+    main()
