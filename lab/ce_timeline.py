@@ -9,12 +9,11 @@ Usage: PYTHONPATH=src python lab/ce_timeline.py [--V 32000] [--N 16384]
 from __future__ import annotations
 
 import argparse
-import statistics
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusedce as fce
+from fusedce.bench import measure
 
 
 def step_fn(x, t):
@@ -23,20 +22,9 @@ def step_fn(x, t):
     return step
 
 
-def timed(step, x, flush, reps=60):
-    """Median ms of one step, events around it after an L2 flush (do_bench's method)."""
-    out = []
-    for _ in range(reps + 5):
-        x.grad = None
-        flush.zero_()
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out[5:])
+def timed(step, x):
+    """Median ms of one step as do_bench times it (an L2 flush, then events around it)."""
+    return measure.time_cuda(step, grad_to_none=[x])
 
 
 def timeline(step, x, flush):
@@ -79,15 +67,14 @@ def main():
     t = torch.randint(0, args.V, (args.N,), device="cuda")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     step = step_fn(x, t)
-    floor_ms = None
     src = torch.empty(args.N * args.V * 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), x, flush)
-    floor_ms = ms  # read + write of N x V bf16 = the forward + backward floor
+    # read + write of N x V bf16 = the forward + backward floor
+    floor_ms = timed(lambda: dst.copy_(src), x)
     print(f"floor (copy of the logits' bytes): {floor_ms * 1e3:.1f} us")
     for val in (True, False):
         fce.set_validation(val)
-        ms = timed(step, x, flush)
+        ms = timed(step, x)
         print(f"validation {'on ' if val else 'off'}: {ms * 1e3:.1f} us = {ms / floor_ms:.3f}x")
     for val in (True, False):
         fce.set_validation(val)
