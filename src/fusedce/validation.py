@@ -368,7 +368,8 @@ def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
         ready.synchronize()
         lo, hi = _extremes(host, ignore_index).tolist()
         if lo < 0 or hi >= vocab_size:
-            _raise_out_of_range(t, vocab_size, ignore_index, name)
+            # the error names the first bad position, found on the device's own copy
+            check_target_range(t, vocab_size, ignore_index, name)
 
     return finish
 
