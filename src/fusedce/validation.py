@@ -307,44 +307,31 @@ def _raise_out_of_range(t: torch.Tensor, vocab_size: int, ignore_index: int, nam
                      f"in [0, {vocab_size}) or equal ignore_index={ignore_index}")
 
 
-_LOCAL_BUFS = threading.local()
+_PINNED = threading.local()
 
 
-def _host_buffer(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
-    """This thread's pinned host buffer of at least ``n`` elements of ``dtype`` for
-    ``device``, grown by doubling: a pinned tensor freed while its stream still runs cannot be
-    reused by the caching host allocator, so a fresh one per call would page-lock new memory
-    (a slow, synchronizing call) every time."""
-    bufs = getattr(_LOCAL_BUFS, "bufs", None)
+def _pinned_pair(device: torch.device) -> torch.Tensor:
+    """This thread's two-int64 pinned host buffer for ``device``, allocated once: a pinned
+    tensor freed while its stream still runs cannot be reused by the caching host allocator,
+    so a fresh one per call would page-lock new memory (a slow, synchronizing call) every
+    time."""
+    bufs = getattr(_PINNED, "bufs", None)
     if bufs is None:
-        bufs = _LOCAL_BUFS.bufs = {}
-    key = (device, dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < n:
-        size = max(n, 2 * buf.numel() if buf is not None else 1024)
-        buf = bufs[key] = torch.empty(size, dtype=dtype, pin_memory=True)
-    return buf[:n]
-
-
-def _copy_stream(device: torch.device):
-    """This thread's side stream on ``device`` for the targets' copy to the host."""
-    streams = getattr(_LOCAL_BUFS, "streams", None)
-    if streams is None:
-        streams = _LOCAL_BUFS.streams = {}
-    st = streams.get(device)
-    if st is None:
-        st = streams[device] = torch.cuda.Stream(device)
-    return st
+        bufs = _PINNED.bufs = {}
+    buf = bufs.get(device)
+    if buf is None:
+        buf = bufs[device] = torch.empty(2, dtype=torch.int64, pin_memory=True)
+    return buf
 
 
 def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
                        name: str = "target"):
     """:func:`check_target_range` in two halves, for calls that write nothing the user can
-    see before they return: this half queues a copy of the targets to pinned host memory on a
-    side stream (the copy engine, beside the loss kernels: no kernel and no host sync on the
-    compute stream); the returned callable waits for that copy, checks the ids on the host
-    and raises. Only for CUDA targets; elsewhere (and with validation off) it checks at once
-    and returns None. The kernels must read a bad target safely (masked), which every
+    see before they return: this half queues the extremes of the targets and their copy to
+    pinned host memory (no host sync); the returned callable reads them and raises. Run
+    between the two, the loss kernels queue behind the check instead of waiting for the
+    host's read. Only for CUDA targets; elsewhere (and with validation off) it checks at
+    once and returns None. The kernels must read a bad target safely (masked), which every
     backend's row-target lookup does."""
     if target.numel() == 0 or not syncing():
         return None
@@ -352,24 +339,19 @@ def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
         check_target_range(target, vocab_size, ignore_index, name)
         return None
     t = target.reshape(-1)
-    host = _host_buffer(t.device, t.dtype, t.numel())
-    side = _copy_stream(t.device)
-    # the copy sees the targets as the compute stream leaves them here (their producers
-    # included), and nothing it queues after
-    side.wait_stream(torch.cuda.current_stream(t.device))
-    with torch.cuda.stream(side):
-        host.copy_(t, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(side)
+    ext = _extremes(t, ignore_index).long()
+    host = _pinned_pair(target.device)
+    host.copy_(ext, non_blocking=True)
+    # (the copy runs on the target device's current stream, which need not be the current
+    # device's)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(target.device))
 
     def finish() -> None:
-        # (t stays referenced until the copy has been waited for: its memory is not reused
-        # under the side stream's read)
         ready.synchronize()
-        lo, hi = _extremes(host, ignore_index).tolist()
+        lo, hi = host.tolist()
         if lo < 0 or hi >= vocab_size:
-            # the error names the first bad position, found on the device's own copy
-            check_target_range(t, vocab_size, ignore_index, name)
+            _raise_out_of_range(t, vocab_size, ignore_index, name)
 
     return finish
 
