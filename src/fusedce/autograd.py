@@ -103,6 +103,19 @@ def apply(fn, plan: Plan, *args):
     return fn.forward(_NoGradCtx(), *args, plan)
 
 
+def _zloss_out(plan: Plan, zpart: Optional[torch.Tensor], reduced: bool, target: torch.Tensor,
+               device, scale: Optional[torch.Tensor] = None):
+    """The z-loss output: unused without the aux outputs, zeros without z-loss, else its
+    rows reduced like the loss (times ``scale`` where the rows are not scaled yet)."""
+    if not plan.need_aux:
+        return _unused(device)
+    if zpart is None:
+        return torch.zeros(() if reduced else target.shape, device=device, dtype=torch.float32)
+    if not reduced:
+        return _shaped(zpart, target)
+    return zpart.sum() if scale is None else zpart.sum() * scale
+
+
 def _shaped(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-row values [N] shaped like ``target`` (no view op when it is 1-D already)."""
     return rows if target.dim() == 1 else rows.view(target.shape)
@@ -183,13 +196,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = loss_rows.sum() * scale
         else:
             loss = _shaped(loss_rows, target)
-        if not plan.need_aux:
-            zl = _unused(lse.device)
-        elif zpart is None:
-            zl = torch.zeros(() if reduced else target.shape, device=lse.device,
-                             dtype=torch.float32)
-        else:
-            zl = zpart.sum() * scale if reduced else _shaped(zpart, target)
+        zl = _zloss_out(plan, zpart, reduced, target, lse.device, scale)
         acc = _accuracy(plan, stats.am, t, terms.valid, lse.device)
         _keep(ctx, plan, reduced, eager)
         if eager:
@@ -237,12 +244,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             vocab_start=plan.vocab_start, **({"peer": peer} if peer is not None else {}))
         if eager and plan.inplace:
             written(logits)
-        if not plan.need_aux:
-            zl = _unused(lse.device)
-        elif zpart is None:
-            zl = torch.zeros(() if reduced else target.shape, device=lse.device)
-        else:
-            zl = zpart.sum() if reduced else _shaped(zpart, target)
+        zl = _zloss_out(plan, zpart, reduced, target, lse.device)
         loss = loss_rows.sum() if reduced else _shaped(loss_rows, target)
         acc = _accuracy(plan, am, t, None, lse.device)
         _keep(ctx, plan, reduced, eager)

@@ -149,11 +149,6 @@ def lse_of(stats: RowStats) -> torch.Tensor:
     return stats.m + torch.log(stats.s)
 
 
-def nll_of(stats: RowStats) -> torch.Tensor:
-    """lse - z_t formed as (m - z_t) + log s (offset-invariant), fp32 [N]."""
-    return (stats.m - stats.zt) + torch.log(stats.s)
-
-
 def entropy_of(stats: RowStats) -> torch.Tensor:
     """H = log s - sez / s (offset-invariant), fp32 [N]."""
     return torch.log(stats.s) - stats.sez / stats.s
@@ -214,7 +209,8 @@ def row_loss(stats: RowStats, terms: RowTerms, opts: LossOptions, vocab_size: in
     lse = stats.m + log_s
     a = opts.label_smoothing
     weighted = isinstance(terms.total_weight, torch.Tensor)
-    loss = (stats.m - stats.zt) + log_s  # nll_of, sharing log s
+    # lse - z_t formed offset-invariantly as (m - z_t) + log s
+    loss = (stats.m - stats.zt) + log_s
     if weighted:
         loss = loss * (terms.w_t * (1.0 - a) if a > 0.0 else terms.w_t)
     elif a > 0.0:
