@@ -669,28 +669,125 @@ def test_torch_compile_dynamic_true():
 
 @pytest.mark.parametrize("need_am", [True, False])
 def test_torch_backend_row_stats_fast_path(need_am):
-    """row_stats takes s from the fused log_softmax (its maximum is -log s) and skips the
-    argmax unless asked: m is the row maximum, m + log s the fp64 logsumexp, am the first
-    argmax or -1; masked (-inf) columns add nothing and an all -inf row gives m = -inf,
-    s = 0 (lse = -inf); chunk boundaries change nothing."""
+    """row_stats takes s from torch's softmax and skips the argmax unless asked. With the
+    argmax, m is the row maximum; without it (on CPUs) the pair is (z_t, 1 / p_t) at the
+    target's column, and rows whose p_t is tiny (an unlikely target) or not a number take the
+    row maximum. Either way m + log s is the fp64 logsumexp and the loss log s - (z_t - m)
+    is -log p_t; masked (-inf) columns add nothing and an all -inf row gives m = -inf, s = 0
+    (lse = -inf); am is the first argmax or -1; chunk boundaries change nothing."""
     V = 37
     x = torch.randn(2, 5, V) * 4
     x[0, 1, :10] = float("-inf")
     x[1, 2] = float("-inf")
     x[1, 3, 5] = x[1, 3].max() + 1.0  # a clear maximum
     t = torch.randint(0, V, (10,))
+    t[1] = 12  # a finite column of the partly masked row
+    t[4] = 3
+    x[0, 4, 3] = x[0, 4].max() - 80.0  # p_t ~ e^-80 < 2^-64: the row maximum's pair
+    t[6] = -100  # ignored: the pair is taken at the clamped column 0
     opts = spec.LossOptions()
+    flat = x.reshape(10, V)
+    mx = flat.max(dim=-1)
+    ref = torch.logsumexp(flat.double(), dim=-1)
+    fin = torch.isfinite(ref)
+    valid = t != -100
+    tc = t.clamp(min=0)
+    col = flat.gather(1, tc.unsqueeze(1)).squeeze(1)
     for rows in (None, 3):
         st = torch_backend.row_stats(x, t, opts, need_am=need_am, chunk_rows=rows)
-        flat = x.reshape(10, V)
-        mx = flat.max(dim=-1)
-        assert torch.equal(st.m, mx.values)
-        ref = torch.logsumexp(flat.double(), dim=-1)
         lse = spec.lse_of(st)
-        fin = torch.isfinite(ref)
         assert_close_normwise(lse[fin], ref[fin], 1e-6, "lse")
-        assert st.s[7] == 0 and lse[7] == float("-inf")
+        assert st.s[7] == 0 and lse[7] == float("-inf") and st.m[7] == float("-inf")
+        assert torch.equal(st.zt[valid], col[valid]) and st.zt[6] == 0
+        keep = valid & fin
+        loss = st.m[keep] - st.zt[keep] + torch.log(st.s[keep])
+        assert_close_normwise(loss, (ref[keep] - col[keep].double()).float(), 1e-6, "loss")
         if need_am:
+            assert torch.equal(st.m, mx.values)
             assert torch.equal(st.am[fin], mx.indices[fin])
         else:
             assert (st.am == -1).all()
+            at_max = torch.tensor([i in (4, 7) for i in range(10)])
+            assert torch.equal(st.m[~at_max], col[~at_max])
+            assert torch.equal(st.m[at_max], mx.values[at_max])
+
+
+_FUSED_OPTS = [dict(), dict(label_smoothing=0.2, weight="w"), dict(z_loss=1e-2, softcap=4.0),
+               dict(logit_scale=1.7, label_smoothing=0.1, z_loss=1e-3)]
+
+
+@pytest.mark.parametrize("kw", _FUSED_OPTS, ids=lambda k: ",".join(k) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("need_am", [False, True])
+def test_torch_backend_fused_matches_row_stats_and_grad(kw, dtype, inplace, need_am):
+    """fused (the statistics and dx from one softmax per chunk, written into the gradient
+    destination or over the logits) gives the loss rows, lse and dx of row_stats + grad
+    (two softmaxes), against fp64, at chunk boundaries, with rows whose target is very
+    unlikely (the row maximum's pair), masked columns, an all -inf row and NaN / inf logits
+    on ignored rows (dx exactly 0 there), for fp32 and bf16 destinations."""
+    V = 29
+    opts = spec.LossOptions(**{k: v for k, v in kw.items() if k != "weight"})
+    w = torch.rand(V) + 0.5 if "weight" in kw else None
+    x = (torch.randn(11, V) * 3)
+    t = torch.randint(0, V, (11,))
+    x[2, t[2]] = x[2].max() - 90.0  # p_t < 2^-64
+    if opts.label_smoothing == 0:
+        # (smoothing puts target mass on every column: an infinite loss there)
+        x[4, :9] = float("-inf")
+        t[4] = 20
+    x[5], t[5] = float("-inf"), -100
+    x[6, 1], t[6] = float("nan"), -100
+    x[7, 0], t[7] = float("inf"), -100
+    x = x.to(dtype)
+    terms = spec.row_terms(t, opts, V, w)
+    g0 = terms.valid.float() * 0.37
+    for rows in (None, 4):
+        src = x.clone().unsqueeze(0)
+        out = src if inplace else torch.full_like(src, float("nan"))
+        st = torch_backend.fused(src, t, opts, g0=g0, terms=terms, vocab_size=V, out=out,
+                                 weight_local=w, need_am=need_am, chunk_rows=rows)
+        ref = torch_backend.row_stats(x.unsqueeze(0), t, opts, weight_local=w, need_am=need_am,
+                                      need_sz=opts.label_smoothing > 0, chunk_rows=rows)
+        lse, lse_ref = spec.lse_of(st), spec.lse_of(ref)
+        fin = torch.isfinite(lse_ref)
+        assert torch.equal(fin, torch.isfinite(lse))
+        assert_close_normwise(lse[fin], lse_ref[fin], 1e-6, "lse")
+        loss, _, _ = spec.row_loss(st, terms, opts, V)
+        loss_ref, _, _ = spec.row_loss(ref, terms, opts, V)
+        assert_close_normwise(loss, loss_ref, 1e-6, "loss rows")
+        assert torch.equal(st.am, ref.am)
+        # dx against fp64 autograd of the reference loss on the valid rows
+        xr = x.double().requires_grad_(True)
+        r = ref_cross_entropy(xr, t, weight=w, reduction="sum", **{
+            k: v for k, v in kw.items() if k != "weight"})
+        r.backward()
+        dx = out.squeeze(0)
+        assert dx.dtype == dtype
+        assert torch.count_nonzero(dx[5:8]) == 0 and torch.isfinite(dx).all()
+        keep = torch.ones(11, dtype=torch.bool)
+        keep[5:8] = False
+        assert_close_normwise(dx[keep] / 0.37, xr.grad[keep], max(tol(dtype), 1e-5) * 2, "dx")
+
+
+def test_second_backward_recomputes_on_the_torch_backend():
+    """The torch backend writes the gradient in the forward like the Triton one, yet keeps
+    the logits and statistics: with retain_graph=True a second backward recomputes the
+    gradient (autograd adds it again) instead of raising; with inplace_backward (the logits
+    overwritten) it raises as the Triton path does."""
+    x, t = _inputs((6,), 19, torch.float32)
+    leaf = x.clone().requires_grad_(True)
+    loss = fce.cross_entropy(leaf, t, label_smoothing=0.1, backend="torch")
+    two = torch.tensor(2.0)
+    loss.backward(two, retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward(two)
+    assert_close_normwise(leaf.grad, 2 * first, 1e-6, "second backward")
+    ref = x.double().requires_grad_(True)
+    (2.0 * ref_cross_entropy(ref, t, label_smoothing=0.1)).backward()
+    assert_close_normwise(first, ref.grad, 1e-5, "first backward")
+    buf = x.clone().requires_grad_(True) * 1.0
+    loss = fce.cross_entropy(buf, t, inplace_backward=True, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()

@@ -5,12 +5,15 @@ The math lives in :mod:`fusedce.spec`; a backend (``torch_backend`` or
 distributed exchange combines statistics across vocabulary shards. Two gradient
 strategies:
 
-* lazy (torch backend): the forward keeps only per-row statistics; the backward
-  recomputes z chunk by chunk and writes dx = g * dloss_row/dx with the true upstream g.
-* eager (Triton backend): when autograd will need the gradient, the forward already writes
-  dx for an upstream gradient of 1 (scaled by the mean denominator or normalizer, which are
-  known from the targets before any kernel runs); the backward multiplies by the upstream
-  gradient, a device-side no-op when it is 1 (no host sync).
+* lazy (per-row upstream gradients, the torch backend's low-precision logits): the forward
+  keeps only per-row statistics; the backward recomputes z chunk by chunk and writes
+  dx = g * dloss_row/dx with the true upstream g.
+* eager (a reduced loss on the Triton backend, or on the torch backend's fp32 logits): when
+  autograd will need the gradient, the forward already writes dx for an upstream gradient
+  of 1 (scaled by the mean denominator or normalizer, which are known from the targets
+  before any kernel runs); the backward multiplies by the upstream gradient, a device-side
+  no-op when it is 1 (no host sync). A backend with ``regrad`` also keeps the logits (when
+  they are not overwritten), so a second backward through a retained graph recomputes.
 
 No Triton code here; validation happens in :mod:`fusedce.functional`.
 """
@@ -121,6 +124,12 @@ def _shaped(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return rows if target.dim() == 1 else rows.view(target.shape)
 
 
+def _eager_grad(be, logits: torch.Tensor) -> bool:
+    """The backend's ``eager_grad``: a flag, or a function of the logits."""
+    flag = getattr(be, "eager_grad", False)
+    return flag(logits) if callable(flag) else flag
+
+
 def _scalar(g: torch.Tensor) -> torch.Tensor:
     """An upstream gradient as a 0-d fp32 tensor (itself when it is one already)."""
     return g if g.dim() == 0 and g.dtype == torch.float32 else g.float().reshape(())
@@ -158,7 +167,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # scalar (a reduced loss): the backward then scales it by that scalar. A per-row
         # upstream gradient (reduction="none", e.g. RL advantages) is applied in the backward
         # from the saved statistics instead, so a bf16 / fp16 gradient is rounded once.
-        eager = plan.need_grad and reduced and getattr(be, "eager_grad", False)
+        eager = plan.need_grad and reduced and _eager_grad(be, logits)
         one_kernel = hasattr(be, "fused_loss") and getattr(be, "one_kernel", lambda: True)()
         if one_kernel and (eager or not plan.need_grad):
             # (its kernels take [N, V] logits as they are: no [1, N, V] view to make)
@@ -199,12 +208,17 @@ class CrossEntropyFunction(torch.autograd.Function):
         zl = _zloss_out(plan, zpart, reduced, target, lse.device, scale)
         acc = _accuracy(plan, stats.am, t, terms.valid, lse.device)
         _keep(ctx, plan, reduced, eager)
-        if eager:
+        ctx.again = eager and not plan.inplace and getattr(be, "regrad", False)
+        if eager and not ctx.again:
             ctx.save_for_backward(gbuf)
         elif plan.need_grad:
             c_p, c_t = spec.grad_coefficients(lse, terms, opts, plan.vocab_size)
             ctx.save_for_backward(logits, t, stats.m, stats.s, c_p, c_t, scale, terms.valid,
                                   weight)
+            if eager:
+                # the first backward hands this buffer over; a second one (retain_graph=True)
+                # recomputes the gradient from the saved logits, as the lazy path does
+                ctx.written = gbuf
         lse_out = _shaped(lse, target)
         ctx.mark_non_differentiable(*(v for v in (lse_out, zl, acc) if v is not None))
         return loss, lse_out, zl, acc
@@ -259,7 +273,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         plan = ctx.plan
         if grad_loss is None:
             return None, None, None, None
-        if ctx.eager:
+        written_buf = getattr(ctx, "written", None)
+        if written_buf is not None:
+            ctx.written = None
+            return CrossEntropyFunction._hand_over(ctx, written_buf, grad_loss)
+        if ctx.eager and not getattr(ctx, "again", False):
             if getattr(ctx, "consumed", False):
                 # the buffer was scaled in place and handed to autograd: a second pass would
                 # scale it again and corrupt the first result
@@ -268,14 +286,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                    "differentiate it again)")
             ctx.consumed = True
             (gbuf,) = ctx.saved_tensors
-            be = plan.backend
-            if ctx.reduced:
-                be.scale_(gbuf, _scalar(grad_loss))
-            else:
-                be.scale_rows_(as_rows3d(gbuf), grad_loss.float().reshape(-1))
-            # a fresh view, so that AccumulateGrad can take the buffer as the leaf's .grad
-            # instead of copying it (gbuf may be the leaf itself with inplace_backward)
-            return gbuf.view_as(gbuf), None, None, None
+            return CrossEntropyFunction._hand_over(ctx, gbuf, grad_loss)
         logits, t, m, s, c_p, c_t, scale, valid, weight = ctx.saved_tensors
         g = grad_loss.float()
         g = (g * scale * valid) if ctx.reduced else g.reshape(-1) * valid
@@ -288,6 +299,19 @@ class CrossEntropyFunction(torch.autograd.Function):
                           whole_row=plan.group is None)
         if plan.inplace:
             written(logits)
+        return gbuf.view_as(gbuf), None, None, None
+
+    @staticmethod
+    def _hand_over(ctx, gbuf: torch.Tensor, grad_loss: torch.Tensor):
+        """The backward of a gradient written in the forward: scaled by the upstream gradient
+        in place and handed to autograd."""
+        be = ctx.plan.backend
+        if ctx.reduced:
+            be.scale_(gbuf, _scalar(grad_loss))
+        else:
+            be.scale_rows_(as_rows3d(gbuf), grad_loss.float().reshape(-1))
+        # a fresh view, so that AccumulateGrad can take the buffer as the leaf's .grad
+        # instead of copying it (gbuf may be the leaf itself with inplace_backward)
         return gbuf.view_as(gbuf), None, None, None
 
 

@@ -284,7 +284,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             t_c = t[r0:r1]
             if fused:
                 st = be.fused(x3, t_c, opts, g0=g0[r0:r1], terms=_chunk_terms(terms, r0, r1),
-                              vocab_size=V, out=x3, weight_local=wl)
+                              vocab_size=V, out=x3, weight_local=wl, **am_kw)
             else:
                 st = be.row_stats(x3, t_c, opts, vocab_start=plan.vocab_start, weight_local=wl,
                                   need_sz=need_sz, **am_kw)

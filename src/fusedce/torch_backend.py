@@ -18,11 +18,23 @@ from typing import Optional
 import torch
 
 from .layout import iter_row_chunks, row_slice
-from .spec import LossOptions, RowStats, chain_factor, default_chunk_rows, transform
+from .spec import (LossOptions, RowStats, RowTerms, chain_factor, default_chunk_rows,
+                   grad_coefficients, transform)
 
 name = "torch"
-supports_fused = False
+supports_fused = True
+# the forward keeps the logits (not overwritten) and statistics: a second backward through a
+# retained graph recomputes the gradient that the first one handed over
+regrad = True
 optional_argmax = True  # row_stats(need_am=False) skips the argmax (only the accuracy needs it)
+
+
+def eager_grad(logits: torch.Tensor) -> bool:
+    """Whether autograd has ``fused`` write the gradient in the forward (one softmax per
+    chunk instead of two): for fp32 logits. A low-precision gradient would be rounded twice
+    where the backward scales it by an upstream gradient other than 1; those take the lazy
+    path (row_stats now, grad in the backward)."""
+    return logits.dtype == torch.float32
 
 
 def _chunk_rows(x3: torch.Tensor) -> int:
@@ -47,6 +59,36 @@ def _local_target(target: torch.Tensor, valid: torch.Tensor, vocab_start: int, v
 def _joined(parts: list) -> torch.Tensor:
     """The per-chunk pieces of a row field as one [N] tensor (no copy for one chunk)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+# the smallest p_c at which (z_c, 1 / p_c) stands for a row's (m, s): s then stays <= 2^64,
+# so exp(z_j - m) <= 2^64 for every column and sums over any vocabulary stay finite in fp32
+_PAIR_MIN_P = 2.0 ** -64
+
+
+def _sum_from_softmax(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """s = sum_j exp(z_j - m) of rows whose softmax is ``p`` and maximum ``m``: the largest
+    entry of p, at the argmax where z - m is exactly 0, is 1 / s (an all -inf row's NaN
+    becomes s = 0)."""
+    return p.amax(dim=-1).reciprocal_().masked_fill_(torch.isneginf(m), 0.0)
+
+
+def _pair_from_softmax(p: torch.Tensor, z: torch.Tensor, zc: torch.Tensor, lc: torch.Tensor,
+                       m: Optional[torch.Tensor] = None):
+    """A row's statistics pair (m, s) taken at one column c of each row, from its softmax p:
+    lse = m + log s is offset-invariant, and with m = z_c it is z_c - log p_c, so s = 1 / p_c.
+    Column c is the target's (clamped) column, so the loss log s - (z_t - m) = -log p_t comes
+    out of the softmax that s needs anyway, without the row maximum's pass (on CPUs the
+    passes over the chunk are the cost). Rows where p_c is tiny (an unlikely target: 1 / p_c
+    would lose the other columns' range) or not a number take the row maximum instead (``m``
+    when given: z may be overwritten by then); on CPUs the check costs no device sync."""
+    pc = p.gather(1, lc).squeeze(1)
+    ok = pc >= _PAIR_MIN_P
+    if bool(ok.all()):
+        return zc, pc.reciprocal_()
+    if m is None:
+        m = z.amax(dim=-1)
+    return torch.where(ok, zc, m), torch.where(ok, pc.reciprocal_(), _sum_from_softmax(p, m))
 
 
 def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_start: int = 0,
@@ -74,31 +116,39 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     # each chunk's fields are kept and joined once (one chunk, the common small case, costs
     # no copies: each small op is a few microseconds, as much as a small chunk's passes)
     ms, ss, zts, szs, ams, sezs = [], [], [], [], [], []
+    # on CPUs the (m, s) pair is taken at the target column (see _pair_from_softmax); elsewhere
+    # a host read per chunk would sync the device, and torch.compile cannot branch on it
+    at_column = (not need_am and not need_sez and dev.type == "cpu"
+                 and not torch.compiler.is_compiling())
     for r0, r1, view in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
         z = transform(view.reshape(-1, V), opts)
-        if need_am:
-            mc, ac = z.max(dim=-1)
-            ams.append(ac + vocab_start if vocab_start else ac)
-        else:
-            mc = z.amax(dim=-1)
-        if need_sez:
-            # an all -inf row has no finite shift; use 0 so that s = 0 and lse = -inf
-            shift = torch.where(torch.isneginf(mc), 0.0, mc)
-            zs = z - shift.unsqueeze(1)
-            e = zs.exp()
-            ss.append(e.sum(dim=-1))
-            # (z - m) exp(z - m) with exp(-inf) = 0 must give 0, not NaN
-            sezs.append(torch.where(e > 0, e * zs, 0.0).sum(dim=-1))
-            del e, zs
-        else:
-            # s = sum_j exp(z_j - m) from torch's fused softmax (faster on CPUs than the sub /
-            # exp / sum passes, and than log_softmax): its largest entry, at the argmax where
-            # z - m is exactly 0, is 1 / s (an all -inf row's NaN becomes s = 0)
-            p_max = torch.softmax(z, dim=-1).amax(dim=-1)
-            ss.append(p_max.reciprocal_().masked_fill_(torch.isneginf(mc), 0.0))
-        ms.append(mc)
-        zc = z.gather(1, local[r0:r1].unsqueeze(1)).squeeze(1)
+        lc = local[r0:r1].unsqueeze(1)
+        zc = z.gather(1, lc).squeeze(1)
         zts.append(torch.where(inside[r0:r1], zc, 0.0))
+        if at_column:
+            # s from torch's fused softmax: faster on CPUs than the sub / exp / sum passes,
+            # and than log_softmax
+            mc, sc = _pair_from_softmax(torch.softmax(z, dim=-1), z, zc, lc)
+            ms.append(mc)
+            ss.append(sc)
+        else:
+            if need_am:
+                mc, ac = z.max(dim=-1)
+                ams.append(ac + vocab_start if vocab_start else ac)
+            else:
+                mc = z.amax(dim=-1)
+            ms.append(mc)
+            if need_sez:
+                # an all -inf row has no finite shift; use 0 so that s = 0 and lse = -inf
+                shift = torch.where(torch.isneginf(mc), 0.0, mc)
+                zs = z - shift.unsqueeze(1)
+                e = zs.exp()
+                ss.append(e.sum(dim=-1))
+                # (z - m) exp(z - m) with exp(-inf) = 0 must give 0, not NaN
+                sezs.append(torch.where(e > 0, e * zs, 0.0).sum(dim=-1))
+                del e, zs
+            else:
+                ss.append(_sum_from_softmax(torch.softmax(z, dim=-1), mc))
         if need_sz:
             szs.append(z.sum(dim=-1) if wl is None else z @ wl)
     if n == 0:
@@ -111,6 +161,136 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
     return RowStats(m, s, zt, sz, am, sez)
 
 
+def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torch.Tensor,
+          terms: RowTerms, vocab_size: int, out: torch.Tensor,
+          weight_local: Optional[torch.Tensor] = None, need_am: bool = True,
+          chunk_rows: Optional[int] = None) -> RowStats:
+    """Statistics of every row AND dx for the upstream row gradient g0, from one softmax per
+    chunk: the softmax is written into the gradient destination (an fp32 one; a chunk
+    temporary for others), the row statistics are read from it, and it is turned into dx in
+    place. The lazy path (row_stats in the forward, grad in the backward) runs the softmax
+    twice.
+
+    Args:
+        x3: logits [B, T, V] (the whole vocabulary: no shard), any strides.
+        target: [B*T] ids. g0: [B*T] fp32 upstream row gradient (0 on ignored rows).
+        terms: target-only row terms (w_t, total weight W).
+        out: [B, T, V] gradient destination; may be ``x3`` itself (in-place backward).
+        weight_local: class weights [V] or None.
+        need_am: compute the argmax (for accuracy); without it am holds -1.
+    Returns:
+        RowStats (m, s, zt, sz, am) with [B*T] fields.
+    """
+    B, T, V = x3.shape
+    n = B * T
+    dev = x3.device
+    valid = target != opts.ignore_index
+    local, inside = _local_target(target, valid, 0, V)
+    wl = None if weight_local is None else weight_local.float()
+    a = opts.label_smoothing
+    smooth = a > 0.0
+    at_column = not need_am and dev.type == "cpu" and not torch.compiler.is_compiling()
+    ms, ss, zts, szs, ams = [], [], [], [], []
+    for r0, r1, xv in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
+        ov = row_slice(out, r0, r1)
+        z = transform(xv.reshape(-1, V), opts)
+        direct = _direct(out, ov)
+        # with the in-place backward the softmax may overwrite z itself: every read of z
+        # comes first
+        aliased = direct and z.untyped_storage().data_ptr() == ov.untyped_storage().data_ptr()
+        lc = local[r0:r1].unsqueeze(1)
+        zc = z.gather(1, lc).squeeze(1)
+        zts.append(torch.where(inside[r0:r1], zc, 0.0))
+        mc = None
+        if need_am:
+            mc, ac = z.max(dim=-1)
+            ams.append(ac)
+        elif aliased or not at_column:
+            mc = z.amax(dim=-1)
+        if smooth:
+            szs.append(z.sum(dim=-1) if wl is None else z @ wl)
+        f = chain_factor(z, opts)
+        p = _softmax(z, ov, direct)
+        if at_column:
+            mc, sc = _pair_from_softmax(p, z, zc, lc, mc)
+        else:
+            sc = _sum_from_softmax(p, mc)
+        ms.append(mc)
+        ss.append(sc)
+        terms_c = RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom,
+                           terms.total_weight)
+        c_p, c_t = grad_coefficients(mc + torch.log(sc), terms_c, opts, vocab_size)
+        g = g0[r0:r1]
+        zero = _zero_rows(g, mc, sc, dev)
+        _finish_rows(p, ov, direct, lc, g * c_p, _target_term(g, c_t, inside[r0:r1]), g,
+                     a, vocab_size, wl, f, zero)
+        del p, z
+    if n == 0:
+        empty = torch.empty(0, device=dev, dtype=torch.float32)
+        ms = ss = zts = [empty]
+    m, s, zt = _joined(ms), _joined(ss), _joined(zts)
+    sz = _joined(szs) if szs else torch.zeros_like(m)
+    am = _joined(ams) if ams else torch.full((n,), -1, device=dev, dtype=torch.int64)
+    return RowStats(m, s, zt, sz, am)
+
+
+def _direct(out: torch.Tensor, ov: torch.Tensor) -> bool:
+    """Whether a chunk's softmax can be written straight into its gradient rows ``ov``: an
+    fp32 2-D contiguous destination (the ops that follow are elementwise, so ov may alias
+    the logits in the in-place backward); any other is written from a temporary, then
+    copied."""
+    return (out.dtype == torch.float32 and ov.dim() == 2 and ov.is_contiguous()
+            and not torch.compiler.is_compiling())
+
+
+def _softmax(z: torch.Tensor, ov: torch.Tensor, direct: bool) -> torch.Tensor:
+    """softmax(z) over the rows, into ``ov`` when ``direct`` (no chunk-sized temporary; the
+    kernel reads each row before it writes it, so ov may be z itself). torch's fused softmax
+    shifts by the row maximum itself, in fewer passes over the chunk than sub, exp and a scale
+    (~1.5x faster on CPUs)."""
+    if direct:
+        return torch.ops.aten._softmax.out(z, -1, False, out=ov)
+    return torch.softmax(z, dim=-1)
+
+
+def _target_term(g: torch.Tensor, c_t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """-g * c_t on the rows whose target lies here, else 0: the row is written as
+    g * c_p * p_j and this is added at the target column, which gives exactly 0 where
+    p_t = 1 and c_p = c_t (a one-class row)."""
+    return torch.where(inside, torch.mul(g, c_t).neg_(), 0.0)
+
+
+def _zero_rows(g: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+               dev: torch.device) -> Optional[torch.Tensor]:
+    """Rows without upstream gradient (ignored) must get exactly 0 even where their logits are
+    NaN or inf (0 * exp(z - m) is NaN there); such rows have a non-finite lse = m + log s.
+    They are rare: in eager CPU calls the mask is made only when one exists; on GPUs (no host
+    sync) and under torch.compile (no data-dependent branch) always. None: no such row."""
+    finite = torch.isfinite(torch.log(s).add_(m))
+    if dev.type != "cpu" or torch.compiler.is_compiling() or not bool(finite.all()):
+        return (g == 0) & ~finite
+    return None
+
+
+def _finish_rows(p: torch.Tensor, ov: torch.Tensor, direct: bool, lc: torch.Tensor,
+                 gp: torch.Tensor, dt: torch.Tensor, g: torch.Tensor, a: float,
+                 vocab_size: int, wl: Optional[torch.Tensor], f, zero: Optional[torch.Tensor]):
+    """Turn a chunk's p_j (normalised over the whole row, or the shifted exponential that
+    gp's 1 / s normalises) into dx_j = gp * p_j + [j = t] dt - g (a / V) w_j, times dz/dx
+    (f), and write it into ``ov`` (p is ov itself when ``direct``)."""
+    torch.mul(p, gp.unsqueeze(1), out=p)
+    p.scatter_add_(1, lc, dt.unsqueeze(1))
+    if a > 0.0:
+        ga = g.unsqueeze(1) * (a / vocab_size)
+        p.sub_(ga if wl is None else ga * wl.unsqueeze(0))
+    if f is not None:
+        p.mul_(f)
+    if zero is not None:
+        p.masked_fill_(zero.unsqueeze(1), 0.0)
+    if not direct:
+        ov.copy_(p.view(ov.shape))
+
+
 def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
          g: torch.Tensor, c_p: torch.Tensor, c_t: torch.Tensor, opts: LossOptions, *,
          vocab_size: int, out: torch.Tensor, vocab_start: int = 0,
@@ -120,67 +300,55 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
 
     Args:
         x3: logits [B, T, V_local].
-        target, m, s, g, c_p, c_t: [B*T] (global ids; fp32 row maximum and sum of
-            exp(z - m) over the whole vocabulary, upstream row gradient and the coefficients
+        target, m, s, g, c_p, c_t: [B*T] (global ids; fp32 row statistics pair (m, s) of the
+            whole vocabulary, lse = m + log s; upstream row gradient and the coefficients
             of :func:`fusedce.spec.grad_coefficients`).
         vocab_size: the global V (label smoothing spreads a / V over it).
         out: [B, T, V_local] destination; may be ``x3`` itself (in-place backward).
-        whole_row: ``x3`` holds every column of each row (no vocabulary shard), so m and s
-            are its own row statistics.
+        whole_row: ``x3`` holds every column of each row (no vocabulary shard), so p_j is the
+            softmax of its rows.
     """
     B, T, V = x3.shape
     valid = target != opts.ignore_index
     local, inside = _local_target(target, valid, vocab_start, V)
-    a = opts.label_smoothing
-    # p_j = exp(z_j - m) / s. Over the whole vocabulary that is softmax(z): torch's fused
-    # softmax shifts by the row maximum itself (offset-invariant) in fewer passes over the
-    # chunk than sub, exp and a scale (~1.5x faster on CPUs). A vocabulary shard needs the
-    # whole row's m and s: the shifted exponential, with 1 / s folded into the row factor.
-    # (The caller says which: under TP the shard on rank 0 can look like a whole row.)
+    # p_j = exp(z_j - m) / s. Over the whole vocabulary that is softmax(z). A vocabulary
+    # shard needs the whole row's m and s: the shifted exponential, with 1 / s folded into
+    # the row factor. (The caller says which: under TP the shard on rank 0 can look like a
+    # whole row.)
     gp = g * c_p if whole_row else g * c_p / s
-    # the row is written as g * c_p * p_j; the target column then gets -g * c_t added, which
-    # gives exactly 0 where p_t = 1 and c_p = c_t (a one-class row)
-    dt = torch.where(inside, torch.mul(g, c_t).neg_(), 0.0)
+    dt = _target_term(g, c_t, inside)
     wl = None if weight_local is None else weight_local.float()
-    # rows without upstream gradient (ignored) get exactly 0 even where their logits are NaN
-    # or inf (0 * exp(z - m) is NaN there); such rows have a non-finite lse = m + log s. They
-    # are rare: in eager CPU calls the fill runs only when one exists; on GPUs (no host sync)
-    # and under torch.compile (no data-dependent branch) always
-    finite = torch.isfinite(torch.log(s).add_(m))
-    always = x3.device.type != "cpu" or torch.compiler.is_compiling()
-    zero_rows = (g == 0) & ~finite if always or not bool(finite.all()) else None
+    zero_rows = _zero_rows(g, m, s, x3.device)
     for r0, r1, xv in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
-        # an fp32 2-D destination is computed in place (elementwise ops only, so ov aliasing
-        # z in the in-place backward is safe); any other is written from e, then copied
-        direct = out.dtype == torch.float32 and ov.dim() == 2
+        direct = _direct(out, ov)
+        f = chain_factor(z, opts)
         if whole_row:
-            if direct and ov.is_contiguous() and not torch.compiler.is_compiling():
-                # the softmax straight into the destination (no chunk-sized temporary; the
-                # kernel reads each row's elements before it writes them, so ov may be z)
-                e = torch.ops.aten._softmax.out(z, -1, False, out=ov)
-            else:
-                e = torch.softmax(z, dim=-1)
+            e = _softmax(z, ov, direct)
         else:
             shifted = m[r0:r1].unsqueeze(1)
             e = torch.sub(z, shifted, out=ov) if direct else z - shifted
             e.exp_()
-        d = ov if direct else e
-        torch.mul(e, gp[r0:r1].unsqueeze(1), out=d)
-        d.scatter_add_(1, local[r0:r1].unsqueeze(1), dt[r0:r1].unsqueeze(1))
-        if a > 0.0:
-            ga = g[r0:r1].unsqueeze(1) * (a / vocab_size)
-            d.sub_(ga if wl is None else ga * wl.unsqueeze(0))
-        f = chain_factor(z, opts)
-        if f is not None:
-            d.mul_(f)
-        if zero_rows is not None:
-            d.masked_fill_(zero_rows[r0:r1].unsqueeze(1), 0.0)
-        if not direct:
-            ov.copy_(d.view(ov.shape))
+        _finish_rows(e, ov, direct, local[r0:r1].unsqueeze(1), gp[r0:r1], dt[r0:r1],
+                     g[r0:r1], opts.label_smoothing, vocab_size, wl, f,
+                     None if zero_rows is None else zero_rows[r0:r1])
         # (freed before the next chunk's softmax: one chunk temporary at a time)
-        del e, d
+        del e, z
+
+
+def scale_(buf: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf *= factor (0-d): the backward of a gradient written in the forward; skipped for 1
+    on CPUs (where reading the factor costs no device sync)."""
+    if buf.device.type == "cpu" and not torch.compiler.is_compiling() and float(factor) == 1.0:
+        return
+    buf.mul_(factor.to(buf.dtype))
+
+
+def scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
+    """buf3[b, t, :] *= factor[b * T + t]."""
+    B, T, _ = buf3.shape
+    buf3.mul_(factor.view(B, T, 1).to(buf3.dtype))
 
 
 def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor,
