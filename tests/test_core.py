@@ -791,3 +791,56 @@ def test_second_backward_recomputes_on_the_torch_backend():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="sum"), dict(reduction="none"),
+                                dict(normalizer=7.0), dict(normalizer="tensor"),
+                                dict(softcap=4.0, logit_scale=1.3), dict(ignore_index=3)],
+                         ids=lambda k: ",".join(k) or "default")
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32])
+def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, monkeypatch):
+    """A forward that keeps nothing takes the row losses -log p_t without the row statistics
+    (plain_loss_rows); it gives the general path's loss against fp64 for every reduction,
+    ignored rows with NaN logits and chunk boundaries, and hands the call back to the general
+    path (None) for a very unlikely or masked target and, with validation off, for a target
+    outside [0, V)."""
+    kw = dict(kw)
+    if kw.get("normalizer") == "tensor":
+        kw["normalizer"] = torch.tensor(5.0)
+    monkeypatch.setattr(torch_backend, "default_chunk_rows", lambda V, budget=None: 4)
+    V = 23
+    x = torch.randn(2, 7, V) * 3
+    t = torch.randint(0, V, (2, 7)).to(tdtype)
+    ii = kw.get("ignore_index", -100)
+    t[0, 2] = ii
+    x[0, 2, 5] = float("nan")
+    opts = spec.LossOptions(**{k: v for k, v in kw.items()
+                               if k in ("ignore_index", "reduction", "softcap", "logit_scale")})
+    rows = torch_backend.plain_loss_rows(x, t.reshape(-1), opts)
+    assert rows is not None and rows[2] == 0 and not torch.signbit(rows[2])
+    with torch.no_grad():
+        got = fce.cross_entropy(x, t, **kw)
+    want = ref_cross_entropy(x.double(), t, **kw)
+    assert_close_normwise(got, want, 1e-5, "no-grad forward", floor=1.0)
+    general = fce.cross_entropy(x.clone().requires_grad_(True), t, **kw)
+    assert_close_normwise(got, general.detach(), 1e-6, "vs the general path", floor=1.0)
+    # a target with p_t ~ e^-100 and one in a masked column: the general path's values
+    x2 = x.clone()
+    x2[1, 0, t[1, 0]] = x2[1, 0].nan_to_num().max() - 100.0
+    x2[1, 1, t[1, 1]] = float("-inf")
+    if opts.softcap is None:  # (a softcap bounds every logit: no p_t is tiny then)
+        assert torch_backend.plain_loss_rows(x2, t.reshape(-1), opts) is None
+    with torch.no_grad():
+        got = fce.cross_entropy(x2, t, **kw)
+    general = fce.cross_entropy(x2.clone().requires_grad_(True), t, **kw)
+    assert torch.equal(torch.isinf(got), torch.isinf(general.detach()))
+    fin = torch.isfinite(general.detach())
+    assert_close_normwise(got[fin], general.detach()[fin], 1e-6, "unlikely targets", floor=1.0)
+    bad = t.clone()
+    bad[1, 3] = V + 2
+    assert torch_backend.plain_loss_rows(x, bad.reshape(-1), opts) is None
+    with fce.validation(False), torch.no_grad():
+        got = fce.cross_entropy(x, bad, **kw)
+    with fce.validation(False):
+        general = fce.cross_entropy(x.clone().requires_grad_(True), bad, **kw)
+    assert_close_normwise(got, general.detach(), 1e-6, "out-of-range target", floor=1.0)

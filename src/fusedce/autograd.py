@@ -163,6 +163,17 @@ class CrossEntropyFunction(torch.autograd.Function):
         opts, be = plan.opts, plan.backend
         t = target if target.dim() == 1 else target.reshape(-1)
         reduced = opts.reduction != "none" or plan.normalizer is not None
+        plain = getattr(be, "plain_loss_rows", None)
+        if (plain is not None and not plan.need_grad and not plan.need_aux
+                and plan.group is None and weight is None and opts.label_smoothing == 0.0
+                and opts.z_loss == 0.0):
+            # a forward that keeps nothing: the backend's row losses without row statistics
+            rows = plain(as_rows3d(logits), t, opts)
+            if rows is not None:
+                if not reduced:
+                    return _shaped(rows, target), None, None, None
+                terms = spec.row_terms(t, opts, plan.vocab_size, None)
+                return rows.sum() * spec.row_scale(terms, opts, plan.normalizer), None, None, None
         # The gradient is written in the forward only where the upstream gradient is one
         # scalar (a reduced loss): the backward then scales it by that scalar. A per-row
         # upstream gradient (reduction="none", e.g. RL advantages) is applied in the backward

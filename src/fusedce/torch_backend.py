@@ -83,12 +83,45 @@ def _pair_from_softmax(p: torch.Tensor, z: torch.Tensor, zc: torch.Tensor, lc: t
     would lose the other columns' range) or not a number take the row maximum instead (``m``
     when given: z may be overwritten by then); on CPUs the check costs no device sync."""
     pc = p.gather(1, lc).squeeze(1)
-    ok = pc >= _PAIR_MIN_P
-    if bool(ok.all()):
+    # (the smallest p_c decides for the chunk: one small op; NaN compares False)
+    if pc.numel() == 0 or float(pc.amin()) >= _PAIR_MIN_P:
         return zc, pc.reciprocal_()
+    ok = pc >= _PAIR_MIN_P
     if m is None:
         m = z.amax(dim=-1)
     return torch.where(ok, zc, m), torch.where(ok, pc.reciprocal_(), _sum_from_softmax(p, m))
+
+
+def plain_loss_rows(x3: torch.Tensor, target: torch.Tensor,
+                    opts: LossOptions) -> Optional[torch.Tensor]:
+    """The row losses -log p_t of the plain loss (no label smoothing, z-loss or class
+    weights; whole rows) without the row statistics, for a forward that keeps nothing (no
+    gradient, no aux outputs) on CPUs: one softmax per chunk and a few small ops, which at
+    small V is most of the call. Ignored rows give 0. None where this does not apply: not a
+    CPU, a valid target outside [0, V), or a target so unlikely that p_t is tiny (the
+    general path takes those rows from the row maximum)."""
+    if x3.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    V = x3.shape[-1]
+    t = target.long()
+    valid = t != opts.ignore_index
+    local = t.clamp(0, max(V - 1, 0))
+    if bool(((local != t) & valid).any()):
+        return None
+    lc = local.unsqueeze(1)
+    parts = []
+    for r0, r1, view in iter_row_chunks(x3, _chunk_rows(x3)):
+        z = transform(view.reshape(-1, V), opts)
+        parts.append(torch.softmax(z, dim=-1).gather(1, lc[r0:r1]).squeeze(1))
+    if not parts:
+        return torch.zeros(t.shape, device=x3.device, dtype=torch.float32)
+    # (ignored rows' p, read at column 0, may be anything: they give 0 and decide nothing;
+    # a valid row's NaN compares False)
+    pt = torch.where(valid, _joined(parts), 1.0)
+    if not float(pt.amin()) >= _PAIR_MIN_P:
+        return None
+    # log(1 / p) as the general path forms log s: the same row losses, +0.0 on ignored rows
+    return pt.reciprocal_().log_()
 
 
 def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_start: int = 0,
