@@ -1,14 +1,17 @@
 """Pure-PyTorch backend: the executable spec (see :mod:`fusedce.spec` for the math).
 
 Rows are processed in chunks, so at most one fp32 chunk of logits (``rows x V_local``)
-exists at a time. The forward keeps only the per-row statistics (m, s, z_t, sum w*z,
-argmax); the backward recomputes z for each chunk and writes
+exists at a time. ``row_stats`` gives the per-row statistics (a pair (m, s) with
+lse = m + log s, z_t, sum w*z, argmax); ``grad`` recomputes z for each chunk and writes
 
     dx_j = g * (p_j * c_p - c_t * [j = t] - (a / V) * w_j) * dz/dx,   p_j = exp(z_j - m) / s
 
-straight into the gradient buffer (or into the logits themselves with inplace_backward).
-The same functions serve a vocabulary shard: ``vocab_start`` maps global target ids to
-local columns, and the statistics are combined across ranks by :mod:`fusedce.distributed`.
+straight into the gradient buffer (or into the logits themselves with inplace_backward);
+``fused`` does both from one softmax per chunk (the gradient written in the forward, for
+fp32 logits), and ``plain_loss_rows`` gives only the row losses of a forward that keeps
+nothing. The same functions serve a vocabulary shard: ``vocab_start`` maps global target
+ids to local columns, and the statistics are combined across ranks by
+:mod:`fusedce.distributed`.
 """
 
 from __future__ import annotations
