@@ -59,6 +59,20 @@ def _local_target(target: torch.Tensor, valid: torch.Tensor, vocab_start: int, v
     return local, (local == t) & valid
 
 
+def _stats(n: int, dev: torch.device, ms: list, ss: list, zts: list, szs: list, ams: list,
+           sezs: Optional[list]) -> RowStats:
+    """RowStats of n rows from the per-chunk pieces of each field (sz zeros without pieces,
+    am -1 without pieces, sez None when ``sezs`` is None)."""
+    if n == 0:
+        empty = torch.empty(0, device=dev, dtype=torch.float32)
+        ms = ss = zts = [empty]
+    m, s, zt = _joined(ms), _joined(ss), _joined(zts)
+    sz = _joined(szs) if szs else torch.zeros_like(m)
+    am = _joined(ams) if ams else torch.full((n,), -1, device=dev, dtype=torch.int64)
+    sez = None if sezs is None else _joined(sezs) if sezs else torch.empty_like(m)
+    return RowStats(m, s, zt, sz, am, sez)
+
+
 def _joined(parts: list) -> torch.Tensor:
     """The per-chunk pieces of a row field as one [N] tensor (no copy for one chunk)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -187,14 +201,7 @@ def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voca
                 ss.append(_sum_from_softmax(torch.softmax(z, dim=-1), mc))
         if need_sz:
             szs.append(z.sum(dim=-1) if wl is None else z @ wl)
-    if n == 0:
-        empty = torch.empty(0, device=dev, dtype=torch.float32)
-        ms = ss = zts = [empty]
-    m, s, zt = _joined(ms), _joined(ss), _joined(zts)
-    sz = _joined(szs) if szs else torch.zeros_like(m)
-    am = _joined(ams) if ams else torch.full((n,), -1, device=dev, dtype=torch.int64)
-    sez = None if not need_sez else _joined(sezs) if sezs else torch.empty_like(m)
-    return RowStats(m, s, zt, sz, am, sez)
+    return _stats(n, dev, ms, ss, zts, szs, ams, sezs if need_sez else None)
 
 
 def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torch.Tensor,
@@ -261,13 +268,7 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
         _finish_rows(p, ov, direct, lc, g * c_p, _target_term(g, c_t, inside[r0:r1]), g,
                      a, vocab_size, wl, f, zero)
         del p, z
-    if n == 0:
-        empty = torch.empty(0, device=dev, dtype=torch.float32)
-        ms = ss = zts = [empty]
-    m, s, zt = _joined(ms), _joined(ss), _joined(zts)
-    sz = _joined(szs) if szs else torch.zeros_like(m)
-    am = _joined(ams) if ams else torch.full((n,), -1, device=dev, dtype=torch.int64)
-    return RowStats(m, s, zt, sz, am)
+    return _stats(n, dev, ms, ss, zts, szs, ams, None)
 
 
 def _direct(out: torch.Tensor, ov: torch.Tensor) -> bool:
