@@ -844,3 +844,32 @@ def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, monkeypatch)
     with fce.validation(False):
         general = fce.cross_entropy(x.clone().requires_grad_(True), bad, **kw)
     assert_close_normwise(got, general.detach(), 1e-6, "out-of-range target", floor=1.0)
+
+
+def test_per_row_upstream_on_the_torch_backend_written_in_the_forward():
+    """reduction="none" on fp32 CPU logits writes the rows' gradient in the forward and scales
+    each row by its upstream gradient in the backward: fp64 values for random upstream
+    gradients; a valid row with NaN logits and upstream 0 gets exactly 0 (as the lazy path
+    and bf16 logits give), with upstream 1 NaN; a second backward through a retained graph
+    adds the same gradient again."""
+    V = 13
+    x, t = _inputs((9,), V, torch.float32, ignore_frac=0.0)
+    x[3, 2] = float("nan")
+    g = torch.randn(9, dtype=torch.float64)
+    g[3] = 0.0
+    valid = torch.arange(9) != 3
+    for dtype in (torch.float32, torch.bfloat16):
+        leaf = x.clone().to(dtype).requires_grad_(True)
+        rows = fce.cross_entropy(leaf, t, reduction="none", backend="torch")
+        rows.backward(g.float(), retain_graph=True)
+        ref = x.to(dtype).double().requires_grad_(True)
+        (ref_cross_entropy(ref, t, reduction="none")[valid] * g[valid]).sum().backward()
+        assert torch.count_nonzero(leaf.grad[3]) == 0
+        assert_close_normwise(leaf.grad[valid], ref.grad[valid], max(tol(dtype), 1e-5) * 2,
+                              f"{dtype} rows")
+        first = leaf.grad.clone()
+        rows.backward(g.float())
+        assert_close_normwise(leaf.grad, 2 * first, max(tol(dtype), 1e-6), "second backward")
+    leaf = x.clone().requires_grad_(True)
+    fce.cross_entropy(leaf, t, reduction="none", backend="torch").sum().backward()
+    assert torch.isnan(leaf.grad[3]).all() and torch.isfinite(leaf.grad[valid]).all()

@@ -5,15 +5,16 @@ The math lives in :mod:`fusedce.spec`; a backend (``torch_backend`` or
 distributed exchange combines statistics across vocabulary shards. Two gradient
 strategies:
 
-* lazy (per-row upstream gradients, the torch backend's low-precision logits): the forward
-  keeps only per-row statistics; the backward recomputes z chunk by chunk and writes
-  dx = g * dloss_row/dx with the true upstream g.
-* eager (a reduced loss on the Triton backend, or on the torch backend's fp32 logits): when
-  autograd will need the gradient, the forward already writes dx for an upstream gradient
-  of 1 (scaled by the mean denominator or normalizer, which are known from the targets
-  before any kernel runs); the backward multiplies by the upstream gradient, a device-side
-  no-op when it is 1 (no host sync). A backend with ``regrad`` also keeps the logits (when
-  they are not overwritten), so a second backward through a retained graph recomputes.
+* lazy (per-row upstream gradients on the Triton backend, the torch backend's
+  low-precision logits): the forward keeps only per-row statistics; the backward
+  recomputes z chunk by chunk and writes dx = g * dloss_row/dx with the true upstream g.
+* eager (a reduced loss on the Triton backend; fp32 logits on the torch backend, per-row
+  losses on CPUs too): when autograd will need the gradient, the forward already writes dx
+  for an upstream gradient of 1 (scaled by the mean denominator or normalizer, which are
+  known from the targets before any kernel runs); the backward multiplies by the upstream
+  gradient (per row for per-row losses), a device-side no-op when it is 1 (no host sync).
+  A backend with ``regrad`` also keeps the logits (when they are not overwritten), so a
+  second backward through a retained graph recomputes.
 
 No Triton code here; validation happens in :mod:`fusedce.functional`.
 """
@@ -124,10 +125,11 @@ def _shaped(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return rows if target.dim() == 1 else rows.view(target.shape)
 
 
-def _eager_grad(be, logits: torch.Tensor) -> bool:
-    """The backend's ``eager_grad``: a flag, or a function of the logits."""
+def _eager_grad(be, logits: torch.Tensor, reduced: bool) -> bool:
+    """The backend's ``eager_grad``: a flag (for reduced losses only), or a function of the
+    logits and whether the loss is reduced."""
     flag = getattr(be, "eager_grad", False)
-    return flag(logits) if callable(flag) else flag
+    return flag(logits, reduced) if callable(flag) else bool(flag) and reduced
 
 
 def _scalar(g: torch.Tensor) -> torch.Tensor:
@@ -174,11 +176,13 @@ class CrossEntropyFunction(torch.autograd.Function):
                     return _shaped(rows, target), None, None, None
                 terms = spec.row_terms(t, opts, plan.vocab_size, None)
                 return rows.sum() * spec.row_scale(terms, opts, plan.normalizer), None, None, None
-        # The gradient is written in the forward only where the upstream gradient is one
-        # scalar (a reduced loss): the backward then scales it by that scalar. A per-row
-        # upstream gradient (reduction="none", e.g. RL advantages) is applied in the backward
-        # from the saved statistics instead, so a bf16 / fp16 gradient is rounded once.
-        eager = plan.need_grad and reduced and _eager_grad(be, logits)
+        # The gradient is written in the forward where the backend takes it there: on the
+        # Triton backend where the upstream gradient is one scalar (a reduced loss), which the
+        # backward then scales it by. A per-row upstream gradient (reduction="none", e.g. RL
+        # advantages) is applied in the backward from the saved statistics instead, so a
+        # bf16 / fp16 gradient is rounded once (fp32 on CPUs is written in the forward and
+        # scaled per row: no rounding to speak of, one pass instead of a softmax).
+        eager = plan.need_grad and _eager_grad(be, logits, reduced)
         one_kernel = hasattr(be, "fused_loss") and getattr(be, "one_kernel", lambda: True)()
         if one_kernel and (eager or not plan.need_grad):
             # (its kernels take [N, V] logits as they are: no [1, N, V] view to make)

@@ -32,12 +32,14 @@ regrad = True
 optional_argmax = True  # row_stats(need_am=False) skips the argmax (only the accuracy needs it)
 
 
-def eager_grad(logits: torch.Tensor) -> bool:
+def eager_grad(logits: torch.Tensor, reduced: bool) -> bool:
     """Whether autograd has ``fused`` write the gradient in the forward (one softmax per
-    chunk instead of two): for fp32 logits. A low-precision gradient would be rounded twice
-    where the backward scales it by an upstream gradient other than 1; those take the lazy
-    path (row_stats now, grad in the backward)."""
-    return logits.dtype == torch.float32
+    chunk instead of two): for fp32 logits, of a reduced loss (the backward scales it by the
+    upstream scalar) or, on CPUs, of per-row losses (the backward scales each row by its
+    upstream gradient, which elsewhere would cost a device sync to keep the lazy path's
+    zero rows). A low-precision gradient would be rounded twice where it is scaled by
+    anything but 1; those take the lazy path (row_stats now, grad in the backward)."""
+    return logits.dtype == torch.float32 and (reduced or logits.device.type == "cpu")
 
 
 def _chunk_rows(x3: torch.Tensor) -> int:
@@ -383,9 +385,17 @@ def scale_(buf: torch.Tensor, factor: torch.Tensor) -> None:
 
 
 def scale_rows_(buf3: torch.Tensor, factor: torch.Tensor) -> None:
-    """buf3[b, t, :] *= factor[b * T + t]."""
+    """buf3[b, t, :] *= factor[b * T + t]; a row whose factor is 0 becomes exactly 0 even
+    where it holds NaN or inf (as the lazy path gives a row without upstream gradient).
+    Per-row gradients are written in the forward only on CPUs, where the check for such rows
+    costs no device sync."""
     B, T, _ = buf3.shape
-    buf3.mul_(factor.view(B, T, 1).to(buf3.dtype))
+    f = factor.view(B, T, 1)
+    buf3.mul_(f.to(buf3.dtype))
+    zero = f == 0
+    # (torch.compile cannot branch on data: the fill always runs there)
+    if torch.compiler.is_compiling() or bool(zero.any()):
+        buf3.masked_fill_(zero, 0.0)
 
 
 def entropy_grad(x3: torch.Tensor, m: torch.Tensor, s: torch.Tensor, ent: torch.Tensor,
