@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .layout import iter_row_chunks, row_slice
+from .layout import as_rows2d, iter_row_chunks, row_slice
 from .spec import (LossOptions, RowStats, RowTerms, chain_factor, default_chunk_rows,
                    grad_coefficients, transform)
 
@@ -125,18 +125,26 @@ def plain_loss_rows(x3: torch.Tensor, target: torch.Tensor,
     t = target.long()
     valid = t != opts.ignore_index
     local = t.clamp(0, max(V - 1, 0))
-    if bool(((local != t) & valid).any()):
+    # a valid id that the clamp moved lies outside [0, V)
+    if not torch.equal(torch.where(valid, local, t), t):
         return None
     lc = local.unsqueeze(1)
-    parts = []
-    for r0, r1, view in iter_row_chunks(x3, _chunk_rows(x3)):
-        z = transform(view.reshape(-1, V), opts)
-        parts.append(torch.softmax(z, dim=-1).gather(1, lc[r0:r1]).squeeze(1))
-    if not parts:
-        return torch.zeros(t.shape, device=x3.device, dtype=torch.float32)
+    rows = _chunk_rows(x3)
+    flat = as_rows2d(x3) if t.numel() <= rows else None
+    if flat is not None:
+        # one chunk (the common small call): no chunk loop
+        pt = torch.softmax(transform(flat, opts), dim=-1).gather(1, lc).squeeze(1)
+    else:
+        parts = []
+        for r0, r1, view in iter_row_chunks(x3, rows):
+            z = transform(view.reshape(-1, V), opts)
+            parts.append(torch.softmax(z, dim=-1).gather(1, lc[r0:r1]).squeeze(1))
+        if not parts:
+            return torch.zeros(t.shape, device=x3.device, dtype=torch.float32)
+        pt = _joined(parts)
     # (ignored rows' p, read at column 0, may be anything: they give 0 and decide nothing;
     # a valid row's NaN compares False)
-    pt = torch.where(valid, _joined(parts), 1.0)
+    pt = torch.where(valid, pt, 1.0)
     if not float(pt.amin()) >= _PAIR_MIN_P:
         return None
     # log(1 / p) as the general path forms log s: the same row losses, +0.0 on ignored rows
