@@ -836,6 +836,11 @@ def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, monkeypatch)
     assert torch.equal(torch.isinf(got), torch.isinf(general.detach()))
     fin = torch.isfinite(general.detach())
     assert_close_normwise(got[fin], general.detach()[fin], 1e-6, "unlikely targets", floor=1.0)
+    empty = torch_backend.plain_loss_rows(x[:, :0], t[:, :0].reshape(-1), opts)
+    assert empty is not None and empty.shape == (0,)
+    with torch.no_grad():
+        got = fce.cross_entropy(x[:, :0], t[:, :0], **kw)
+    assert got.shape == ((2, 0) if kw.get("reduction") == "none" else ()) and (got == 0).all()
     bad = t.clone()
     bad[1, 3] = V + 2
     assert torch_backend.plain_loss_rows(x, bad.reshape(-1), opts) is None

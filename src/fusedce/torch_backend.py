@@ -123,6 +123,8 @@ def plain_loss_rows(x3: torch.Tensor, target: torch.Tensor,
         return None
     V = x3.shape[-1]
     t = target.long()
+    if t.numel() == 0:
+        return torch.zeros(t.shape, device=x3.device, dtype=torch.float32)
     valid = t != opts.ignore_index
     local = t.clamp(0, max(V - 1, 0))
     # a valid id that the clamp moved lies outside [0, V)
@@ -139,8 +141,6 @@ def plain_loss_rows(x3: torch.Tensor, target: torch.Tensor,
         for r0, r1, view in iter_row_chunks(x3, rows):
             z = transform(view.reshape(-1, V), opts)
             parts.append(torch.softmax(z, dim=-1).gather(1, lc[r0:r1]).squeeze(1))
-        if not parts:
-            return torch.zeros(t.shape, device=x3.device, dtype=torch.float32)
         pt = _joined(parts)
     # (ignored rows' p, read at column 0, may be anything: they give 0 and decide nothing;
     # a valid row's NaN compares False)
