@@ -10,7 +10,6 @@ Usage: PYTHONPATH=src python lab/ce_host_cost.py [--V 32000] [--N 16384]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -19,6 +18,8 @@ import torch
 import fusedce as fce
 from fusedce import validation as val
 from fusedce.bench import measure
+
+import ce_timeline  # noqa: E402  (beside this file)
 
 
 REAL = val.start_target_range
@@ -60,17 +61,7 @@ def host_times(x, t, reps=50):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--V", type=int, default=32000)
-    ap.add_argument("--N", type=int, default=16384)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    x = torch.randn(args.N, args.V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randint(0, args.V, (args.N,), device="cuda")
-    src = torch.empty(args.N * args.V * 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    floor = measure.time_cuda(lambda: dst.copy_(src), grad_to_none=[x])
-    print(f"{torch.cuda.get_device_name()}: floor {floor * 1e3:.1f} us")
+    x, t, floor = ce_timeline.setup()
 
     def step():
         fce.cross_entropy(x, t).backward()

@@ -57,7 +57,9 @@ def timeline(step, x, flush):
         prev = e.time_range.end
 
 
-def main():
+def setup():
+    """(x, t, floor_ms) from --V / --N: bf16 logits that need a gradient, targets, and the
+    forward + backward floor (a copy of the logits' bytes: one read + one write)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--V", type=int, default=32000)
     ap.add_argument("--N", type=int, default=16384)
@@ -65,13 +67,18 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(args.N, args.V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, args.V, (args.N,), device="cuda")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    step = step_fn(x, t)
     src = torch.empty(args.N * args.V * 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    # read + write of N x V bf16 = the forward + backward floor
     floor_ms = timed(lambda: dst.copy_(src), x)
-    print(f"floor (copy of the logits' bytes): {floor_ms * 1e3:.1f} us")
+    print(f"{torch.cuda.get_device_name()}: floor (copy of the logits' bytes) "
+          f"{floor_ms * 1e3:.1f} us")
+    return x, t, floor_ms
+
+
+def main():
+    x, t, floor_ms = setup()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    step = step_fn(x, t)
     for val in (True, False):
         fce.set_validation(val)
         ms = timed(step, x)

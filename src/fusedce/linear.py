@@ -190,10 +190,6 @@ def _accumulate_dw(dw: torch.Tensor, dx: torch.Tensor, h: torch.Tensor, first: b
         dw.addmm_(dx.t().to(dw.dtype), h.to(dw.dtype))
 
 
-def _chunk_terms(terms: spec.RowTerms, r0: int, r1: int) -> spec.RowTerms:
-    return spec.RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom, terms.total_weight)
-
-
 def _scale_fn(be):
     if getattr(be, "eager_grad", False) and hasattr(be, "scale_"):
         return be.scale_
@@ -283,7 +279,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             x3 = x.unsqueeze(0)
             t_c = t[r0:r1]
             if fused:
-                st = be.fused(x3, t_c, opts, g0=g0[r0:r1], terms=_chunk_terms(terms, r0, r1),
+                st = be.fused(x3, t_c, opts, g0=g0[r0:r1], terms=terms.rows(r0, r1),
                               vocab_size=V, out=x3, weight_local=wl, **am_kw)
             else:
                 st = be.row_stats(x3, t_c, opts, vocab_start=plan.vocab_start, weight_local=wl,
@@ -294,7 +290,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     st = allgather_stats(st, plan.group)
                 if eager:
                     lse_c = spec.lse_of(st)
-                    c_p, c_t = spec.grad_coefficients(lse_c, _chunk_terms(terms, r0, r1),
+                    c_p, c_t = spec.grad_coefficients(lse_c, terms.rows(r0, r1),
                                                       opts, V)
                     be.grad(x3, t_c, st.m, st.s, g0[r0:r1], c_p, c_t, opts, vocab_size=V,
                             out=x3, vocab_start=plan.vocab_start, weight_local=wl,

@@ -182,6 +182,10 @@ class RowTerms:
     denom: torch.Tensor  # 0-d: the "mean" denominator (count or sum of w_t), before clamping
     total_weight: float | torch.Tensor  # W = sum_j w_j
 
+    def rows(self, r0: int, r1: int) -> "RowTerms":
+        """The terms of rows [r0, r1) (the totals stay those of all rows)."""
+        return RowTerms(self.valid[r0:r1], self.w_t[r0:r1], self.denom, self.total_weight)
+
 
 def row_terms(target: torch.Tensor, opts: LossOptions, vocab_size: int,
               weight: Optional[torch.Tensor]) -> RowTerms:

@@ -270,11 +270,10 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
             sc = _sum_from_softmax(p, mc)
         ms.append(mc)
         ss.append(sc)
-        terms_c = RowTerms(terms.valid[r0:r1], terms.w_t[r0:r1], terms.denom,
-                           terms.total_weight)
-        c_p, c_t = grad_coefficients(mc + torch.log(sc), terms_c, opts, vocab_size)
+        lse = torch.log(sc).add_(mc)
+        c_p, c_t = grad_coefficients(lse, terms.rows(r0, r1), opts, vocab_size)
         g = g0[r0:r1]
-        zero = _zero_rows(g, mc, sc, dev)
+        zero = _zero_rows(g, lse, dev)
         _finish_rows(p, ov, direct, lc, g * c_p, _target_term(g, c_t, inside[r0:r1]), g,
                      a, vocab_size, wl, f, zero)
         del p, z
@@ -307,13 +306,13 @@ def _target_term(g: torch.Tensor, c_t: torch.Tensor, inside: torch.Tensor) -> to
     return torch.where(inside, torch.mul(g, c_t).neg_(), 0.0)
 
 
-def _zero_rows(g: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+def _zero_rows(g: torch.Tensor, lse: torch.Tensor,
                dev: torch.device) -> Optional[torch.Tensor]:
     """Rows without upstream gradient (ignored) must get exactly 0 even where their logits are
     NaN or inf (0 * exp(z - m) is NaN there); such rows have a non-finite lse = m + log s.
     They are rare: in eager CPU calls the mask is made only when one exists; on GPUs (no host
     sync) and under torch.compile (no data-dependent branch) always. None: no such row."""
-    finite = torch.isfinite(torch.log(s).add_(m))
+    finite = torch.isfinite(lse)
     if dev.type != "cpu" or torch.compiler.is_compiling() or not bool(finite.all()):
         return (g == 0) & ~finite
     return None
@@ -365,7 +364,7 @@ def grad(x3: torch.Tensor, target: torch.Tensor, m: torch.Tensor, s: torch.Tenso
     gp = g * c_p if whole_row else g * c_p / s
     dt = _target_term(g, c_t, inside)
     wl = None if weight_local is None else weight_local.float()
-    zero_rows = _zero_rows(g, m, s, x3.device)
+    zero_rows = _zero_rows(g, torch.log(s).add_(m), x3.device)
     for r0, r1, xv in iter_row_chunks(x3, chunk_rows or _chunk_rows(x3)):
         ov = row_slice(out, r0, r1)
         z = transform(xv.reshape(-1, V), opts)
