@@ -1,9 +1,9 @@
 """Where the default CE call's time goes with validation on (GPU, bf16, new gradient buffer):
-the step timed as do_bench times it (an L2 flush, then events around one step) with the
-target-range check in four forms, and the host time of the forward call and of the backward
-with the GPU idle before each. Variants: off; on (extremes queued, host waits for the event
-after the loss kernels are queued); on without the wait (extremes and copy only); on with
-the extremes only (no copy, no wait).
+the step timed as do_bench times it (an L2 flush, then events around one step) with
+validation off and on, with and without the backend's target scan (one kernel for the
+extremes and the mean's count; without it, torch ops), and on without the host's wait for
+the check; and the host time of the forward call and of the backward with the GPU idle
+before each.
 
 Usage: PYTHONPATH=src python lab/ce_host_cost.py [--V 32000] [--N 16384]
 """
@@ -22,24 +22,15 @@ from fusedce.bench import measure
 import ce_timeline  # noqa: E402  (beside this file)
 
 
-REAL = val.start_target_range
-
-
 def variants():
-    real = REAL
+    """name -> (validation, target scan on, host waits for the check)."""
+    return {"off": (False, True, True), "off, no scan": (False, False, True),
+            "on": (True, True, True), "on, no scan": (True, False, True),
+            "on, no wait": (True, True, False)}
 
-    def no_wait(target, vocab_size, ignore_index, name="target"):
-        fin = real(target, vocab_size, ignore_index, name)
-        return None if fin is None else (lambda: None)
 
-    def extremes_only(target, vocab_size, ignore_index, name="target"):
-        if target.numel() == 0 or not val.syncing():
-            return None
-        val._extremes(target.reshape(-1), ignore_index)
-        return None
-
-    return {"off": (False, real), "on": (True, real), "on, no wait": (True, no_wait),
-            "on, extremes only": (True, extremes_only)}
+def _no_wait(self):
+    self._pending = None
 
 
 def host_times(x, t, reps=50):
@@ -66,11 +57,14 @@ def main():
     def step():
         fce.cross_entropy(x, t).backward()
 
-    import fusedce.functional as fn
+    from fusedce.triton import backend as tb
+
+    scan, finish = tb.target_scan, val.TargetCheck.finish
     for rnd in range(2):
-        for name, (on, start) in variants().items():
+        for name, (on, use_scan, wait) in variants().items():
             fce.set_validation(on)
-            fn._v.start_target_range = start
+            tb.target_scan = scan if use_scan else (lambda t, ii: None)
+            val.TargetCheck.finish = finish if wait else _no_wait
             for _ in range(3):
                 x.grad = None
                 step()
@@ -78,7 +72,7 @@ def main():
             hf, hb = host_times(x, t)
             print(f"  {name:18s} step {ms * 1e3:7.1f} us = {ms / floor:.3f}x   host: forward "
                   f"{hf:6.1f} us, backward {hb:6.1f} us")
-    fn._v.start_target_range = REAL
+    tb.target_scan, val.TargetCheck.finish = scan, finish
 
 
 if __name__ == "__main__":

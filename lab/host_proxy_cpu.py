@@ -1,9 +1,10 @@
 """Host-side cost of a Triton-backend call without a GPU: the Python above the kernel
-launches, measured on the CPU with every Triton launch replaced by a no-op (the interpreter
-mode only lets CPU tensors through). What it leaves out, the Triton launch itself and the
-CUDA launches of the small torch ops, is what benchmarks/host_profile.py measures on a GPU.
+launches, measured on the CPU with every Triton kernel launch replaced by a no-op (the interpreter
+mode only lets CPU tensors through). What it
+leaves out, the Triton launch itself and the CUDA launches of the small torch ops, is what
+lab/ce_host_cprofile.py measures on a GPU.
 
-Usage: python benchmarks/host_proxy_cpu.py [nograd|fb]   (adds a cProfile table)
+Usage: python lab/host_proxy_cpu.py [nograd|fb] [on]   (adds a cProfile table)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import fusedce as fce  # noqa: E402
-from fusedce.triton import ce  # noqa: E402
+from fusedce.triton import launch  # noqa: E402
 
 
 class _NoLaunch:
@@ -28,8 +29,9 @@ class _NoLaunch:
 
 
 def main():
-    ce._launcher = lambda kernel: _NoLaunch()
-    N, V = 4096, 64
+    # the ops run as on a GPU up to the kernel launch, which does nothing
+    launch.launcher = lambda kernel: _NoLaunch()
+    N, V = int(os.environ.get("N", 16)), 64
     x = torch.randn(N, V)
     t = torch.randint(0, V, (N,))
     torch.set_num_threads(1)
@@ -38,12 +40,15 @@ def main():
         with torch.no_grad():
             fce.cross_entropy(x, t, backend="triton")
 
+    xg = x.detach().requires_grad_(True)
+
     def fb():
-        xg = x.detach().requires_grad_(True)
-        fce.cross_entropy(xg, t, backend="triton", inplace_backward=True).backward()
+        xg.grad = None
+        fce.cross_entropy(xg, t, backend="triton").backward()
 
     calls = {"nograd": nograd, "fb": fb}
-    with fce.validation(False):
+    on = len(sys.argv) > 2 and sys.argv[2] == "on"
+    with fce.validation(on):
         for name, f in calls.items():
             for _ in range(50):
                 f()
@@ -57,7 +62,7 @@ def main():
             for _ in range(300):
                 calls[sys.argv[1]]()
             pr.disable()
-            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+            pstats.Stats(pr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(40)
 
 
 if __name__ == "__main__":

@@ -630,6 +630,82 @@ def test_scale_kernels_touch_nothing_at_one():
     assert torch.equal(big[:, 0], before[:, 0])
 
 
+targets_mod = pytest.importorskip("fusedce.triton.targets")
+
+
+def _scan_ref(t, ignore_index):
+    ign = t == ignore_index
+    v = torch.where(ign, 0, t).long()
+    return [min(0, int(v.min())), max(0, int(v.max())), int((~ign).sum())]
+
+
+@pytest.mark.parametrize("n", [1, 5, 1023, 1024, 1025, 3000])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, 0, 7])
+def test_target_scan_matches_torch(n, dtype, ignore_index):
+    V = 50
+    t = _t((n,), V, ignore_index=ignore_index, dtype=dtype)
+    if n > 4:
+        # out-of-range ids on either side, away from the ends of the blocks
+        t[n // 3] = -3
+        t[n // 2] = V + 4
+    got = tb.target_scan(t, ignore_index)
+    assert got.dtype == torch.int64 and got.shape == (3,)
+    assert got.tolist() == _scan_ref(t, ignore_index)
+    # positive ids only: lo is 0 (0 lies in every range), hi the largest id
+    pos = torch.full((n,), 9, device=DEV, dtype=dtype)
+    assert tb.target_scan(pos, -100).tolist() == [0, 9, n]
+    # every row ignored: nothing counted, the extremes are class 0's
+    ign = torch.full((n,), ignore_index, device=DEV, dtype=dtype)
+    assert tb.target_scan(ign, ignore_index).tolist() == [0, 0, 0]
+    # a strided view is scanned as its flat copy
+    tt = _t((n, 2), V, ignore_index=ignore_index, dtype=dtype)[:, 1]
+    assert tb.target_scan(tt, ignore_index).tolist() == _scan_ref(tt, ignore_index)
+
+
+def test_target_scan_declines_empty_and_long_inputs(monkeypatch):
+    assert tb.target_scan(torch.empty(0, dtype=torch.int64, device=DEV), -100) is None
+    monkeypatch.setattr(targets_mod, "SCAN_MAX", 8)
+    assert tb.target_scan(torch.zeros(9, dtype=torch.int64, device=DEV), -100) is None
+    assert tb.target_scan(torch.zeros(8, dtype=torch.int64, device=DEV), -100).tolist() == \
+        [0, 0, 8]
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("scan_max", [None, 4])
+def test_mean_call_scans_targets_once(validate, scan_max, monkeypatch):
+    """The default mean call takes one target scan, shared by the range check and the mean's
+    denominator (validation off: the denominator alone); past SCAN_MAX torch ops do both."""
+    if scan_max is not None:
+        monkeypatch.setattr(targets_mod, "SCAN_MAX", scan_max)
+    calls = []
+    real = tb.target_scan
+
+    def counting(t, ii):
+        out = real(t, ii)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tb, "target_scan", counting)
+    V = 37
+    x = _x((3, 5), V, torch.float32).requires_grad_(True)
+    t = _t((3, 5), V)
+    ref, ref_grad = _ref_grad(x, t, torch.tensor(1.0))
+    with fce.validation(validate):
+        loss = fce.cross_entropy(x, t, backend="triton")
+    loss.backward()
+    # (a declined scan is asked again for the denominator: a size test, no launch)
+    assert calls == ([True] if scan_max is None else [False, False] if validate else [False])
+    assert_close_normwise(loss, ref, tol(torch.float32), "loss")
+    assert_close_normwise(x.grad, ref_grad, tol(torch.float32), "grad")
+    # a bad target still raises with the scan, before anything is returned
+    bad = t.clone()
+    bad[1, 2] = V
+    if validate:
+        with pytest.raises(ValueError, match="flat position 7"):
+            fce.cross_entropy(x, bad, backend="triton")
+
+
 def test_64bit_column_offsets_path(monkeypatch):
     """The int64 column-offset variant (taken when (V - 1) * stride_v >= 2**31)."""
     monkeypatch.setattr(launch, "col64", lambda V, sv: True)

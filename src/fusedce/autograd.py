@@ -44,6 +44,9 @@ class Plan:
     inplace: bool = False
     need_grad: bool = True
     need_aux: bool = True  # the accuracy is wanted (backends with optional_argmax skip it else)
+    # the backend's target scan taken by the range check (int64 [lo, hi, count] on the
+    # device), whose count a backend with fused_loss reuses as the mean's denominator
+    target_counts: Optional[torch.Tensor] = None
 
 
 def _exchange(stats: spec.RowStats, group, need_sz: bool = True) -> spec.RowStats:
@@ -270,7 +273,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss_rows, lse, zpart, am = be.fused_loss(
             x3, t, opts, vocab_size=plan.vocab_size, weight=weight, normalizer=plan.normalizer,
             out=out, need_am=plan.need_aux, gathered=gathered,
-            vocab_start=plan.vocab_start, **({"peer": peer} if peer is not None else {}))
+            vocab_start=plan.vocab_start, counts=plan.target_counts,
+            **({"peer": peer} if peer is not None else {}))
         if eager and plan.inplace:
             written(logits)
         zl = _zloss_out(plan, zpart, reduced, target, lse.device)

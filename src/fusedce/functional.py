@@ -78,7 +78,8 @@ def _backend_name(backend, x) -> str:
 
 def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
                 ignore_index: int = -100, op: str = "ce", options: tuple = (),
-                option_checks=None, backend="auto", deferred: Optional[list] = None):
+                option_checks=None, backend="auto",
+                target_check: Optional[_v.TargetCheck] = None):
     """Check the tensors and options, resolve the vocabulary layout and the backend; unpacks
     DTensor inputs.
 
@@ -92,10 +93,11 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
             that can fail on one rank (options, types, shapes, the backend) runs inside the
             group's one shared check, so that a bad argument on one rank raises on every rank
             instead of leaving the others waiting in a collective.
-        deferred: a list, for callers that write nothing visible before they return (no
-            in-place gradient): on one device without class weights, the target-range
-            check's final read is appended to it (a callable that raises) instead of run
-            here, so that the caller's kernels queue without a host sync.
+        target_check: a :class:`~fusedce.validation.TargetCheck`: on one device without
+            class weights the target-range check runs in it (deferred, its final read left
+            to the caller's ``finish()`` so that the caller's kernels queue without a host
+            sync, where it was made with ``defer``: for callers that write nothing visible
+            before they return), and keeps the backend's target scan for the caller.
     Returns:
         (logits, target, weight, group, vocab_start, V, backend): plain tensors, the group
         (None without TP), this shard's first column, the global vocabulary size and the
@@ -132,13 +134,12 @@ def _resolve_tp(logits, tp_group, vocab_start, *, target=None, weight=None,
         v = logits.shape[-1]
         if target is not None:
             _check_weight(weight, v, logits.device)
-            if deferred is not None and weight is None:
+            scan = getattr(picked[0], "target_scan", None)
+            if target_check is not None and weight is None:
                 # (class weights are gathered by target on the host side: checked first)
-                finish = _v.start_target_range(target, v, ignore_index)
-                if finish is not None:
-                    deferred.append(finish)
+                target_check.start(target, v, ignore_index, scan=scan)
             else:
-                _check_target_range(target, v, ignore_index)
+                _check_target_range(target, v, ignore_index, scan=scan)
         return logits, target, weight, None, 0, v, picked[0]
 
     # class weights under TP: the whole [V] vector, or each rank's slice shaped like its
@@ -276,14 +277,14 @@ def _cross_entropy(
                              "be combined with inplace_backward=True")
 
     smoothed = isinstance(label_smoothing, (int, float)) and label_smoothing > 0
-    deferred: list = []
+    check = _v.TargetCheck(defer=not inplace_backward)
     logits, target, weight, group, start, vocab_size, be = _resolve_tp(
         logits, tp_group, vocab_start, target=target, weight=weight, ignore_index=ignore_index,
         op="ce_smoothed" if smoothed else "ce",
         options=(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                  normalizer, inplace_backward, return_aux, differentiable_lse),
         option_checks=option_checks, backend=backend,
-        deferred=None if inplace_backward else deferred)
+        target_check=check)
     opts = LossOptions(ignore_index=ignore_index, reduction=reduction,
                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                        softcap=None if softcap is None else float(softcap),
@@ -291,10 +292,9 @@ def _cross_entropy(
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     plan = _ag.Plan(opts=opts, backend=be, vocab_size=vocab_size, vocab_start=start,
                     group=group, normalizer=normalizer, inplace=bool(inplace_backward),
-                    need_grad=need_grad, need_aux=bool(return_aux))
+                    need_grad=need_grad, need_aux=bool(return_aux), target_counts=check.counts)
     loss, lse, zl, acc = _ag.apply(_ag.CrossEntropyFunction, plan, logits, target, weight)
-    for finish in deferred:
-        finish()
+    check.finish()
     if return_aux:
         if differentiable_lse:
             # a second read of the logits (and one in the backward) buys an lse that carries

@@ -285,17 +285,24 @@ def check_weight(weight, vocab_size: int, device, name: str = "weight") -> None:
 
 
 def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
-                       name: str = "target") -> None:
+                       name: str = "target", scan=None) -> Optional[torch.Tensor]:
     """Class ids in [0, V) or ignore_index (a device sync: with validation on only; under
     torch.compile a data-dependent raise would break the graph and a CUDA graph capture
-    cannot sync, so it is skipped there)."""
+    cannot sync, so it is skipped there).
+
+    ``scan``: the backend's target scan (``target_scan(t, ignore_index)``: int64 [lo, hi,
+    count] on the device from one kernel, or None where it declines), or None. Returns that
+    scan when one was taken (the caller reuses its count), else None."""
     if target.numel() == 0 or not syncing():
-        return
+        return None
     t = target.reshape(-1)
-    # two small kernels and one 16-byte read on the hot path (this check runs on every call)
-    lo, hi = _extremes(t, ignore_index).tolist()
+    counts = scan(t, ignore_index) if scan is not None else None
+    ext = _extremes(t, ignore_index) if counts is None else counts[:2]
+    # one 16-byte read on the hot path (this check runs on every call)
+    lo, hi = ext.tolist()
     if lo < 0 or hi >= vocab_size:
         _raise_out_of_range(t, vocab_size, ignore_index, name)
+    return counts
 
 
 def _extremes(t: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -313,50 +320,70 @@ def _raise_out_of_range(t: torch.Tensor, vocab_size: int, ignore_index: int, nam
 _PINNED = threading.local()
 
 
-def _pinned_pair(device: torch.device) -> torch.Tensor:
-    """This thread's two-int64 pinned host buffer for ``device``, allocated once: a pinned
-    tensor freed while its stream still runs cannot be reused by the caching host allocator,
-    so a fresh one per call would page-lock new memory (a slow, synchronizing call) every
-    time."""
+def _pinned_pair(device: torch.device):
+    """This thread's two-int64 pinned host buffer for ``device`` and its event, made once: a
+    pinned tensor freed while its stream still runs cannot be reused by the caching host
+    allocator, so a fresh one per call would page-lock new memory (a slow, synchronizing
+    call) every time; a reused event saves its creation on every call."""
     bufs = getattr(_PINNED, "bufs", None)
     if bufs is None:
         bufs = _PINNED.bufs = {}
-    buf = bufs.get(device)
-    if buf is None:
-        buf = bufs[device] = torch.empty(2, dtype=torch.int64, pin_memory=True)
-    return buf
+    pair = bufs.get(device)
+    if pair is None:
+        pair = bufs[device] = (torch.empty(2, dtype=torch.int64, pin_memory=True),
+                               torch.cuda.Event())
+    return pair
 
 
-def start_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
-                       name: str = "target"):
-    """:func:`check_target_range` in two halves, for calls that write nothing the user can
-    see before they return: this half queues the extremes of the targets and their copy to
-    pinned host memory (no host sync); the returned callable reads them and raises. Run
-    between the two, the loss kernels queue behind the check instead of waiting for the
-    host's read. Only for CUDA targets; elsewhere (and with validation off) it checks at
-    once and returns None. The kernels must read a bad target safely (masked), which every
-    backend's row-target lookup does."""
-    if target.numel() == 0 or not syncing():
-        return None
-    if not target.is_cuda:
-        check_target_range(target, vocab_size, ignore_index, name)
-        return None
-    t = target.reshape(-1)
-    ext = _extremes(t, ignore_index).long()
-    host = _pinned_pair(target.device)
-    host.copy_(ext, non_blocking=True)
-    # (the copy runs on the target device's current stream, which need not be the current
-    # device's)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(target.device))
+class TargetCheck:
+    """The target-range check of one call. With ``defer`` (calls that write nothing the user
+    can see before they return) it runs in two halves: :meth:`start` queues the extremes of
+    the targets and their copy to pinned host memory (no host sync); :meth:`finish` reads
+    them and raises. Run between the two, the loss kernels queue behind the check instead of
+    waiting for the host's read. Only for CUDA targets; elsewhere, and without ``defer``,
+    :meth:`start` checks at once (:func:`check_target_range`) and :meth:`finish` does
+    nothing; with validation off both do nothing. The kernels must read a bad target safely
+    (masked), which every backend's row-target lookup does.
 
-    def finish() -> None:
+    ``counts``: the backend's target scan when :meth:`start` took one (int64 [lo, hi, count]
+    on the device), for the caller to reuse its count; else None."""
+
+    __slots__ = ("defer", "counts", "_pending")
+
+    def __init__(self, defer: bool = True):
+        self.defer = defer
+        self.counts: Optional[torch.Tensor] = None
+        self._pending = None
+
+    def start(self, target: torch.Tensor, vocab_size: int, ignore_index: int,
+              name: str = "target", scan=None) -> None:
+        """Queue the check (``scan`` as in :func:`check_target_range`)."""
+        if target.numel() == 0 or not syncing():
+            return
+        if not (self.defer and target.is_cuda):
+            self.counts = check_target_range(target, vocab_size, ignore_index, name, scan)
+            return
+        t = target.reshape(-1)
+        self.counts = scan(t, ignore_index) if scan is not None else None
+        ext = _extremes(t, ignore_index).long() if self.counts is None else self.counts[:2]
+        host, ready = _pinned_pair(target.device)
+        host.copy_(ext, non_blocking=True)
+        # (the copy runs on the target device's current stream, which need not be the
+        # current device's)
+        ready.record(torch.cuda.current_stream(target.device))
+        self._pending = (t, vocab_size, ignore_index, name, host, ready)
+
+    def finish(self) -> None:
+        """Read the queued extremes (waiting for them alone, not for later kernels) and raise
+        where a target lies outside [0, V) and is not ignore_index."""
+        if self._pending is None:
+            return
+        t, vocab_size, ignore_index, name, host, ready = self._pending
+        self._pending = None
         ready.synchronize()
         lo, hi = host.tolist()
         if lo < 0 or hi >= vocab_size:
             _raise_out_of_range(t, vocab_size, ignore_index, name)
-
-    return finish
 
 
 def widened(target: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:

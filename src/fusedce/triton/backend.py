@@ -30,6 +30,7 @@ from ..spec import LossOptions, RowStats
 from . import configs, launch
 # (importing the kernel modules registers their ops and launchers in launch.RAW)
 from . import fused as _fused, fused_tp as _fused_tp, grad as _grad, stats as _stats  # noqa: F401
+from . import targets as _targets
 
 name = "triton"
 eager_grad = True
@@ -200,10 +201,21 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
     return RowStats(m, s, zt, sz, am)
 
 
+def target_scan(target: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """int64 [3] on the targets' device: the smallest and largest of the ids and 0 (ignored
+    rows as class 0) and the number of rows not ignored, from one kernel; None where the
+    caller's torch ops serve better (no targets, more than targets.SCAN_MAX of them, or
+    torch.compile tracing, whose fused graph takes the ops for free)."""
+    n = target.numel()
+    if n == 0 or n > _targets.SCAN_MAX or torch.compiler.is_compiling():
+        return None
+    return _call("tr_target_scan")(_ids(target), int(ignore_index))
+
+
 def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_size: int,
                weight: Optional[torch.Tensor], normalizer, out: Optional[torch.Tensor],
                need_am: bool, gathered: Optional[torch.Tensor] = None, vocab_start: int = 0,
-               peer=None):
+               peer=None, counts: Optional[torch.Tensor] = None):
     """The loss rows of the whole vocabulary in one kernel and, when ``out`` is given, their
     gradient (for an upstream gradient of 1 on the reduced loss, or of 1 per row with
     reduction="none") written into it; the row terms and row loss are computed in the kernel,
@@ -219,6 +231,8 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
             column is ``vocab_start``, and weight the whole class-weight vector.
         peer: vocabulary parallel instead of ``gathered``: a :class:`fusedce.peer.PeerExchange`;
             the kernel exchanges the shard statistics with the other ranks' kernels itself.
+        counts: the :func:`target_scan` of ``target`` when the caller took one already (its
+            count is the mean's denominator), or None.
     Returns:
         (loss, lse, zpart, am): loss [B*T] fp32 row losses times the reduction factor c (so
         that the reduced loss is their sum), lse [B*T], zpart [B*T] (times c) or None without
@@ -238,7 +252,9 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
     elif opts.reduction == "mean":
         mode = 1
         if w is None:
-            den = (t != opts.ignore_index).sum()
+            if counts is None:
+                counts = target_scan(t, opts.ignore_index)
+            den = (t != opts.ignore_index).sum() if counts is None else counts[2]
         else:
             den = spec.row_terms(t, opts, vocab_size, weight).denom
     else:
