@@ -5,7 +5,9 @@ lse = log sum_j exp(z_j), statistics m, s, z_t, sum w z, argmax, sum exp(z - m) 
 combine associatively). One kernel family per module, each with its launchers and
 torch.library ops: :mod:`~fusedce.triton.stats` (statistics), :mod:`~fusedce.triton.grad`
 (gradient from statistics, scaling), :mod:`~fusedce.triton.fused` (statistics, loss and
-gradient in one kernel), :mod:`~fusedce.triton.fused_tp` (its vocabulary-parallel forms);
+gradient in one kernel), :mod:`~fusedce.triton.fused_tp` (its vocabulary-parallel forms),
+:mod:`~fusedce.triton.targets` (the target scan: the range check's extremes and the mean's
+count);
 :mod:`~fusedce.triton.common` holds the shared @triton.jit helpers,
 :mod:`~fusedce.triton.configs` the launch tables, :mod:`~fusedce.triton.launch` the launchers
 and op registration, and :mod:`~fusedce.triton.backend` the backend protocol used by
