@@ -636,7 +636,7 @@ targets_mod = pytest.importorskip("fusedce.triton.targets")
 def _scan_ref(t, ignore_index):
     ign = t == ignore_index
     v = torch.where(ign, 0, t).long()
-    return [min(0, int(v.min())), max(0, int(v.max())), int((~ign).sum())]
+    return [int((~ign).sum()), min(0, int(v.min())), max(0, int(v.max()))]
 
 
 @pytest.mark.parametrize("n", [1, 5, 1023, 1024, 1025, 3000])
@@ -654,7 +654,7 @@ def test_target_scan_matches_torch(n, dtype, ignore_index):
     assert got.tolist() == _scan_ref(t, ignore_index)
     # positive ids only: lo is 0 (0 lies in every range), hi the largest id
     pos = torch.full((n,), 9, device=DEV, dtype=dtype)
-    assert tb.target_scan(pos, -100).tolist() == [0, 9, n]
+    assert tb.target_scan(pos, -100).tolist() == [n, 0, 9]
     # every row ignored: nothing counted, the extremes are class 0's
     ign = torch.full((n,), ignore_index, device=DEV, dtype=dtype)
     assert tb.target_scan(ign, ignore_index).tolist() == [0, 0, 0]
@@ -668,7 +668,7 @@ def test_target_scan_declines_empty_and_long_inputs(monkeypatch):
     monkeypatch.setattr(targets_mod, "SCAN_MAX", 8)
     assert tb.target_scan(torch.zeros(9, dtype=torch.int64, device=DEV), -100) is None
     assert tb.target_scan(torch.zeros(8, dtype=torch.int64, device=DEV), -100).tolist() == \
-        [0, 0, 8]
+        [8, 0, 0]
 
 
 @pytest.mark.parametrize("validate", [True, False])

@@ -44,7 +44,7 @@ class Plan:
     inplace: bool = False
     need_grad: bool = True
     need_aux: bool = True  # the accuracy is wanted (backends with optional_argmax skip it else)
-    # the backend's target scan taken by the range check (int64 [lo, hi, count] on the
+    # the backend's target scan taken by the range check (int64 [count, lo, hi] on the
     # device), whose count a backend with fused_loss reuses as the mean's denominator
     target_counts: Optional[torch.Tensor] = None
 

@@ -290,14 +290,14 @@ def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
     torch.compile a data-dependent raise would break the graph and a CUDA graph capture
     cannot sync, so it is skipped there).
 
-    ``scan``: the backend's target scan (``target_scan(t, ignore_index)``: int64 [lo, hi,
-    count] on the device from one kernel, or None where it declines), or None. Returns that
+    ``scan``: the backend's target scan (``target_scan(t, ignore_index)``: int64 [count,
+    lo, hi] on the device from one kernel, or None where it declines), or None. Returns that
     scan when one was taken (the caller reuses its count), else None."""
     if target.numel() == 0 or not syncing():
         return None
     t = target.reshape(-1)
     counts = scan(t, ignore_index) if scan is not None else None
-    ext = _extremes(t, ignore_index) if counts is None else counts[:2]
+    ext = _extremes(t, ignore_index) if counts is None else counts[1:]
     # one 16-byte read on the hot path (this check runs on every call)
     lo, hi = ext.tolist()
     if lo < 0 or hi >= vocab_size:
@@ -345,7 +345,7 @@ class TargetCheck:
     nothing; with validation off both do nothing. The kernels must read a bad target safely
     (masked), which every backend's row-target lookup does.
 
-    ``counts``: the backend's target scan when :meth:`start` took one (int64 [lo, hi, count]
+    ``counts``: the backend's target scan when :meth:`start` took one (int64 [count, lo, hi]
     on the device), for the caller to reuse its count; else None."""
 
     __slots__ = ("defer", "counts", "_pending")
@@ -365,7 +365,7 @@ class TargetCheck:
             return
         t = target.reshape(-1)
         self.counts = scan(t, ignore_index) if scan is not None else None
-        ext = _extremes(t, ignore_index).long() if self.counts is None else self.counts[:2]
+        ext = _extremes(t, ignore_index).long() if self.counts is None else self.counts[1:]
         host, ready = _pinned_pair(target.device)
         host.copy_(ext, non_blocking=True)
         # (the copy runs on the target device's current stream, which need not be the

@@ -202,8 +202,8 @@ def fused(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, g0: torc
 
 
 def target_scan(target: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """int64 [3] on the targets' device: the smallest and largest of the ids and 0 (ignored
-    rows as class 0) and the number of rows not ignored, from one kernel; None where the
+    """int64 [3] on the targets' device: the number of rows not ignored, then the smallest
+    and largest of the ids and 0 (ignored rows as class 0), from one kernel; None where the
     caller's torch ops serve better (no targets, more than targets.SCAN_MAX of them, or
     torch.compile tracing, whose fused graph takes the ops for free)."""
     n = target.numel()
@@ -254,7 +254,8 @@ def fused_loss(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, voc
         if w is None:
             if counts is None:
                 counts = target_scan(t, opts.ignore_index)
-            den = (t != opts.ignore_index).sum() if counts is None else counts[2]
+            # (the kernel reads the denominator at the pointer: the scan's first element)
+            den = (t != opts.ignore_index).sum() if counts is None else counts
         else:
             den = spec.row_terms(t, opts, vocab_size, weight).denom
     else:

@@ -1,9 +1,10 @@
-"""The target scan (op tr_target_scan): [lo, hi, count] of a call's flat targets in one small
+"""The target scan (op tr_target_scan): [count, lo, hi] of a call's flat targets in one small
 kernel.
 
-lo and hi are the smallest and largest of the ids and 0, ignored rows counting as class 0
-(the range check asks lo >= 0 and hi < V; 0 is in every range); count is the number of rows
-that are not ignored (the mean's denominator). The range
+count is the number of rows that are not ignored (the mean's denominator: first, so that
+the scan's own pointer is the fused kernel's denominator pointer, no view op); lo and hi are
+the smallest and largest of the ids and 0, ignored rows counting as class 0 (the range check
+asks lo >= 0 and hi < V; 0 is in every range). The range
 check reads the first two on the host; the fused loss kernel reads the count on the device.
 One launch replaces the seven small torch ops these take otherwise (compare, where, aminmax,
 stack, and compare + sum for the count): host time, which the default call at V = 32000 is
@@ -27,7 +28,7 @@ SCAN_MAX = 1 << 18
 
 @triton.jit
 def _scan_kernel(t_ptr, n, ignore_index, out_ptr, BLOCK: tl.constexpr):
-    """out[0:3] = (lo, hi, count) of the n targets at t_ptr (int32 / int64), as int64.
+    """out[0:3] = (count, lo, hi) of the n targets at t_ptr (int32 / int64), as int64.
 
     t_ptr: flat targets; n: their number (> 0); ignore_index: the ignored id (class 0 in
     lo / hi, not counted); out_ptr: int64 [3]. BLOCK: ids per step.
@@ -45,16 +46,16 @@ def _scan_kernel(t_ptr, n, ignore_index, out_ptr, BLOCK: tl.constexpr):
         lo = tl.minimum(lo, v)
         hi = tl.maximum(hi, v)
         cnt += tl.where(ign, 0, 1).to(tl.int64)
-    tl.store(out_ptr, tl.min(lo, axis=0))
-    tl.store(out_ptr + 1, tl.max(hi, axis=0))
-    tl.store(out_ptr + 2, tl.sum(cnt, axis=0))
+    tl.store(out_ptr, tl.sum(cnt, axis=0))
+    tl.store(out_ptr + 1, tl.min(lo, axis=0))
+    tl.store(out_ptr + 2, tl.max(hi, axis=0))
 
 
 @launch.op("fusedce::tr_target_scan", mutates_args=())
 def tr_target_scan(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """int64 [3]: (lo, hi, count) of the flat contiguous targets (1-D int32 / int64, at
-    least one and at most SCAN_MAX of them): the smallest and largest of the ids and 0,
-    ignored rows counting as class 0, and the number of rows not ignored."""
+    """int64 [3]: (count, lo, hi) of the flat contiguous targets (1-D int32 / int64, at
+    least one and at most SCAN_MAX of them): the number of rows not ignored, and the
+    smallest and largest of the ids and 0, ignored rows counting as class 0."""
     out = torch.empty(3, dtype=torch.int64, device=target.device)
     if launch.skip(target):
         return out
