@@ -1,14 +1,13 @@
 """The target scan (op tr_target_scan): [count, lo, hi] of a call's flat targets in one small
 kernel.
 
-count is the number of rows that are not ignored (the mean's denominator: first, so that
-the scan's own pointer is the fused kernel's denominator pointer, no view op); lo and hi are
-the smallest and largest of the ids and 0, ignored rows counting as class 0 (the range check
-asks lo >= 0 and hi < V; 0 is in every range). The range
-check reads the first two on the host; the fused loss kernel reads the count on the device.
-One launch replaces the seven small torch ops these take otherwise (compare, where, aminmax,
-stack, and compare + sum for the count): host time, which the default call at V = 32000 is
-bound by on slow hosts.
+count is the number of rows that are not ignored: the mean's denominator, which the fused
+loss kernel reads on the device (first, so that the scan's own pointer is the kernel's
+denominator pointer: no view op). lo and hi are the smallest and largest of the ids and 0,
+ignored rows counting as class 0: the range check reads them on the host and asks lo >= 0
+and hi < V (0 lies in every range). One launch replaces the small torch ops these take
+otherwise (compare, where, aminmax and stack for the extremes; compare and sum for the
+count): host time, which the default call at V = 32000 is bound by on slow hosts.
 
 One program walks the targets; past SCAN_MAX of them the caller uses torch ops instead (a
 single program's read of more than a few MB would cost more than the launches it saves).
