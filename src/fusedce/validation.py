@@ -296,8 +296,7 @@ def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
     if target.numel() == 0 or not syncing():
         return None
     t = target.reshape(-1)
-    counts = scan(t, ignore_index) if scan is not None else None
-    ext = _extremes(t, ignore_index) if counts is None else counts[1:]
+    counts, ext = _scanned_extremes(t, ignore_index, scan)
     # one 16-byte read on the hot path (this check runs on every call)
     lo, hi = ext.tolist()
     if lo < 0 or hi >= vocab_size:
@@ -308,6 +307,15 @@ def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
 def _extremes(t: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """[min, max] of the flat targets ``t``, ignored rows counted as class 0."""
     return torch.stack(torch.aminmax(torch.where(t == ignore_index, 0, t)))
+
+
+def _scanned_extremes(t: torch.Tensor, ignore_index: int, scan):
+    """(the backend's scan of the flat targets ``t`` or None, int64 [lo, hi] on their
+    device): the scan's extremes where ``scan`` gives one, else torch ops'."""
+    counts = scan(t, ignore_index) if scan is not None else None
+    if counts is None:
+        return None, _extremes(t, ignore_index).long()
+    return counts, counts[1:]
 
 
 def _raise_out_of_range(t: torch.Tensor, vocab_size: int, ignore_index: int, name: str):
@@ -364,8 +372,7 @@ class TargetCheck:
             self.counts = check_target_range(target, vocab_size, ignore_index, name, scan)
             return
         t = target.reshape(-1)
-        self.counts = scan(t, ignore_index) if scan is not None else None
-        ext = _extremes(t, ignore_index).long() if self.counts is None else self.counts[1:]
+        self.counts, ext = _scanned_extremes(t, ignore_index, scan)
         host, ready = _pinned_pair(target.device)
         host.copy_(ext, non_blocking=True)
         # (the copy runs on the target device's current stream, which need not be the
