@@ -798,12 +798,13 @@ def test_second_backward_recomputes_on_the_torch_backend():
                                 dict(softcap=4.0, logit_scale=1.3), dict(ignore_index=3)],
                          ids=lambda k: ",".join(k) or "default")
 @pytest.mark.parametrize("tdtype", [torch.int64, torch.int32])
-def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, monkeypatch):
+@pytest.mark.parametrize("ignored", [True, False], ids=["ignored", "none_ignored"])
+def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, ignored, monkeypatch):
     """A forward that keeps nothing takes the row losses -log p_t without the row statistics
     (plain_loss_rows); it gives the general path's loss against fp64 for every reduction,
-    ignored rows with NaN logits and chunk boundaries, and hands the call back to the general
-    path (None) for a very unlikely or masked target and, with validation off, for a target
-    outside [0, V)."""
+    ignored rows with NaN logits (or none ignored) and chunk boundaries, counts the
+    non-ignored rows, and hands the call back to the general path (None) for a very
+    unlikely or masked target and, with validation off, for a target outside [0, V)."""
     kw = dict(kw)
     if kw.get("normalizer") == "tensor":
         kw["normalizer"] = torch.tensor(5.0)
@@ -812,12 +813,17 @@ def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, monkeypatch)
     x = torch.randn(2, 7, V) * 3
     t = torch.randint(0, V, (2, 7)).to(tdtype)
     ii = kw.get("ignore_index", -100)
-    t[0, 2] = ii
-    x[0, 2, 5] = float("nan")
+    if ignored:
+        t[0, 2] = ii
+        x[0, 2, 5] = float("nan")
+    else:
+        t[t == ii] = (ii + 1) % V
     opts = spec.LossOptions(**{k: v for k, v in kw.items()
                                if k in ("ignore_index", "reduction", "softcap", "logit_scale")})
-    rows = torch_backend.plain_loss_rows(x, t.reshape(-1), opts)
-    assert rows is not None and rows[2] == 0 and not torch.signbit(rows[2])
+    rows, count = torch_backend.plain_loss_rows(x, t.reshape(-1), opts)
+    assert count == int((t != ii).sum()) == 14 - ignored
+    if ignored:
+        assert rows[2] == 0 and not torch.signbit(rows[2])
     with torch.no_grad():
         got = fce.cross_entropy(x, t, **kw)
     want = ref_cross_entropy(x.double(), t, **kw)
@@ -836,14 +842,17 @@ def test_no_grad_plain_forward_matches_the_general_path(kw, tdtype, monkeypatch)
     assert torch.equal(torch.isinf(got), torch.isinf(general.detach()))
     fin = torch.isfinite(general.detach())
     assert_close_normwise(got[fin], general.detach()[fin], 1e-6, "unlikely targets", floor=1.0)
-    empty = torch_backend.plain_loss_rows(x[:, :0], t[:, :0].reshape(-1), opts)
-    assert empty is not None and empty.shape == (0,)
+    empty, count = torch_backend.plain_loss_rows(x[:, :0], t[:, :0].reshape(-1), opts)
+    assert empty.shape == (0,) and count == 0
     with torch.no_grad():
         got = fce.cross_entropy(x[:, :0], t[:, :0], **kw)
     assert got.shape == ((2, 0) if kw.get("reduction") == "none" else ()) and (got == 0).all()
     bad = t.clone()
     bad[1, 3] = V + 2
     assert torch_backend.plain_loss_rows(x, bad.reshape(-1), opts) is None
+    below = t.clone()
+    below[1, 4] = -5 if ii != -5 else -6
+    assert torch_backend.plain_loss_rows(x, below.reshape(-1), opts) is None
     with fce.validation(False), torch.no_grad():
         got = fce.cross_entropy(x, bad, **kw)
     with fce.validation(False):

@@ -173,12 +173,20 @@ class CrossEntropyFunction(torch.autograd.Function):
                 and plan.group is None and weight is None and opts.label_smoothing == 0.0
                 and opts.z_loss == 0.0):
             # a forward that keeps nothing: the backend's row losses without row statistics
-            rows = plain(as_rows3d(logits), t, opts)
-            if rows is not None:
+            got = plain(as_rows3d(logits), t, opts)
+            if got is not None:
+                rows, count = got
                 if not reduced:
                     return _shaped(rows, target), None, None, None
-                terms = spec.row_terms(t, opts, plan.vocab_size, None)
-                return rows.sum() * spec.row_scale(terms, opts, plan.normalizer), None, None, None
+                total = rows.sum()
+                if plan.normalizer is not None:
+                    terms = spec.row_terms(t, opts, plan.vocab_size, None)
+                    total = total * spec.row_scale(terms, opts, plan.normalizer)
+                elif opts.reduction == "mean" and count:
+                    # (the host's count: one division, as F.cross_entropy's mean; no rows
+                    # counted leaves the sum of zeros, 0)
+                    total = total / count
+                return total, None, None, None
         # The gradient is written in the forward where the backend takes it there: on the
         # Triton backend where the upstream gradient is one scalar (a reduced loss), which the
         # backward then scales it by. A per-row upstream gradient (reduction="none", e.g. RL

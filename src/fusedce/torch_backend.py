@@ -16,7 +16,7 @@ ids to local columns, and the statistics are combined across ranks by
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -112,27 +112,36 @@ def _pair_from_softmax(p: torch.Tensor, z: torch.Tensor, zc: torch.Tensor, lc: t
 
 
 def plain_loss_rows(x3: torch.Tensor, target: torch.Tensor,
-                    opts: LossOptions) -> Optional[torch.Tensor]:
+                    opts: LossOptions) -> Optional[Tuple[torch.Tensor, int]]:
     """The row losses -log p_t of the plain loss (no label smoothing, z-loss or class
     weights; whole rows) without the row statistics, for a forward that keeps nothing (no
     gradient, no aux outputs) on CPUs: one softmax per chunk and a few small ops, which at
-    small V is most of the call. Ignored rows give 0. None where this does not apply: not a
-    CPU, a valid target outside [0, V), or a target so unlikely that p_t is tiny (the
+    small V is most of the call. Ignored rows give 0. Returns (row losses, the number of
+    non-ignored rows, read on the host: free on CPUs), or None where this does not apply:
+    not a CPU, a valid target outside [0, V), or a target so unlikely that p_t is tiny (the
     general path takes those rows from the row maximum)."""
     if x3.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     V = x3.shape[-1]
     t = target.long()
-    if t.numel() == 0:
-        return torch.zeros(t.shape, device=x3.device, dtype=torch.float32)
-    valid = t != opts.ignore_index
-    local = t.clamp(0, max(V - 1, 0))
-    # a valid id that the clamp moved lies outside [0, V)
-    if not torch.equal(torch.where(valid, local, t), t):
-        return None
+    n = t.numel()
+    if n == 0:
+        return torch.zeros(t.shape, device=x3.device, dtype=torch.float32), 0
+    ii = opts.ignore_index
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo >= 0 and hi < V and not 0 <= ii < V:
+        # every id is a class and none can be ignore_index (the common call): one small op
+        valid, local, count = None, t, n
+    else:
+        valid = t != ii
+        local = t.clamp(0, max(V - 1, 0))
+        # a valid id that the clamp moved lies outside [0, V)
+        if not torch.equal(torch.where(valid, local, t), t):
+            return None
+        count = int(valid.sum())
     lc = local.unsqueeze(1)
     rows = _chunk_rows(x3)
-    flat = as_rows2d(x3) if t.numel() <= rows else None
+    flat = as_rows2d(x3) if n <= rows else None
     if flat is not None:
         # one chunk (the common small call): no chunk loop
         pt = torch.softmax(transform(flat, opts), dim=-1).gather(1, lc).squeeze(1)
@@ -142,13 +151,14 @@ def plain_loss_rows(x3: torch.Tensor, target: torch.Tensor,
             z = transform(view.reshape(-1, V), opts)
             parts.append(torch.softmax(z, dim=-1).gather(1, lc[r0:r1]).squeeze(1))
         pt = _joined(parts)
-    # (ignored rows' p, read at column 0, may be anything: they give 0 and decide nothing;
-    # a valid row's NaN compares False)
-    pt = torch.where(valid, pt, 1.0)
+    if valid is not None:
+        # (ignored rows' p, read at column 0, may be anything: they give 0 and decide
+        # nothing; a valid row's NaN compares False)
+        pt = torch.where(valid, pt, 1.0)
     if not float(pt.amin()) >= _PAIR_MIN_P:
         return None
     # log(1 / p) as the general path forms log s: the same row losses, +0.0 on ignored rows
-    return pt.reciprocal_().log_()
+    return pt.reciprocal_().log_(), count
 
 
 def row_stats(x3: torch.Tensor, target: torch.Tensor, opts: LossOptions, *, vocab_start: int = 0,
