@@ -639,10 +639,12 @@ def _scan_ref(t, ignore_index):
     return [int((~ign).sum()), min(0, int(v.min())), max(0, int(v.max()))]
 
 
-@pytest.mark.parametrize("n", [1, 5, 1023, 1024, 1025, 3000])
+@pytest.mark.parametrize("steps,extra", [(0, 1), (0, 5), (1, -1), (1, 0), (1, 1), (2, 500)])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("ignore_index", [-100, 0, 7])
-def test_target_scan_matches_torch(n, dtype, ignore_index):
+def test_target_scan_matches_torch(steps, extra, dtype, ignore_index):
+    # n = steps x the kernel's ids per step + extra: across the step edges
+    n = steps * targets_mod.SCAN_BLOCK + extra
     V = 50
     t = _t((n,), V, ignore_index=ignore_index, dtype=dtype)
     if n > 4:

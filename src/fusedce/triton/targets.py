@@ -23,6 +23,9 @@ from . import launch
 
 # the most targets one program scans (2 MB of int64 ids)
 SCAN_MAX = 1 << 18
+# ids per step: one program's loop waits on each step's load, so wide steps (16 ids a
+# thread at 8 warps) keep a 16384-row call to 4 steps and SCAN_MAX to 64
+SCAN_BLOCK = 4096
 
 
 @triton.jit
@@ -59,7 +62,7 @@ def tr_target_scan(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     if launch.skip(target):
         return out
     launch.launcher(_scan_kernel)[(1,)](target, target.numel(), int(ignore_index), out,
-                                        BLOCK=1024, num_warps=4)
+                                        BLOCK=SCAN_BLOCK, num_warps=8)
     return out
 
 
