@@ -34,6 +34,11 @@ def main():
     N, V = int(os.environ.get("N", 16)), 64
     x = torch.randn(N, V)
     t = torch.randint(0, V, (N,))
+    # the target scan's launch does nothing either: its result, as the kernel would give it
+    # (the range check reads it)
+    from fusedce.triton import backend as tb
+    scan = torch.tensor([N, 0, V - 1])
+    tb.target_scan = lambda target, ignore_index: scan
     torch.set_num_threads(1)
 
     def nograd():
