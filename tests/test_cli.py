@@ -108,6 +108,83 @@ def test_failures_are_recorded_and_sweep_continues():
     assert math.isnan(results[0].fwd_bwd_ms) and results[2].fwd_bwd_ms > 0
 
 
+def _logged_method(name, log):
+    """A method that records (name, grad enabled) on every call and is otherwise eager."""
+    eager = methods.select_methods(["eager"])[0]
+
+    def build(case, device):
+        fn = eager.build(case, device)
+
+        def run(inp):
+            log.append((name, torch.is_grad_enabled()))
+            return fn(inp)
+        return run
+    return methods.Method(name, eager.ops, eager.family, build)
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_cpu_timing_runs_in_passes_over_the_methods(passes, monkeypatch):
+    """On the CPU every method of a case is timed in ``cpu_passes`` passes, the methods'
+    order rotated from pass to pass, each pass its share of the reps; the reported times are
+    the medians over every pass's step times."""
+    log = []
+    case = shapes.preset_cases("tiny", ["cross_entropy"], None)[:1]
+    ms = [_logged_method("a", log), _logged_method("b", log)]
+    timed = []  # (method, forward + backward?, step times) per timing burst, in order
+    real = measure.time_cpu
+
+    def recording(step, **kw):
+        before = len(log)
+        out = real(step, **kw)
+        (who,) = {(name, grad) for name, grad in log[before:]}
+        timed.append((*who, out))
+        return out
+    monkeypatch.setattr(measure, "time_cpu", recording)
+    cfg = runner.SweepConfig(device=torch.device("cpu"), cpu_min_time_s=0, cpu_min_reps=6,
+                             cpu_passes=passes, ceilings=False, progress=False)
+    results, _ = runner.run_sweep(case, ms, cfg)
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert all(len(t) == 6 // passes for _, _, t in timed)
+    # per pass each method's forward + backward, then its forward only
+    order = [(name, grad) for name, grad, _ in timed]
+    a, b = [("a", True), ("a", False)], [("b", True), ("b", False)]
+    assert order == {1: a + b, 3: a + b + b + a + a + b}[passes]
+    for r in results:
+        fb = [x for name, grad, t in timed if name == r.method and grad for x in t]
+        fw = [x for name, grad, t in timed if name == r.method and not grad for x in t]
+        assert r.fwd_bwd_ms == measure.median(fb) and r.fwd_ms == measure.median(fw)
+
+
+def test_a_method_failing_in_a_later_pass_keeps_its_first_times(monkeypatch):
+    eager = methods.select_methods(["eager"])[0]
+    calls = []
+
+    def build(case, device):
+        fn = eager.build(case, device)
+
+        def run(inp):
+            calls.append(1)
+            # the first pass: warm-up, memory probe, 2 timed steps, forward warm-up, 2 timed
+            if len(calls) > 7:
+                raise RuntimeError("gone")
+            return fn(inp)
+        return run
+    timed = []
+    real = measure.time_cpu
+
+    def recording(step, **kw):
+        timed.append(real(step, **kw))
+        return timed[-1]
+    monkeypatch.setattr(measure, "time_cpu", recording)
+    cfg = runner.SweepConfig(device=torch.device("cpu"), cpu_min_time_s=0, cpu_min_reps=6,
+                             cpu_passes=3, ceilings=False, progress=False)
+    case = shapes.preset_cases("tiny", ["cross_entropy"], None)[:1]
+    (r,), _ = runner.run_sweep(case, [methods.Method("flaky", eager.ops, eager.family, build)],
+                               cfg)
+    assert r.status == "ok" and len(timed) == 2
+    assert r.fwd_bwd_ms == measure.median(timed[0]) and r.fwd_ms == measure.median(timed[1])
+
+
 def test_cpu_peak_probe_on_known_allocations():
     a, b, c = 3 * MB, 1 * MB, 2 * MB
     # a + b live, then b + c: the peak is the larger pair, the net what stays

@@ -5,6 +5,10 @@ Per case: draw the inputs, compute the fp64 reference on a sample (see
 autotuning), fresh inputs, one forward + backward under the peak-memory probe (its output
 and sampled gradients give the error), then the timed forward + backward (gradients set
 to None between steps) and the timed forward only (``torch.no_grad``, inputs detached).
+On the CPU (one process) the timing runs in passes over the case's methods, each pass with
+fresh inputs and a warm-up step, the methods' order rotated from pass to pass, and each
+method's median taken over all its passes: a burst of load from a neighbour on a shared
+machine then falls on every method of the case alike, not on one.
 
 Hardware floors, from the ceilings measured in the same run (B copy bandwidth, F matmul
 rate of the dtype), with s = bytes per element of the logits dtype and V_l = V / tp:
@@ -165,7 +169,9 @@ class SweepConfig:
     device: torch.device
     seed: int = 0
     cpu_min_time_s: float = 0.2
-    cpu_min_reps: int = 3
+    cpu_min_reps: int = 4
+    # CPU timing passes over a case's methods (the time and reps above are split over them)
+    cpu_passes: int = 4
     gpu_warmup_ms: float = 25.0
     gpu_rep_ms: float = 100.0
     tp_reps: int = 10
@@ -275,8 +281,24 @@ def _all_max(vals: List[float], cfg: SweepConfig, case: Case) -> List[float]:
     return [float("nan") if n > 0 else float(x) for x, n in zip(t.tolist(), nan.tolist())]
 
 
+def _interleaved(case: Case, cfg: SweepConfig) -> bool:
+    """Whether the case's CPU timing runs in passes over its methods (see the module
+    docstring)."""
+    return cfg.device.type == "cpu" and case.tp == 1 and cfg.cpu_passes > 1
+
+
+def _cpu_times(step: Callable[[], object], reset: Callable[[], None], cfg: SweepConfig
+               ) -> List[float]:
+    """One pass's share of the CPU timing: step times in ms."""
+    passes = max(1, cfg.cpu_passes)
+    return measure.time_cpu(step, min_time_s=cfg.cpu_min_time_s / passes,
+                            min_reps=max(1, -(-cfg.cpu_min_reps // passes)), reset=reset)
+
+
 def _time(step: Callable[[], object], inp_holder: list, case: Case, cfg: SweepConfig,
-          grads: bool) -> float:
+          grads: bool, samples: Optional[List[float]] = None) -> float:
+    """The step's time in ms; with ``samples`` (an interleaved CPU case) this pass's step
+    times are also appended to it."""
     def reset():
         inp_holder[0].zero_grads()
 
@@ -296,13 +318,20 @@ def _time(step: Callable[[], object], inp_holder: list, case: Case, cfg: SweepCo
     if dev.type == "cuda":
         return measure.time_cuda(step, grad_to_none=inp_holder[0].leaves() if grads else (),
                                  warmup_ms=cfg.gpu_warmup_ms, rep_ms=cfg.gpu_rep_ms)
+    if samples is not None:
+        samples.extend(_cpu_times(step, reset, cfg))
+        return measure.median(samples)
     return measure.median(measure.time_cpu(step, min_time_s=cfg.cpu_min_time_s,
                                            min_reps=cfg.cpu_min_reps, reset=reset))
 
 
 def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Reference],
-            info: RunInfo) -> Result:
-    """Measure ``method`` on ``case``; any exception becomes the row's status."""
+            info: RunInfo, samples: Optional[Dict[str, List[float]]] = None) -> Result:
+    """Measure ``method`` on ``case``; any exception becomes the row's status. ``samples``
+    (interleaved CPU cases): receives the first pass's step times under "fwd_bwd" and "fwd",
+    for :func:`time_again` to add to."""
+    if samples is not None:
+        samples.update(fwd_bwd=[], fwd=[])
     start, v_local = _shard(case, cfg.group)
     res = Result(case.op, case.shape_str, case.n, case.d, case.v, case.dtype_str, case.tp,
                  method.name, method.family, label=case.label)
@@ -341,7 +370,8 @@ def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Referenc
             res.fwd_bwd_ms = once_s * 1e3
             res.message = f"slow: timed by one step ({once_s:.1f} s)"
         else:
-            res.fwd_bwd_ms = _time(fwd_bwd, holder, case, cfg, grads=True)
+            res.fwd_bwd_ms = _time(fwd_bwd, holder, case, cfg, grads=True,
+                                   samples=None if samples is None else samples["fwd_bwd"])
         holder[0].zero_grads()
         if cfg.forward_only and slow:
             det = holder[0].detached()
@@ -359,7 +389,10 @@ def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Referenc
 
             fwd()  # warm-up: a no_grad graph compiles separately under torch.compile
             measure.synchronize(dev)
-            res.fwd_ms = _time(fwd, holder, case, cfg, grads=False)
+            res.fwd_ms = _time(fwd, holder, case, cfg, grads=False,
+                               samples=None if samples is None else samples["fwd"])
+        if samples is not None and slow:
+            samples.clear()  # timed by its one step: no further passes
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing method is a result, not a crash
@@ -380,9 +413,56 @@ def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Referenc
         res.status, res.message = ("OOM" if st == 1.0 else "error"), "failed on another rank"
     if res.status != "ok":
         res.fwd_bwd_ms = res.fwd_ms = res.peak_bytes = float("nan")
+        if samples is not None:
+            samples.clear()
+    _ratios(res)
+    return res
+
+
+def _ratios(res: Result) -> None:
     res.ratio_fwd_bwd = res.fwd_bwd_ms / res.floor_fwd_bwd_ms
     res.ratio_fwd = res.fwd_ms / res.floor_fwd_ms
-    return res
+
+
+def time_again(case: Case, method: Method, cfg: SweepConfig, res: Result,
+               samples: Dict[str, List[float]]) -> None:
+    """A later CPU timing pass of a method that :func:`run_one` measured: fresh inputs, a
+    warm-up step, this pass's step times added to ``samples``, and ``res``'s times set to
+    the medians over every pass so far. A failure here ends the method's passes (its
+    earlier passes stand)."""
+    if not samples:
+        return
+    holder: list = [None]
+    try:
+        fn = method.build(case, cfg.device)
+
+        def fwd_bwd():
+            out = fn(holder[0])
+            _scalar_loss(out).backward()
+
+        holder[0] = _make_inputs(case, cfg).set_requires_grad(True)
+        fwd_bwd()
+        holder[0].zero_grads()
+        res.fwd_bwd_ms = _time(fwd_bwd, holder, case, cfg, grads=True,
+                               samples=samples["fwd_bwd"])
+        if samples["fwd"]:
+            holder[0].zero_grads()
+            det = holder[0].detached()
+
+            def fwd():
+                with torch.no_grad():
+                    fn(det)
+
+            fwd()
+            res.fwd_ms = _time(fwd, holder, case, cfg, grads=False, samples=samples["fwd"])
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - the earlier passes' times stand
+        samples.clear()
+    finally:
+        holder[0] = None
+        measure.free_memory(cfg.device)
+    _ratios(res)
 
 
 def measure_ceilings(cases: Sequence[Case], cfg: SweepConfig, info: RunInfo) -> None:
@@ -449,10 +529,19 @@ def run_sweep(cases: Sequence[Case], methods: Sequence[Method], cfg: SweepConfig
                             info.notes.append(f"{case.op} {case.shape_str}: reference failed: "
                                               f"{exc}")
                         measure.free_memory(dev)
+                passes = cfg.cpu_passes if _interleaved(case, cfg) else 1
+                kept = []
                 for m in runs:
                     bar.step(f"{case.op} {case.shape_str} {case.dtype_str} {m.name}")
-                    results.append(run_one(case, m, cfg, ref, info))
+                    samples: Optional[dict] = {} if passes > 1 else None
+                    res = run_one(case, m, cfg, ref, info, samples)
+                    results.append(res)
+                    kept.append((m, res, samples))
                     bar.advance()
+                for p in range(1, passes):
+                    # the methods' order rotated from pass to pass
+                    for m, res, samples in kept[p % len(kept):] + kept[:p % len(kept)]:
+                        time_again(case, m, cfg, res, samples)
                 del ref
                 measure.free_memory(dev)
     finally:
