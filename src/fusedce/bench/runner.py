@@ -169,7 +169,7 @@ class SweepConfig:
     device: torch.device
     seed: int = 0
     cpu_min_time_s: float = 0.2
-    cpu_min_reps: int = 4
+    cpu_min_reps: int = 8
     # CPU timing passes over a case's methods (the time and reps above are split over them)
     cpu_passes: int = 4
     gpu_warmup_ms: float = 25.0
