@@ -414,6 +414,10 @@ def _poisoned():
 @pytest.mark.parametrize("bad, exc, match", [
     (dict(target=torch.tensor([0, 1, 10, 2])), ValueError, "target.*10"),
     (dict(target=torch.tensor([0, -1, 3, 2])), ValueError, "target.*-1"),
+    # beside ignored rows (the targets' own extremes do not settle the check)
+    (dict(target=torch.tensor([0, -100, 10, 2])), ValueError, "target.*10"),
+    (dict(target=torch.tensor([-100, -5, 3, 2])), ValueError, "target.*-5"),
+    (dict(target=torch.tensor([3, 3, 11, 2]), ignore_index=3), ValueError, "target.*11"),
     (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target.*shape"),
     (dict(target=torch.zeros(4)), TypeError, "target.*int"),
     (dict(logits=torch.zeros(4, 10, dtype=torch.long)), TypeError, "logits"),
@@ -452,6 +456,9 @@ def test_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         fce.cross_entropy(logits, target, **kw)
     assert torch.equal(x.detach(), x0) and x.grad is None
+    # a forward that keeps nothing takes other paths: the same error
+    with pytest.raises(exc, match=match), torch.no_grad():
+        fce.cross_entropy(logits, target, **kw)
 
 
 def test_type_errors_are_value_errors_too():

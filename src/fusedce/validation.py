@@ -296,7 +296,7 @@ def check_target_range(target: torch.Tensor, vocab_size: int, ignore_index: int,
     if target.numel() == 0 or not syncing():
         return None
     t = target.reshape(-1)
-    if scan is None and not t.is_cuda:
+    if scan is None and t.device.type == "cpu":
         # on CPUs host reads are free: the targets' own extremes settle the common call (no
         # id outside [0, V), ignored ones included) in one small op
         lo, hi = (int(v) for v in torch.aminmax(t))
