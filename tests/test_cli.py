@@ -185,6 +185,19 @@ def test_a_method_failing_in_a_later_pass_keeps_its_first_times(monkeypatch):
     assert r.fwd_bwd_ms == measure.median(timed[0]) and r.fwd_ms == measure.median(timed[1])
 
 
+def test_a_slow_step_is_timed_once_without_further_passes(monkeypatch):
+    """A step slower than slow_step_s is timed by its memory-probed step and one forward,
+    with no timing passes after it."""
+    calls = []
+    monkeypatch.setattr(measure, "time_cpu", lambda *a, **k: calls.append(1) or [1.0])
+    cfg = runner.SweepConfig(device=torch.device("cpu"), cpu_min_time_s=0, ceilings=False,
+                             progress=False, slow_step_s=0.0)
+    case = shapes.preset_cases("tiny", ["cross_entropy"], None)[:1]
+    (r,), _ = runner.run_sweep(case, methods.select_methods(["eager"]), cfg)
+    assert r.status == "ok" and r.message.startswith("slow: timed by one step")
+    assert r.fwd_bwd_ms > 0 and r.fwd_ms > 0 and calls == []
+
+
 def test_cpu_peak_probe_on_known_allocations():
     a, b, c = 3 * MB, 1 * MB, 2 * MB
     # a + b live, then b + c: the peak is the larger pair, the net what stays

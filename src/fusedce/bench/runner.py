@@ -325,6 +325,25 @@ def _time(step: Callable[[], object], inp_holder: list, case: Case, cfg: SweepCo
                                            min_reps=cfg.cpu_min_reps, reset=reset))
 
 
+def _fwd_bwd_step(fn: Callable, holder: list) -> Callable[[], torch.Tensor]:
+    """One forward + backward of ``fn`` on the inputs in ``holder[0]`` (its output back)."""
+    def fwd_bwd():
+        out = fn(holder[0])
+        _scalar_loss(out).backward()
+        return out
+    return fwd_bwd
+
+
+def _fwd_step(fn: Callable, inputs: Inputs) -> Callable[[], torch.Tensor]:
+    """One forward of ``fn`` under ``torch.no_grad`` on detached ``inputs``."""
+    det = inputs.detached()
+
+    def fwd():
+        with torch.no_grad():
+            return fn(det)
+    return fwd
+
+
 def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Reference],
             info: RunInfo, samples: Optional[Dict[str, List[float]]] = None) -> Result:
     """Measure ``method`` on ``case``; any exception becomes the row's status. ``samples``
@@ -340,12 +359,7 @@ def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Referenc
     holder: list = [None]
     try:
         fn = method.build(case, dev)
-
-        def fwd_bwd():
-            out = fn(holder[0])
-            _scalar_loss(out).backward()
-            return out
-
+        fwd_bwd = _fwd_bwd_step(fn, holder)
         holder[0] = _make_inputs(case, cfg).set_requires_grad(True)
         t0 = time.perf_counter()
         fwd_bwd()
@@ -374,19 +388,13 @@ def run_one(case: Case, method: Method, cfg: SweepConfig, ref: Optional[Referenc
                                    samples=None if samples is None else samples["fwd_bwd"])
         holder[0].zero_grads()
         if cfg.forward_only and slow:
-            det = holder[0].detached()
+            fwd = _fwd_step(fn, holder[0])
             t0 = time.perf_counter()
-            with torch.no_grad():
-                fn(det)
+            fwd()
             measure.synchronize(dev)
             res.fwd_ms = (time.perf_counter() - t0) * 1e3
         elif cfg.forward_only:
-            det = holder[0].detached()
-
-            def fwd():
-                with torch.no_grad():
-                    return fn(det)
-
+            fwd = _fwd_step(fn, holder[0])
             fwd()  # warm-up: a no_grad graph compiles separately under torch.compile
             measure.synchronize(dev)
             res.fwd_ms = _time(fwd, holder, case, cfg, grads=False,
@@ -435,11 +443,7 @@ def time_again(case: Case, method: Method, cfg: SweepConfig, res: Result,
     holder: list = [None]
     try:
         fn = method.build(case, cfg.device)
-
-        def fwd_bwd():
-            out = fn(holder[0])
-            _scalar_loss(out).backward()
-
+        fwd_bwd = _fwd_bwd_step(fn, holder)
         holder[0] = _make_inputs(case, cfg).set_requires_grad(True)
         fwd_bwd()
         holder[0].zero_grads()
@@ -447,12 +451,7 @@ def time_again(case: Case, method: Method, cfg: SweepConfig, res: Result,
                                samples=samples["fwd_bwd"])
         if samples["fwd"]:
             holder[0].zero_grads()
-            det = holder[0].detached()
-
-            def fwd():
-                with torch.no_grad():
-                    fn(det)
-
+            fwd = _fwd_step(fn, holder[0])
             fwd()
             res.fwd_ms = _time(fwd, holder, case, cfg, grads=False, samples=samples["fwd"])
     except KeyboardInterrupt:
